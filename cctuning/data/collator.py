@@ -1,0 +1,63 @@
+"""Pad a list of tokenised examples into a batch, keeping each row's connection position right."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from cctuning.data.encoding import IGNORE_INDEX
+
+
+def pad_rows(
+    rows: list[list[int]], pad_value: int, side: str = "right", multiple_of: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad ``rows`` to one length. Returns ``(ids, attention_mask, shift)`` where ``shift[i]`` is
+    how far row i's tokens moved right (its left padding), to add to positions inside the row."""
+    if side not in ("left", "right"):
+        raise ValueError(f"padding side must be 'left' or 'right', not {side!r}")
+    width = max(len(r) for r in rows)
+    if multiple_of:
+        width = -(-width // multiple_of) * multiple_of
+    ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    shift = torch.zeros(len(rows), dtype=torch.long)
+    for i, row in enumerate(rows):
+        start = width - len(row) if side == "left" else 0
+        ids[i, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
+        mask[i, start : start + len(row)] = 1
+        shift[i] = start
+    return ids, mask, shift
+
+
+@dataclass
+class CCCollator:
+    """Batches :meth:`EncodedExample.features` dicts.
+
+    Produces ``input_ids``, ``attention_mask``, ``labels`` (-100 on prompt and padding) and
+    ``cc_position``; when the examples carry an English prompt also ``en_input_ids``,
+    ``en_attention_mask`` and ``en_cc_position``. Positions are corrected for left padding.
+    """
+
+    pad_token_id: int
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        ids, mask, shift = pad_rows(
+            [f["input_ids"] for f in features], self.pad_token_id, self.padding_side, self.pad_to_multiple_of
+        )
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if "labels" in features[0]:
+            labels, _, _ = pad_rows(
+                [f["labels"] for f in features], IGNORE_INDEX, self.padding_side, self.pad_to_multiple_of
+            )
+            batch["labels"] = labels
+        batch["cc_position"] = torch.tensor([f["cc_position"] for f in features], dtype=torch.long) + shift
+        if "en_input_ids" in features[0]:
+            en_ids, en_mask, en_shift = pad_rows(
+                [f["en_input_ids"] for f in features], self.pad_token_id, self.padding_side, self.pad_to_multiple_of
+            )
+            batch["en_input_ids"], batch["en_attention_mask"] = en_ids, en_mask
+            batch["en_cc_position"] = torch.tensor([f["en_cc_position"] for f in features], dtype=torch.long) + en_shift
+        return batch

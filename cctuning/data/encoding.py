@@ -1,0 +1,245 @@
+"""Render a record through the chat template, tokenise it and find the connection position p.
+
+Rules (method.md §2.2-2.3, with the official code's bugs fixed):
+
+* The prompt is rendered by the tokenizer's own chat template with ``add_generation_prompt=True``
+  (mode ``chat``), or by a documented plain format for base models without one (mode ``plain``):
+  ``{bos}{system}\n\n### Instruction:\n{instruction}\n\n### Response:\n`` with ``{output}{eos}``
+  as the response. ``auto`` picks ``chat`` when the tokenizer has a template.
+* No token id is hard-coded. p is found from the length of the tokenised prompt:
+  ``p = len(prompt_ids) - 1 - position_offset``; with offset 0 this is the last prompt token, the
+  one that predicts the first response token. The English prompt-only stream uses the same rule.
+* Labels cover the response only (the response tokens are the continuation of the prompt tokens
+  in the tokenisation of prompt + response, as TRL checks; if a tokenizer merges across the
+  boundary the response is tokenised on its own instead, so the prompt ids stay those seen at
+  inference).
+* Truncation never cuts the prompt tail that holds p: the response is cut first (keeping at least
+  one token), then tokens from the *start of the instruction*. The English prompt is truncated to
+  ``max_length`` on its own (official bug §2.7.5). Every cut is counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from cctuning.errors import CCError
+
+logger = logging.getLogger(__name__)
+
+PLAIN_HEAD = "### Instruction:\n"
+PLAIN_TAIL = "\n\n### Response:\n"
+_PLACEHOLDER = "\u2063CCTUNING_INSTRUCTION\u2063"
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class PromptFormat:
+    """How prompts are rendered; saved with a trained model so inference renders them the same way."""
+
+    mode: str = "auto"  # auto | chat | plain
+    system_prompt: str | None = None
+    position_offset: int = 0
+
+    def to_dict(self) -> dict:
+        return {"mode": self.mode, "system_prompt": self.system_prompt, "position_offset": self.position_offset}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> PromptFormat:
+        return cls(**{k: data[k] for k in ("mode", "system_prompt", "position_offset") if k in data})
+
+
+@dataclass
+class EncodedPrompt:
+    ids: list[int]
+    position: int
+    instruction_cut: int = 0
+
+
+@dataclass
+class EncodedExample:
+    input_ids: list[int]
+    labels: list[int]
+    position: int
+    en_input_ids: list[int] | None = None
+    en_position: int | None = None
+    response_cut: int = 0
+    instruction_cut: int = 0
+    en_instruction_cut: int = 0
+
+    def features(self) -> dict:
+        out = {"input_ids": self.input_ids, "labels": self.labels, "cc_position": self.position}
+        if self.en_input_ids is not None:
+            out["en_input_ids"] = self.en_input_ids
+            out["en_cc_position"] = self.en_position
+        return out
+
+
+@dataclass
+class TruncationStats:
+    examples: int = 0
+    response_cut_examples: int = 0
+    response_cut_tokens: int = 0
+    instruction_cut_examples: int = 0
+    instruction_cut_tokens: int = 0
+    en_instruction_cut_examples: int = 0
+    en_instruction_cut_tokens: int = 0
+    boundary_merges: int = 0
+    extra: dict = field(default_factory=dict)
+
+    def add(self, ex: EncodedExample) -> None:
+        self.examples += 1
+        self.response_cut_examples += ex.response_cut > 0
+        self.response_cut_tokens += ex.response_cut
+        self.instruction_cut_examples += ex.instruction_cut > 0
+        self.instruction_cut_tokens += ex.instruction_cut
+        self.en_instruction_cut_examples += ex.en_instruction_cut > 0
+        self.en_instruction_cut_tokens += ex.en_instruction_cut
+
+    def summary(self) -> str:
+        return (
+            f"{self.examples} examples; responses cut in {self.response_cut_examples} "
+            f"({self.response_cut_tokens} tokens), instructions cut in {self.instruction_cut_examples} "
+            f"({self.instruction_cut_tokens} tokens), English prompts cut in "
+            f"{self.en_instruction_cut_examples} ({self.en_instruction_cut_tokens} tokens)"
+        )
+
+
+class PromptEncoder:
+    """Turns instructions (and responses) into token ids with the connection position."""
+
+    def __init__(self, tokenizer, fmt: PromptFormat | None = None, max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.format = fmt or PromptFormat()
+        self.max_length = max_length
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        mode = self.format.mode
+        if mode == "auto":
+            mode = "chat" if has_template else "plain"
+        if mode not in ("chat", "plain"):
+            raise CCError(f"unknown prompt template mode '{self.format.mode}' (use auto, chat or plain)")
+        if mode == "chat" and not has_template:
+            raise CCError(
+                "the tokenizer has no chat template; use --template plain (the documented fallback) "
+                "or a tokenizer that has one"
+            )
+        self.mode = mode
+        if self.format.position_offset < 0:
+            raise CCError("position_offset must be >= 0 (it counts tokens back from the last prompt token)")
+        self.stats = TruncationStats()
+
+    # -- rendering ---------------------------------------------------------------------------
+    def _messages(self, instruction: str) -> list[dict]:
+        msgs = []
+        if self.format.system_prompt:
+            msgs.append({"role": "system", "content": self.format.system_prompt})
+        msgs.append({"role": "user", "content": instruction})
+        return msgs
+
+    def _chat(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        try:
+            text = self.tokenizer.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+        except Exception as err:  # a template that raises is the user's template, not our bug
+            raise CCError(f"the tokenizer's chat template failed: {err}") from None
+        return text if isinstance(text, str) else text[0]
+
+    def render_prompt(self, instruction: str) -> tuple[str, tuple[int, int] | None]:
+        """The prompt text and the character span of the instruction inside it (None if unknown)."""
+        if self.mode == "plain":
+            tok = self.tokenizer
+            head = (tok.bos_token or "") + (f"{self.format.system_prompt}\n\n" if self.format.system_prompt else "")
+            head += PLAIN_HEAD
+            return head + instruction + PLAIN_TAIL, (len(head), len(head) + len(instruction))
+        text = self._chat(self._messages(instruction), True)
+        marked = self._chat(self._messages(_PLACEHOLDER), True)
+        start = marked.find(_PLACEHOLDER)
+        if start < 0 or marked.count(_PLACEHOLDER) != 1:
+            return text, None
+        head, tail = marked[:start], marked[start + len(_PLACEHOLDER) :]
+        if not (text.startswith(head) and text.endswith(tail)) or len(head) + len(tail) > len(text):
+            return text, None
+        return text, (len(head), len(text) - len(tail))
+
+    def render_completion(self, instruction: str, output: str, prompt_text: str) -> str:
+        """The text that follows the prompt in a full conversation: the response and end of turn."""
+        eos = self.tokenizer.eos_token or ""
+        if self.mode == "plain":
+            return output + eos
+        msgs = self._messages(instruction) + [{"role": "assistant", "content": output}]
+        full = self._chat(msgs, False)
+        if full.startswith(prompt_text):
+            return full[len(prompt_text) :]
+        if not getattr(self, "_warned_prefix", False):
+            logger.warning(
+                "the chat template renders the prompt differently with and without an answer; "
+                "using '<output><eos>' as the response"
+            )
+            self._warned_prefix = True
+        return output + eos
+
+    # -- tokenising --------------------------------------------------------------------------
+    def _tokenize(self, text: str, offsets: bool = False):
+        return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+
+    def encode_prompt(self, instruction: str, max_length: int | None = None) -> EncodedPrompt:
+        """Tokenise a prompt; cut tokens from the start of the instruction to fit ``max_length``."""
+        text, span = self.render_prompt(instruction)
+        enc = self._tokenize(text, offsets=span is not None and max_length is not None)
+        ids = list(enc["input_ids"])
+        cut = 0
+        if max_length is not None and len(ids) > max_length:
+            excess = len(ids) - max_length
+            inside = []
+            if span is not None:
+                inside = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if span[0] <= s < span[1] and e > s]
+            if len(inside) < excess:
+                raise CCError(
+                    f"the prompt template alone needs {len(ids) - len(inside)} tokens, more than "
+                    f"max_length={max_length} allows; raise --max-length"
+                )
+            drop = set(inside[:excess])
+            ids = [t for i, t in enumerate(ids) if i not in drop]
+            cut = excess
+        position = len(ids) - 1 - self.format.position_offset
+        if position < 0:
+            raise CCError(f"position_offset={self.format.position_offset} is beyond the start of a {len(ids)}-token prompt")
+        return EncodedPrompt(ids=ids, position=position, instruction_cut=cut)
+
+    def encode_example(self, instruction: str, output: str, instruction_en: str | None = None) -> EncodedExample:
+        """One training example: prompt + response with response-only labels, and the English prompt."""
+        text, _ = self.render_prompt(instruction)
+        full_prompt = list(self._tokenize(text)["input_ids"])
+        completion_text = self.render_completion(instruction, output, text)
+        joint = list(self._tokenize(text + completion_text)["input_ids"])
+        if joint[: len(full_prompt)] == full_prompt:
+            completion = joint[len(full_prompt) :]
+        else:
+            self.stats.boundary_merges += 1
+            completion = list(self._tokenize(completion_text)["input_ids"])
+        if not completion:
+            raise CCError("the response tokenises to nothing")
+        limit = self.max_length
+        response_cut = 0
+        if limit is not None and len(full_prompt) + len(completion) > limit:
+            keep = max(limit - len(full_prompt), 1)
+            response_cut = len(completion) - keep
+            completion = completion[:keep]
+            prompt = self.encode_prompt(instruction, limit - keep)
+        else:
+            prompt = EncodedPrompt(ids=full_prompt, position=len(full_prompt) - 1 - self.format.position_offset)
+            if prompt.position < 0:
+                prompt = self.encode_prompt(instruction)  # raises the clear error
+        ex = EncodedExample(
+            input_ids=prompt.ids + completion,
+            labels=[IGNORE_INDEX] * len(prompt.ids) + completion,
+            position=prompt.position,
+            response_cut=response_cut,
+            instruction_cut=prompt.instruction_cut,
+        )
+        if instruction_en is not None:
+            en = self.encode_prompt(instruction_en, limit)
+            ex.en_input_ids, ex.en_position, ex.en_instruction_cut = en.ids, en.position, en.instruction_cut
+        self.stats.add(ex)
+        return ex

@@ -1,0 +1,21 @@
+"""User-facing errors.
+
+Everything a user can cause (bad data, a wrong path, a model we cannot connect to) raises a
+:class:`CCError`. The CLI prints it as one line and exits with status 2; a traceback means a bug.
+"""
+
+from __future__ import annotations
+
+
+class CCError(Exception):
+    """An error caused by the user's input, reported as one line without a traceback."""
+
+
+class DataError(CCError):
+    """A problem with one record of a data file; names the file, the line and the field."""
+
+    def __init__(self, path: str, line: int | None, field: str | None, message: str):
+        self.path, self.line, self.field, self.reason = str(path), line, field, message
+        where = self.path if line is None else f"{self.path}:{line}"
+        what = f"field '{field}': " if field else ""
+        super().__init__(f"{where}: {what}{message}")

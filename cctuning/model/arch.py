@@ -1,0 +1,109 @@
+"""Find, in any decoder-only Hugging Face model, the pieces the connection hooks into.
+
+Like pyvene, an architecture is described by a tiny declarative map instead of a copied modeling
+file: the decoder layers are found generically (``get_decoder().layers`` or the ``ModuleList``
+with ``num_hidden_layers`` entries), and the "FFN activation" is the output of the sub-module of a
+layer whose result is added to the residual stream (method.md §2.1: after ``down_proj``, before
+the residual add). For most models that is ``mlp``; models that normalise the MLP output before
+the residual add (Gemma 2/3, OLMo 2) use ``post_feedforward_layernorm``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from cctuning.errors import CCError
+
+# model_type -> attribute of one decoder layer whose output is what the MLP adds to the residual
+FFN_OUTPUT_BY_MODEL_TYPE: dict[str, str] = {
+    "gemma2": "post_feedforward_layernorm",
+    "gemma3": "post_feedforward_layernorm",
+    "gemma3_text": "post_feedforward_layernorm",
+    "olmo2": "post_feedforward_layernorm",
+}
+FFN_CANDIDATES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
+LAYER_LIST_NAMES = ("layers", "h", "blocks")
+
+
+@dataclass
+class Architecture:
+    layers: nn.ModuleList
+    ffn: list[nn.Module]
+    embeddings: nn.Module
+    decoder: nn.Module
+    layers_path: str
+    ffn_name: str
+    hidden_size: int
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+
+def _get(root: nn.Module, dotted: str) -> nn.Module | None:
+    obj = root
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def locate(model: nn.Module, layers_path: str | None = None, ffn_name: str | None = None) -> Architecture:
+    """Find the decoder layers, their FFN output modules and the input embeddings of ``model``."""
+    config = _text_config(model)
+    n_layers = getattr(config, "num_hidden_layers", None)
+    named = dict(model.named_modules())
+    layers, found_path = None, None
+    if layers_path:
+        layers = _get(model, layers_path)
+        if not isinstance(layers, nn.ModuleList):
+            raise CCError(f"--layers-path '{layers_path}' does not name an nn.ModuleList in this model")
+        found_path = layers_path
+    else:
+        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+        for name in LAYER_LIST_NAMES:
+            cand = getattr(decoder, name, None) if decoder is not None else None
+            if isinstance(cand, nn.ModuleList) and len(cand) > 0:
+                layers = cand
+                break
+        if layers is None:
+            for module in named.values():
+                if isinstance(module, nn.ModuleList) and n_layers and len(module) == n_layers:
+                    layers = module
+                    break
+        if layers is None:
+            raise CCError(
+                f"cannot find the decoder layers of {type(model).__name__}: looked for "
+                f"get_decoder().{{{','.join(LAYER_LIST_NAMES)}}} and for an nn.ModuleList of "
+                f"num_hidden_layers={n_layers} modules; pass --layers-path (e.g. model.layers)"
+            )
+        found_path = next(n for n, m in named.items() if m is layers)
+    model_type = getattr(config, "model_type", "")
+    candidates = [ffn_name] if ffn_name else [FFN_OUTPUT_BY_MODEL_TYPE.get(model_type, "")] + list(FFN_CANDIDATES)
+    chosen = next((c for c in candidates if c and isinstance(getattr(layers[0], c, None), nn.Module)), None)
+    if chosen is None:
+        raise CCError(
+            f"cannot find the feed-forward block of {type(layers[0]).__name__} (model_type '{model_type}'): "
+            f"looked for the attributes {', '.join(c for c in candidates if c)}; pass --ffn-module NAME"
+        )
+    ffn = [getattr(layer, chosen) for layer in layers]
+    # the English pass only needs the layers: run the decoder without the LM head when we can
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    hidden = getattr(config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+    return Architecture(
+        layers=layers,
+        ffn=ffn,
+        embeddings=model.get_input_embeddings(),
+        decoder=decoder,
+        layers_path=found_path,
+        ffn_name=chosen,
+        hidden_size=int(hidden),
+    )

@@ -1,0 +1,256 @@
+"""CCModel: a Hugging Face causal LM plus the cross-lingual connection.
+
+One ``nn.Module`` that holds the unmodified HF model (``.base``), the Decision Maker and the
+hooks. Its folder is a normal HF model folder (loadable by ``AutoModelForCausalLM`` for plain
+use) plus our own small files, PEFT-style:
+
+* ``cctuning_config.json``: the mechanism's settings, the prompt format and versions;
+* ``decision_maker.safetensors``: the Decision Maker weight (``weight``: num_layers × hidden).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cctuning.errors import CCError
+from cctuning.io import save_safetensors, staged_dir, write_json
+from cctuning.model.arch import Architecture, locate
+from cctuning.model.decision import DecisionMaker
+from cctuning.model.hooks import ConnectionHooks
+from cctuning.versions import versions
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "cctuning_config.json"
+DECISION_MAKER_NAME = "decision_maker.safetensors"
+METHODS = ("cc", "sft", "none")
+
+
+@dataclass
+class CCConfig:
+    """Settings of the connection. ``method``: ``cc`` (CC-Tuning), ``sft`` (trained without the
+    connection: the baseline) or ``none`` (a plain HF model loaded as is)."""
+
+    method: str = "cc"
+    inject_layer: int = 0
+    tau: float = 1.0
+    english_grad: bool = False
+    sample_layer: bool = False
+    layers_path: str | None = None
+    ffn_module: str | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    prompt_format: dict = field(default_factory=dict)
+    base_model: str | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise CCError(f"unknown method '{self.method}' (use {', '.join(METHODS)})")
+        if self.tau <= 0:
+            raise CCError(f"tau must be > 0, got {self.tau}")
+
+    @classmethod
+    def load(cls, path: str | Path) -> CCConfig:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids that ignore padding, so left- and right-padded rows compute the same thing."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class CCModel(nn.Module):
+    """A causal LM with CC-Tuning's connection. Use :meth:`from_base` to start training and
+    :meth:`from_pretrained` to load a trained folder."""
+
+    accepts_loss_kwargs = True  # Trainer then passes num_items_in_batch for exact grad accumulation
+    main_input_name = "input_ids"
+
+    def __init__(self, base: nn.Module, cc_config: CCConfig):
+        super().__init__()
+        self.base = base
+        self.config = base.config
+        self.cc_config = cc_config
+        self.arch: Architecture = locate(base, cc_config.layers_path, cc_config.ffn_module)
+        cc_config.num_layers, cc_config.hidden_size = self.arch.num_layers, self.arch.hidden_size
+        cc_config.ffn_module = self.arch.ffn_name
+        if not 0 <= cc_config.inject_layer < self.arch.num_layers:
+            raise CCError(f"inject_layer={cc_config.inject_layer} is outside 0..{self.arch.num_layers - 1}")
+        self.decision_maker = None
+        if cc_config.method == "cc":
+            emb = self.arch.embeddings.weight
+            self.decision_maker = DecisionMaker(self.arch.hidden_size, self.arch.num_layers).to(
+                device=emb.device, dtype=emb.dtype
+            )
+        self.hooks = ConnectionHooks(self.arch, cc_config.inject_layer)
+        self.generator: torch.Generator | None = None
+        self.last_layer_choice: torch.Tensor | None = None
+
+    # -- construction ------------------------------------------------------------------------
+    @staticmethod
+    def _load_base(path: str | Path, dtype=None, trust_remote_code: bool = False, **kwargs) -> nn.Module:
+        from transformers import AutoModelForCausalLM
+
+        try:
+            return AutoModelForCausalLM.from_pretrained(
+                str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
+            )
+        except (OSError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CCError(f"cannot load a causal LM from '{path}': {first}") from None
+
+    @classmethod
+    def from_base(cls, model: nn.Module | str | Path, cc_config: CCConfig | None = None, **load_kwargs) -> CCModel:
+        """Wrap a base model (or load one from a folder) for CC-Tuning; the Decision Maker is new."""
+        cc_config = cc_config or CCConfig()
+        if not isinstance(model, nn.Module):
+            cc_config.base_model = cc_config.base_model or str(model)
+            model = cls._load_base(model, **load_kwargs)
+        return cls(model, cc_config)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype=None, trust_remote_code: bool = False, **kwargs) -> CCModel:
+        """Load a folder written by :meth:`save_pretrained` (or any plain HF folder, as method ``none``)."""
+        path = Path(path)
+        if not path.is_dir():
+            raise CCError(f"model folder '{path}' does not exist")
+        config_file = path / CONFIG_NAME
+        cc_config = CCConfig.load(config_file) if config_file.is_file() else CCConfig(method="none")
+        base = cls._load_base(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        model = cls(base, cc_config)
+        if cc_config.method == "cc":
+            model.load_decision_maker(path / DECISION_MAKER_NAME)
+        model.eval()
+        return model
+
+    def load_decision_maker(self, file: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        file = Path(file)
+        if not file.is_file():
+            raise CCError(f"{file}: missing (a CC-Tuning folder needs its Decision Maker weights)")
+        weight = load_file(str(file))["weight"]
+        expected = tuple(self.decision_maker.proj.weight.shape)
+        if tuple(weight.shape) != expected:
+            raise CCError(
+                f"{file}: Decision Maker of shape {tuple(weight.shape)} does not fit this model "
+                f"({expected[0]} layers × hidden size {expected[1]})"
+            )
+        with torch.no_grad():
+            self.decision_maker.proj.weight.copy_(weight)
+
+    def save_pretrained(self, path: str | Path, state_dict: dict | None = None, is_main_process: bool = True, tokenizer=None):
+        """Write the HF model folder and our files; each file lands atomically (staged, then renamed)."""
+        if not is_main_process:
+            return
+        base_sd = None
+        dm_weight = self.decision_maker.proj.weight if self.decision_maker is not None else None
+        if state_dict is not None:
+            base_sd = {k[len("base.") :]: v for k, v in state_dict.items() if k.startswith("base.")}
+            dm_weight = state_dict.get("decision_maker.proj.weight", dm_weight)
+        with staged_dir(path) as stage:
+            self.base.save_pretrained(stage, state_dict=base_sd)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(stage)
+            if dm_weight is not None:
+                save_safetensors(stage / DECISION_MAKER_NAME, {"weight": dm_weight})
+            data = asdict(self.cc_config)
+            data["versions"] = versions()
+            write_json(stage / CONFIG_NAME, data)
+
+    # -- trainer plumbing ----------------------------------------------------------------------
+    def activation_checkpointing_enable(self, **kwargs):
+        self.base.activation_checkpointing_enable(**kwargs)
+
+    def activation_checkpointing_disable(self):
+        self.base.activation_checkpointing_disable()
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return bool(getattr(self.base, "is_activation_checkpointing", False))
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.base.get_input_embeddings()
+
+    def floating_point_ops(self, inputs: dict, exclude_embeddings: bool = True) -> int:
+        return self.base.floating_point_ops(inputs, exclude_embeddings) if hasattr(self.base, "floating_point_ops") else 0
+
+    # -- the mechanism -------------------------------------------------------------------------
+    @property
+    def uses_connection(self) -> bool:
+        return self.decision_maker is not None
+
+    def collect_activations(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        grad: bool = False,
+    ) -> torch.Tensor:
+        """Run the decoder (no LM head) on a prompt batch; return ``f_l[p]`` as (batch, L, hidden)."""
+        position_ids = positions_from_mask(attention_mask) if attention_mask is not None else None
+        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self.hooks.capturing(positions):
+            self.arch.decoder(
+                input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+            )
+            return self.hooks.stacked()
+
+    def choose(
+        self, input_ids: torch.Tensor, positions: torch.Tensor, activations: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decision Maker on (English or transformed) activations: ``(fused vector, one-hot weights)``."""
+        if self.decision_maker is None:
+            raise CCError(f"this model was trained with method '{self.cc_config.method}': it has no connection")
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        embedding = self.arch.embeddings(input_ids[rows, positions].unsqueeze(1)).squeeze(1)
+        sample = self.training or self.cc_config.sample_layer
+        return self.decision_maker(activations, embedding, sample, self.cc_config.tau, self.generator)
+
+    def forward_connected(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        positions: torch.Tensor,
+        activations: torch.Tensor,
+        **kwargs,
+    ):
+        """The non-English forward with ``c`` (chosen from ``activations``) added after layer k at p."""
+        fused, weights = self.choose(input_ids, positions, activations)
+        self.last_layer_choice = weights.detach().argmax(-1)
+        with self.hooks.injecting(positions, fused):
+            return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cc_position: torch.Tensor | None = None,
+        en_input_ids: torch.Tensor | None = None,
+        en_attention_mask: torch.Tensor | None = None,
+        en_cc_position: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Training forward. With English inputs and method ``cc``: English prompt pass (captures
+        ``f_l[p_en]``), Decision Maker, then the non-English pass with the fusion; the loss is the
+        base model's plain response-only cross-entropy. Otherwise a plain forward."""
+        if position_ids is None and attention_mask is not None:
+            position_ids = positions_from_mask(attention_mask)
+        kwargs.setdefault("use_cache", False)  # a training forward never needs a KV cache
+        common = dict(attention_mask=attention_mask, labels=labels, position_ids=position_ids, **kwargs)
+        if not self.uses_connection or en_input_ids is None:
+            return self.base(input_ids=input_ids, **common)
+        if cc_position is None or en_cc_position is None:
+            raise ValueError("CC-Tuning needs cc_position and en_cc_position with en_input_ids")
+        acts = self.collect_activations(en_input_ids, en_attention_mask, en_cc_position, self.cc_config.english_grad)
+        attention_mask = common.pop("attention_mask")
+        return self.forward_connected(input_ids, attention_mask, cc_position, acts, **common)

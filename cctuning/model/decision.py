@@ -1,0 +1,56 @@
+"""The Decision Maker: which layer's English FFN activation to add (method.md §2.3).
+
+``Linear(hidden, num_layers, bias=False)`` with N(0, 0.02²) init, input
+``mean_l(a_l) + embedding(x)[p]``, hard Gumbel-softmax with straight-through gradients while
+training. At inference the choice is a deterministic argmax by default; sampling (the official
+code's behaviour, §2.7.7) is available with a seeded generator.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def hard_gumbel_softmax(
+    logits: torch.Tensor, tau: float = 1.0, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One-hot forward, ``softmax((logits + G) / tau)`` backward (as ``F.gumbel_softmax(hard=True)``),
+    but with an optional generator so that sampled layer choices are reproducible."""
+    noise = torch.empty_like(logits, dtype=torch.float32)
+    if generator is not None and generator.device != noise.device:
+        noise = noise.cpu()
+    noise = -noise.exponential_(generator=generator).log()
+    y_soft = ((logits.float() + noise.to(logits.device)) / tau).softmax(-1)
+    index = y_soft.argmax(-1, keepdim=True)
+    y_hard = torch.zeros_like(y_soft).scatter_(-1, index, 1.0)
+    return (y_hard - y_soft.detach() + y_soft).to(logits.dtype)
+
+
+class DecisionMaker(nn.Module):
+    def __init__(self, hidden_size: int, num_layers: int, init_std: float = 0.02):
+        super().__init__()
+        self.proj = nn.Linear(hidden_size, num_layers, bias=False)
+        nn.init.normal_(self.proj.weight, mean=0.0, std=init_std)
+
+    def logits(self, activations: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """``activations``: (batch, L, d) per-layer activations; ``embedding``: (batch, d) at p."""
+        z = activations.mean(dim=1) + embedding
+        return self.proj(z.to(self.proj.weight.dtype))
+
+    def forward(
+        self,
+        activations: torch.Tensor,
+        embedding: torch.Tensor,
+        sample: bool,
+        tau: float = 1.0,
+        generator: torch.Generator | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(fused, weights)``: the selected activation (batch, d) and the one-hot (batch, L)."""
+        logits = self.logits(activations, embedding)
+        if sample:
+            weights = hard_gumbel_softmax(logits, tau, generator)
+        else:
+            weights = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        fused = (weights.unsqueeze(-1).to(activations.dtype) * activations).sum(dim=1)
+        return fused, weights

@@ -1,0 +1,57 @@
+"""``cctuning train`` options. Defaults follow the paper's released configuration (method.md §3.3)
+where it applies: lr 1e-5, 3 epochs, cosine schedule, warmup 10%, batch 16, cutoff 1024, tau 1."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+def opt(default, help: str, **meta):
+    return field(default=default, metadata={"help": help, **meta})
+
+
+@dataclass
+class TrainConfig:
+    model: str | None = opt(None, "base model: a Hugging Face folder or a preset name")
+    data: str | None = opt(None, "training records, .json or .jsonl")
+    output: str | None = opt(None, "output folder (a Hugging Face model folder plus CC-Tuning files)")
+    method: str = opt("cc", "cc: CC-Tuning; sft: plain multilingual SFT on the same pipeline", choices=["cc", "sft"])
+    max_steps: int = opt(-1, "stop after this many optimizer steps (overrides --epochs when > 0)")
+    epochs: float = opt(3.0, "number of training epochs")
+    batch_size: int = opt(16, "per-device batch size")
+    grad_accum: int = opt(1, "gradient accumulation steps")
+    lr: float = opt(1e-5, "learning rate (the LLM and the Decision Maker share it)")
+    max_length: int = opt(1024, "maximum tokens of a training sequence (and of the English prompt)")
+    seed: int = opt(42, "random seed (data order, Decision Maker init, Gumbel noise)")
+    scheduler: str = opt("cosine", "learning-rate schedule (any transformers SchedulerType)")
+    warmup_ratio: float = opt(0.1, "fraction of steps used for linear warmup")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "gradient clipping norm")
+    # the mechanism
+    tau: float = opt(1.0, "Gumbel-softmax temperature of the Decision Maker")
+    inject_layer: int = opt(0, "decoder layer after which the English activation is added (0: the first)")
+    position_offset: int = opt(0, "connection position counted back from the last prompt token")
+    english_grad: bool = opt(False, "let gradients flow into the English pass (default: stop-gradient)")
+    layers_path: str | None = opt(None, "dotted path of the decoder-layer ModuleList, if not found automatically")
+    ffn_module: str | None = opt(None, "attribute of a decoder layer whose output is the FFN activation")
+    # prompts
+    template: str = opt("auto", "prompt rendering: chat (tokenizer template), plain (fallback) or auto",
+                        choices=["auto", "chat", "plain"])
+    system_prompt: str | None = opt(None, "system message added to every prompt (chat templates)")
+    padding_side: str = opt("right", "padding side of training batches", choices=["left", "right"])
+    skip_invalid: bool = opt(False, "skip invalid records (counted and reported) instead of stopping")
+    # engine
+    dtype: str = opt("float32", "dtype to load the model in", choices=["float32", "bfloat16", "float16", "auto"])
+    bf16: bool = opt(False, "bf16 mixed precision (passed to the Trainer)")
+    fp16: bool = opt(False, "fp16 mixed precision (passed to the Trainer)")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    logging_steps: int = opt(10, "log the loss every N steps")
+    save_steps: int = opt(0, "save a checkpoint every N steps (0: once per epoch)")
+    save_total_limit: int = opt(2, "keep at most this many checkpoints")
+    resume: str | None = opt(None, "resume from the last checkpoint in --output ('last') or from a folder",
+                             metavar="last|DIR")
+    trust_remote_code: bool = opt(False, "allow code from the model folder to run (only if you trust it)")
+    report_to: str = opt("none", "Trainer integrations to report to (none, tensorboard, wandb, ...)")
+    trainer: dict = field(
+        default_factory=dict, metadata={"help": "extra transformers.TrainingArguments fields (YAML only)"}
+    )

@@ -1,0 +1,107 @@
+"""A ``transformers.Trainer`` that trains a :class:`CCModel`.
+
+Everything engine-side (accumulation, schedules, mixed precision, checkpoints, resume, logging,
+accelerate/DeepSpeed/FSDP) is the Trainer's. The loss is the model's own (plain response-only
+cross-entropy), so ``compute_loss`` is only extended to count the Decision Maker's layer choices;
+saving and checkpoint loading are overridden because the model folder holds our own files
+beside the Hugging Face ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+from transformers import Trainer
+
+from cctuning.errors import CCError
+from cctuning.io import write_json
+from cctuning.model.ccmodel import DECISION_MAKER_NAME, CCModel
+
+logger = logging.getLogger(__name__)
+
+LAYER_CHOICE_NAME = "layer_choice.json"
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+
+
+class CCTrainer(Trainer):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        model = self._cc_model()
+        layers = model.arch.num_layers if model.uses_connection else 0
+        self.layer_counts = torch.zeros(layers, dtype=torch.long)  # whole run
+        self._window_counts = torch.zeros(layers, dtype=torch.long)  # since the last log
+
+    def _cc_model(self) -> CCModel:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not isinstance(model, CCModel):
+            raise TypeError(f"CCTrainer trains a CCModel, got {type(model).__name__}")
+        return model
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        choice = self._cc_model().last_layer_choice
+        if choice is not None and model.training:
+            counts = torch.bincount(choice.cpu(), minlength=len(self.layer_counts))
+            self.layer_counts += counts
+            self._window_counts += counts
+            self._cc_model().last_layer_choice = None
+        return result
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        total = int(self._window_counts.sum())
+        if total and "loss" in logs:
+            p = self._window_counts.double() / total
+            logs["layer_top"] = int(self._window_counts.argmax())
+            logs["layer_entropy"] = round(float(-(p[p > 0] * p[p > 0].log()).sum()) / math.log(2), 4)
+            self._window_counts.zero_()
+        super().log(logs, start_time)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        model = self._cc_model()
+        model.save_pretrained(output_dir, state_dict=state_dict, tokenizer=self.processing_class)
+        if model.uses_connection:
+            write_json(
+                Path(output_dir) / LAYER_CHOICE_NAME,
+                {"counts": self.layer_counts.tolist(), "steps": self.state.global_step},
+            )
+        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Load the base weights and the Decision Maker of a checkpoint written by :meth:`_save`."""
+        from safetensors.torch import load_file
+        from transformers.trainer_utils import load_sharded_checkpoint
+
+        cc_model = self._cc_model() if model is None else self.accelerator.unwrap_model(model)
+        ckpt = Path(resume_from_checkpoint)
+        single, index = ckpt / SAFE_WEIGHTS_NAME, ckpt / SAFE_WEIGHTS_INDEX_NAME
+        if single.is_file():
+            result = cc_model.base.load_state_dict(load_file(str(single)), strict=False)
+        elif index.is_file():
+            result = load_sharded_checkpoint(cc_model.base, str(ckpt), strict=False)
+        else:
+            raise CCError(f"{ckpt}: no {SAFE_WEIGHTS_NAME} to resume from")
+        tied = set(getattr(cc_model.base, "all_tied_weights_keys", {}) or {})
+        missing = [k for k in result.missing_keys if k not in tied]
+        if missing or result.unexpected_keys:
+            raise CCError(
+                f"{ckpt}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
+                f"{list(result.unexpected_keys)[:3]})"
+            )
+        if hasattr(cc_model.base, "tie_weights"):
+            cc_model.base.tie_weights()
+        if cc_model.uses_connection:
+            cc_model.load_decision_maker(ckpt / DECISION_MAKER_NAME)
+        choice_file = ckpt / LAYER_CHOICE_NAME
+        if choice_file.is_file() and len(self.layer_counts):
+            import json
+
+            counts = json.loads(choice_file.read_text())["counts"]
+            self.layer_counts = torch.tensor(counts, dtype=torch.long)
