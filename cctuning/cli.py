@@ -32,6 +32,85 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(model: str, trust_remote_code: bool = False, seed: int | None = None, sample_layer: bool = False):
+    """A trained (or plain) model folder and its tokenizer, for the inference commands."""
+    import torch
+
+    from cctuning.model import CCModel
+    from cctuning.training.run import load_tokenizer, resolve_model_path
+
+    path = resolve_model_path(model)
+    cc = CCModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if sample_layer:
+        cc.cc_config.sample_layer = True
+        cc.generator = torch.Generator().manual_seed(seed or 0)
+    return cc, load_tokenizer(path, trust_remote_code), path
+
+
+def _cmd_fit_matrix(args: argparse.Namespace) -> int:
+    from cctuning.data.records import load_records
+    from cctuning.inference.matrix import fit_transform_matrix
+
+    model, tok, path = _load(args.model, args.trust_remote_code)
+    if not model.uses_connection:
+        raise CCError(f"'{args.model}' is not a CC-Tuning model (method '{model.cc_config.method}'): it has no connection")
+    records = load_records(args.data, require_english=True, skip_invalid=args.skip_invalid)
+    matrix, report = fit_transform_matrix(
+        model, tok, records, samples=args.samples, ridge=args.ridge, per_layer=args.per_layer,
+        batch_size=args.batch_size, seed=args.seed, heldout_fraction=args.heldout, progress=True,
+    )
+    matrix.meta["data"] = str(args.data)
+    matrix.save(path)
+    print(f"transform matrix ({'per layer' if report.per_layer else 'pooled'}, ridge {report.ridge}) "
+          f"fitted on {report.fit_pairs} pairs, {report.heldout_pairs} held out; saved to {path}")
+    print(f"{'':10} {'MSE before':>12} {'MSE after':>12} {'cos before':>11} {'cos after':>10}")
+    for name, m in (("fit", report.fit), ("held-out", report.heldout)):
+        if m:
+            print(f"{name:10} {m['before']['mse']:12.6g} {m['after']['mse']:12.6g} "
+                  f"{m['before']['cosine']:11.4f} {m['after']['cosine']:10.4f}")
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import json
+
+    from cctuning.data.records import load_prompts
+    from cctuning.inference.generate import CCGenerator
+    from cctuning.io import write_text
+
+    if (args.prompt is None) == (args.input is None):
+        raise CCError("give exactly one of --prompt TEXT or --input FILE.jsonl")
+    model, tok, _ = _load(args.model, args.trust_remote_code, args.seed, args.sample_layer)
+    gen = CCGenerator(model, tok, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    if args.prompt is not None:
+        if args.connection == "english" and not args.prompt_en:
+            raise CCError("--connection english with --prompt needs --prompt-en (the English prompt)")
+        records = [{"instruction": args.prompt, "instruction_en": args.prompt_en}]
+    else:
+        records = [r.__dict__ for r in load_prompts(args.input, require_english=args.connection == "english")]
+    connection = args.connection or gen.default_connection()
+    outs = gen.generate([r["instruction"] for r in records], connection,
+                        english=[r["instruction_en"] for r in records] if connection == "english" else None,
+                        progress=args.input is not None)
+    if args.prompt is not None and not args.output:
+        print(outs[0].text)
+        return 0
+    rows = []
+    for rec, out in zip(records, outs):
+        row = {"instruction": rec["instruction"], "generation": out.text, "layer": out.layer,
+               "connection": connection}
+        if rec.get("lang"):
+            row["lang"] = rec["lang"]
+        rows.append(json.dumps(row, ensure_ascii=False))
+    text = "\n".join(rows) + "\n"
+    if args.output:
+        write_text(args.output, text)
+        print(f"wrote {len(rows)} generations to {args.output}")
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cctuning.training import TrainConfig
 
@@ -46,6 +125,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
     add_dataclass_arguments(p, TrainConfig)
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("fit-matrix", help="fit the Transform Matrix (non-English → English activations)")
+    p.add_argument("--model", required=True, help="a folder trained with --method cc")
+    p.add_argument("--data", required=True, help="parallel records (instruction, instruction_en), e.g. the training file")
+    p.add_argument("--samples", type=int, default=1000, help="number of records to use (seeded sample)")
+    p.add_argument("--ridge", type=float, default=0.0, help="ridge λ: solve (SᵀS + λI) M = SᵀT")
+    p.add_argument("--per-layer", action="store_true", help="one matrix per layer instead of one pooled matrix")
+    p.add_argument("--heldout", type=float, default=0.1, help="fraction of pairs held out to measure the error")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid records instead of stopping")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=_cmd_fit_matrix)
+
+    p = sub.add_parser("generate", help="greedy generation with the simulated connection")
+    p.add_argument("--model", required=True, help="a model folder (CC-Tuning, SFT or plain Hugging Face)")
+    p.add_argument("--prompt", help="one instruction")
+    p.add_argument("--prompt-en", help="its English translation (for --connection english)")
+    p.add_argument("--input", help="JSON/JSONL records with instruction (and instruction_en for english)")
+    p.add_argument("--output", help="write JSONL here (atomically) instead of stdout")
+    p.add_argument("--connection", choices=["transform", "none", "english"],
+                   help="default: transform when the model has a matrix, else none")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--sample-layer", action="store_true",
+                   help="sample the layer with Gumbel noise (the official code) instead of argmax")
+    p.add_argument("--seed", type=int, default=0, help="seed of --sample-layer")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=_cmd_generate)
     return parser
 
 

@@ -26,7 +26,7 @@ OPTIONAL_FIELDS = ("lang",)
 @dataclass(frozen=True)
 class Record:
     instruction: str
-    output: str
+    output: str | None
     instruction_en: str | None = None
     lang: str | None = None
     path: str = ""
@@ -122,15 +122,19 @@ def _iter_raw(path: Path):
         yield number, value
 
 
-def validate_record(value: object, path: str, line: int, require_english: bool) -> Record:
+def validate_record(
+    value: object, path: str, line: int, require_english: bool, output_required: bool = True
+) -> Record:
     """Check one decoded record and turn it into a :class:`Record` (or raise :class:`DataError`)."""
     if not isinstance(value, dict):
         raise DataError(path, line, None, f"a record must be a JSON object, got {type(value).__name__}")
-    fields = REQUIRED_FIELDS + ((ENGLISH_FIELD,) if require_english else ())
+    required = REQUIRED_FIELDS if output_required else ("instruction",)
+    fields = required + ((ENGLISH_FIELD,) if require_english else ())
     for name in fields:
         if name not in value:
             raise DataError(path, line, name, "missing")
-    for name in fields + OPTIONAL_FIELDS + ((ENGLISH_FIELD,) if not require_english else ()):
+    optional = tuple(f for f in REQUIRED_FIELDS + (ENGLISH_FIELD,) + OPTIONAL_FIELDS if f not in fields)
+    for name in fields + optional:
         if name not in value or (name not in fields and value[name] is None):
             continue
         item = value[name]
@@ -147,6 +151,22 @@ def validate_record(value: object, path: str, line: int, require_english: bool) 
         path=path,
         line=line,
     )
+
+
+def load_prompts(path: str | Path, require_english: bool = False) -> list[Record]:
+    """Inference inputs: records with ``instruction`` (``output`` optional: the gold response,
+    ``instruction_en`` needed for the English oracle). Same validation and errors as training data."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), None, None, "no such file")
+    records = []
+    for line, value in _iter_raw(path):
+        if isinstance(value, dict) and "output" not in value:
+            value = {**value, "output": None}
+        records.append(validate_record(value, str(path), line, require_english, output_required=False))
+    if not records:
+        raise DataError(str(path), None, None, "no records")
+    return records
 
 
 def load_records(

@@ -93,6 +93,7 @@ class CCModel(nn.Module):
         self.hooks = ConnectionHooks(self.arch, cc_config.inject_layer)
         self.generator: torch.Generator | None = None
         self.last_layer_choice: torch.Tensor | None = None
+        self.transform = None  # a TransformMatrix, set by fit-matrix or loaded with the folder
 
     # -- construction ------------------------------------------------------------------------
     @staticmethod
@@ -127,9 +128,18 @@ class CCModel(nn.Module):
         base = cls._load_base(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         model = cls(base, cc_config)
         if cc_config.method == "cc":
+            from cctuning.inference.matrix import TransformMatrix  # inference builds on the model
+
             model.load_decision_maker(path / DECISION_MAKER_NAME)
+            model.set_transform(TransformMatrix.load(path))
         model.eval()
         return model
+
+    def set_transform(self, transform) -> None:
+        """Attach a :class:`TransformMatrix` (checked against this model's layers and hidden size)."""
+        if transform is not None:
+            transform.check_fits(self.arch.num_layers, self.arch.hidden_size)
+        self.transform = transform
 
     def load_decision_maker(self, file: str | Path) -> None:
         from safetensors.torch import load_file
@@ -162,6 +172,8 @@ class CCModel(nn.Module):
                 tokenizer.save_pretrained(stage)
             if dm_weight is not None:
                 save_safetensors(stage / DECISION_MAKER_NAME, {"weight": dm_weight})
+            if self.transform is not None:
+                self.transform.save(stage)
             data = asdict(self.cc_config)
             data["versions"] = versions()
             write_json(stage / CONFIG_NAME, data)

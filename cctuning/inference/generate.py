@@ -1,0 +1,246 @@
+"""Greedy generation with the simulated connection at the prefill (method.md §2.5), batched.
+
+Connection modes:
+
+* ``transform``: collect the model's own non-English ``f_l[p]``, map them with the Transform
+  Matrix, let the Decision Maker choose, add the choice after layer k at p; prefill only.
+* ``english``: the oracle, with the real English prompt's activations (needs ``instruction_en``).
+* ``none``: plain generation of the same model.
+
+Fast path: with causal attention the tokens before p are identical in the collecting pass and in
+the fused pass, so the prefix ``[0, p)`` is run once into the KV cache; only the tail from p is
+run twice (once to collect, then the cache is cut back to p, once fused). The overhead over plain
+generation is about one extra token step instead of a second prefill. ``naive=True`` runs the
+official two-full-prefill path (used by tests and benchmarks to check and measure the fast one).
+
+Decoding is greedy with the KV cache and no fusion after the prefill. Generation stops on the
+tokenizer's eos, the model's ``generation_config.eos_token_id`` and every special token that the
+chat template puts after an assistant turn (e.g. ``<|im_end|>``, ``<|eot_id|>``,
+``<end_of_turn>``); special tokens are stripped from the text.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from cctuning.data.collator import pad_rows
+from cctuning.data.encoding import PromptEncoder, PromptFormat
+from cctuning.errors import CCError
+from cctuning.model.ccmodel import CCModel, positions_from_mask
+
+logger = logging.getLogger(__name__)
+
+CONNECTIONS = ("transform", "none", "english")
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    layer: int | None  # the layer chosen by the Decision Maker (None without connection)
+    prompt_tokens: int
+    first_logits: torch.Tensor | None = None
+
+
+def stop_token_ids(tokenizer, model=None, encoder: PromptEncoder | None = None) -> set[int]:
+    """eos, the generation config's eos ids and the special tokens ending an assistant turn."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = getattr(getattr(model, "base", model), "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None)
+    if eos is not None:
+        ids.update(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos]))
+    if encoder is not None and encoder.mode == "chat":
+        prompt, _ = encoder.render_prompt("x")
+        tail = encoder.render_completion("x", "y", prompt)
+        special = set(tokenizer.all_special_ids)
+        after = tokenizer(tail, add_special_tokens=False)["input_ids"]
+        ids.update(t for t in after if t in special and t != tokenizer.pad_token_id)
+    return ids
+
+
+class CCGenerator:
+    """Batched greedy generation for a :class:`CCModel` (any method; ``none`` works for all)."""
+
+    def __init__(self, model: CCModel, tokenizer, max_new_tokens: int = 40, batch_size: int = 8,
+                 max_length: int | None = None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.encoder = PromptEncoder(tokenizer, PromptFormat.from_dict(model.cc_config.prompt_format))
+        self.max_length = max_length
+        self.stop_ids = stop_token_ids(tokenizer, model, self.encoder)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.arch.embeddings.weight.device
+
+    def default_connection(self) -> str:
+        return "transform" if self.model.uses_connection and self.model.transform is not None else "none"
+
+    # -- public API ----------------------------------------------------------------------------
+    def generate(
+        self,
+        prompts: list[str],
+        connection: str | None = None,
+        english: list[str] | None = None,
+        naive: bool = False,
+        return_first_logits: bool = False,
+        progress: bool = False,
+    ) -> list[Generation]:
+        from tqdm.auto import tqdm
+
+        connection = connection or self.default_connection()
+        self._check(connection, prompts, english)
+        encoded = [self.encoder.encode_prompt(p, self._prompt_budget()) for p in prompts]
+        en_encoded = [self.encoder.encode_prompt(e, self._prompt_budget()) for e in english] if english else None
+        # longest first, so that batches hold prompts of similar length (less padding)
+        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i].ids))
+        results: list[Generation | None] = [None] * len(prompts)
+        bar = tqdm(total=len(prompts), desc=f"generate ({connection})", unit="prompt", disable=not progress)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(order), self.batch_size):
+                idx = order[start : start + self.batch_size]
+                batch_en = [en_encoded[i] for i in idx] if en_encoded else None
+                outs = self._generate_batch([encoded[i] for i in idx], batch_en, connection, naive,
+                                            return_first_logits)
+                for i, out in zip(idx, outs):
+                    results[i] = out
+                bar.update(len(idx))
+        finally:
+            self.model.train(was_training)
+            bar.close()
+        return results
+
+    # -- internals -----------------------------------------------------------------------------
+    def _prompt_budget(self) -> int | None:
+        limit = self.max_length or getattr(self.model.config, "max_position_embeddings", None)
+        return None if limit is None else max(1, limit - self.max_new_tokens)
+
+    def _check(self, connection: str, prompts: list[str], english: list[str] | None) -> None:
+        if connection not in CONNECTIONS:
+            raise CCError(f"unknown connection '{connection}' (use {', '.join(CONNECTIONS)})")
+        if connection != "none" and not self.model.uses_connection:
+            raise CCError(
+                f"connection '{connection}' needs a CC-Tuning model; this one is method "
+                f"'{self.model.cc_config.method}' (use --connection none)"
+            )
+        if connection == "transform" and self.model.transform is None:
+            raise CCError("this model has no transform matrix: run `cctuning fit-matrix` first, or use --connection none")
+        if connection == "english" and (english is None or len(english) != len(prompts)):
+            raise CCError("connection 'english' needs the English prompt (instruction_en) of every input")
+
+    def _forward(self, ids, mask, positions, cache, inject=None, logits=True):
+        """One chunk through the model with the cache; ``inject=(pos_in_chunk, vectors)``."""
+        module = self.model.base if logits else self.model.arch.decoder
+        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        if logits:
+            kwargs["logits_to_keep"] = 1
+        if inject is None:
+            return module(**kwargs)
+        with self.model.hooks.injecting(*inject):
+            return module(**kwargs)
+
+    def _connection_vectors(self, connection, tail_ids, acts):
+        """Decision Maker on the (transformed) activations; returns the fused vectors and layers."""
+        if connection == "transform":
+            acts = self.model.transform.apply(acts)
+        rows_first = tail_ids[:, 0]
+        fused, weights = self.model.choose(rows_first[:, None], torch.zeros_like(rows_first), acts)
+        return fused, weights.argmax(-1)
+
+    def _english_acts(self, en_batch) -> torch.Tensor:
+        ids, mask, shift = pad_rows([e.ids for e in en_batch], self.pad_id, "left")
+        pos = torch.tensor([e.position for e in en_batch]) + shift
+        return self.model.collect_activations(ids.to(self.device), mask.to(self.device), pos.to(self.device))
+
+    @torch.no_grad()
+    def _generate_batch(self, batch, en_batch, connection, naive, return_first_logits) -> list[Generation]:
+        from transformers import DynamicCache
+
+        ids, mask, _ = pad_rows([e.ids for e in batch], self.pad_id, "left")
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        pos = positions_from_mask(mask)
+        width = ids.shape[1]
+        offset = self.model.cc_config.prompt_format.get("position_offset", 0)
+        p = width - 1 - offset  # left padding: the connection position is the same column in every row
+        cache = DynamicCache(config=self.model.base.config)
+        layers = None
+        if connection == "none":
+            out = self._forward(ids, mask, pos, cache)
+        elif naive:
+            if connection == "transform":
+                acts = self.model.collect_activations(ids, mask, torch.full((len(batch),), p, device=self.device))
+            else:
+                acts = self._english_acts(en_batch)
+            fused, layers = self._connection_vectors(connection, ids[:, p:], acts)
+            column = torch.full((len(batch),), p, device=self.device)
+            out = self._forward(ids, mask, pos, cache, inject=(column, fused))
+        else:
+            if p > 0:
+                self._forward(ids[:, :p], mask[:, :p], pos[:, :p], cache, logits=False)
+            tail, first = ids[:, p:], torch.zeros(len(batch), dtype=torch.long, device=self.device)
+            if connection == "transform":
+                snapshot = None if _croppable(cache) else copy.deepcopy(cache)
+                with self.model.hooks.capturing(first):
+                    self._forward(tail, mask, pos[:, p:], cache, logits=False)
+                    acts = self.model.hooks.stacked()
+                if snapshot is None:
+                    cache.crop(-(width - p))
+                else:
+                    cache = snapshot
+            else:
+                acts = self._english_acts(en_batch)
+            fused, layers = self._connection_vectors(connection, tail, acts)
+            out = self._forward(tail, mask, pos[:, p:], cache, inject=(first, fused))
+        cache = out.past_key_values
+        first_logits = out.logits[:, -1].float()
+        tokens = self._decode(first_logits, cache, mask, pos[:, -1])
+        results = []
+        for i, toks in enumerate(tokens):
+            results.append(Generation(
+                text=self.tokenizer.decode(toks, skip_special_tokens=True),
+                token_ids=toks,
+                layer=None if layers is None else int(layers[i]),
+                prompt_tokens=len(batch[i].ids),
+                first_logits=first_logits[i].cpu() if return_first_logits else None,
+            ))
+        return results
+
+    def _decode(self, logits, cache, mask, last_pos) -> list[list[int]]:
+        """Greedy decoding from the prefill's last logits; stops per row on a stop id."""
+        n = logits.shape[0]
+        done = torch.zeros(n, dtype=torch.bool, device=logits.device)
+        out: list[list[int]] = [[] for _ in range(n)]
+        stop = torch.tensor(sorted(self.stop_ids), device=logits.device, dtype=torch.long)
+        for step in range(self.max_new_tokens):
+            nxt = logits.argmax(-1)
+            is_stop = torch.isin(nxt, stop)
+            for i in range(n):
+                if not done[i] and not is_stop[i]:
+                    out[i].append(int(nxt[i]))
+            done |= is_stop
+            if bool(done.all()) or step == self.max_new_tokens - 1:
+                break
+            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
+            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], dim=1)
+            last_pos = last_pos + 1
+            res = self.model.base(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
+                                  past_key_values=cache, use_cache=True)
+            cache, logits = res.past_key_values, res.logits[:, -1].float()
+        return out
+
+
+def _croppable(cache) -> bool:
+    from transformers.cache_utils import DynamicLayer
+
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", []))

@@ -1,0 +1,224 @@
+"""Transform Matrix fitting and generation with the simulated connection."""
+
+import json
+
+import pytest
+import torch
+
+from cctuning.cli import main
+from cctuning.data.records import Record
+from cctuning.errors import CCError
+from cctuning.inference import CCGenerator, NormalEquations, TransformMatrix, fit_transform_matrix
+from cctuning.inference.generate import stop_token_ids
+from cctuning.inference.matrix import apply_matrix
+from cctuning.model import CCConfig, CCModel
+from cctuning.testing import tiny_model
+
+PROMPTS = [
+    "Habari ya asubuhi, rafiki yangu? Tafadhali jibu swali hili.",
+    "请回答下面的问题。",
+    "ما هي عاصمة مصر؟",
+    "hi",
+    "नमस्ते, आप कैसे हैं? मैं ठीक हूँ।",
+]
+ENGLISH = ["Good morning, my friend? Please answer.", "Please answer the question below.",
+           "What is the capital of Egypt?", "hi", "Hello, how are you?"]
+
+
+def connected_model(tokenizer, arch="llama", seed=0):
+    """A CC model whose connection visibly changes the output (strong DM, non-trivial matrix)."""
+    torch.manual_seed(seed)
+    cc = CCModel.from_base(tiny_model(arch, tokenizer=tokenizer, seed=seed), CCConfig()).eval()
+    d = cc.arch.hidden_size
+    with torch.no_grad():
+        cc.decision_maker.proj.weight.normal_(0, 3.0)
+    cc.set_transform(TransformMatrix(torch.eye(d) * 20 + torch.randn(d, d)))
+    return cc
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])
+@pytest.mark.parametrize("connection", ["transform", "english", "none"])
+def test_fast_path_equals_naive_two_prefill_path(tokenizer, arch, connection):
+    cc = connected_model(tokenizer, arch)
+    gen = CCGenerator(cc, tokenizer, max_new_tokens=6, batch_size=5)
+    english = ENGLISH if connection == "english" else None
+    fast = gen.generate(PROMPTS, connection, english, return_first_logits=True)
+    naive = gen.generate(PROMPTS, connection, english, naive=True, return_first_logits=True)
+    single = [CCGenerator(cc, tokenizer, 6, 1).generate([p], connection, [e] if english else None, naive=True,
+                                                        return_first_logits=True)[0]
+              for p, e in zip(PROMPTS, ENGLISH)]
+    for f, n, s in zip(fast, naive, single):
+        torch.testing.assert_close(f.first_logits, n.first_logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(f.first_logits, s.first_logits, atol=1e-5, rtol=1e-5)
+        assert f.token_ids == n.token_ids == s.token_ids
+        assert f.layer == n.layer == s.layer
+    if connection != "none":
+        plain = gen.generate(PROMPTS, "none", return_first_logits=True)
+        assert all((f.first_logits - p.first_logits).abs().max() > 1e-3 for f, p in zip(fast, plain))
+
+
+def test_batched_output_equals_one_by_one(tokenizer):
+    cc = connected_model(tokenizer, "qwen2", seed=1)
+    batched = CCGenerator(cc, tokenizer, 8, batch_size=3).generate(PROMPTS)
+    alone = [CCGenerator(cc, tokenizer, 8, batch_size=1).generate([p])[0] for p in PROMPTS]
+    assert [b.token_ids for b in batched] == [a.token_ids for a in alone]
+    assert [b.text for b in batched] == [a.text for a in alone]
+    assert [b.layer for b in batched] == [a.layer for a in alone]
+
+
+def test_layer_choice_is_the_decision_makers_argmax_on_transformed_activations(tokenizer):
+    cc = connected_model(tokenizer)
+    gen = CCGenerator(cc, tokenizer, 2, batch_size=5)
+    outs = gen.generate(PROMPTS)
+    for prompt, out in zip(PROMPTS, outs):
+        enc = gen.encoder.encode_prompt(prompt)
+        ids = torch.tensor([enc.ids])
+        acts = cc.collect_activations(ids, torch.ones_like(ids), torch.tensor([enc.position]))
+        transformed = acts @ cc.transform.matrix
+        emb = cc.base.get_input_embeddings()(ids[:, enc.position])
+        logits = (transformed.mean(1) + emb) @ cc.decision_maker.proj.weight.T
+        assert out.layer == int(logits.argmax())
+
+
+def test_english_oracle_with_identical_prompts_and_identity_matrix_equals_transform(tokenizer):
+    cc = connected_model(tokenizer)
+    cc.set_transform(TransformMatrix(torch.eye(cc.arch.hidden_size)))
+    gen = CCGenerator(cc, tokenizer, 6, batch_size=2)
+    a = gen.generate(PROMPTS, "transform", return_first_logits=True)
+    b = gen.generate(PROMPTS, "english", english=PROMPTS, return_first_logits=True)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x.first_logits, y.first_logits, atol=1e-5, rtol=1e-5)
+        assert x.token_ids == y.token_ids and x.layer == y.layer
+
+
+def test_generation_stops_on_stop_ids_and_strips_special_tokens(tokenizer):
+    cc = connected_model(tokenizer)
+    gen = CCGenerator(cc, tokenizer, 12, batch_size=5)
+    assert stop_token_ids(tokenizer, cc, gen.encoder) >= {tokenizer.eos_token_id,
+                                                         tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    free = gen.generate(PROMPTS, "none")
+    assert all(len(o.token_ids) == 12 for o in free), "the random tiny model never emits a stop id by chance here"
+    stop_at = free[0].token_ids[3]
+    gen.stop_ids = gen.stop_ids | {stop_at}
+    cut = gen.generate(PROMPTS, "none")
+    for f, c in zip(free, cut):
+        expected = f.token_ids[: f.token_ids.index(stop_at)] if stop_at in f.token_ids else f.token_ids
+        assert c.token_ids == expected
+    special = tokenizer.convert_tokens_to_ids("<|im_start|>")
+    assert "<|im_start|>" not in tokenizer.decode([special, *free[0].token_ids], skip_special_tokens=True)
+
+
+def test_sampled_layer_choice_is_reproducible_with_a_seed(tokenizer):
+    cc = connected_model(tokenizer)
+    with torch.no_grad():
+        cc.decision_maker.proj.weight.mul_(0.0)  # uniform logits: the choice is pure Gumbel noise
+    cc.cc_config.sample_layer = True
+    layers = []
+    for _ in range(2):
+        cc.generator = torch.Generator().manual_seed(3)
+        layers.append([o.layer for o in CCGenerator(cc, tokenizer, 1, batch_size=5).generate(PROMPTS * 4)])
+    assert layers[0] == layers[1] and len(set(layers[0])) > 1
+
+
+# -- the matrix ---------------------------------------------------------------------------------
+def test_streaming_fit_recovers_a_known_map_and_matches_lstsq():
+    g = torch.Generator().manual_seed(0)
+    d, layers = 6, 3
+    true = torch.randn(d, d, generator=g, dtype=torch.float64)
+    src = torch.randn(40, layers, d, generator=g, dtype=torch.float64)
+    tgt = src @ true
+    acc = NormalEquations(d, layers)
+    for s, t in zip(src.split(7), tgt.split(7)):
+        acc.add(s, t)
+    torch.testing.assert_close(acc.solve(), true, atol=1e-9, rtol=1e-9)
+    noisy = tgt + 0.1 * torch.randn(tgt.shape, generator=g, dtype=torch.float64)
+    acc = NormalEquations(d, layers)
+    for s, t in zip(src.split(9), noisy.split(9)):
+        acc.add(s, t)
+    S, T = src.reshape(-1, d), noisy.reshape(-1, d)
+    torch.testing.assert_close(acc.solve(), torch.linalg.lstsq(S, T).solution, atol=1e-9, rtol=1e-9)
+    lam = 2.5
+    ridge = torch.linalg.solve(S.T @ S + lam * torch.eye(d, dtype=torch.float64), S.T @ T)
+    torch.testing.assert_close(acc.solve(lam), ridge, atol=1e-9, rtol=1e-9)
+    m = acc.solve()
+    torch.testing.assert_close(torch.tensor(acc.mse(m), dtype=torch.float64), ((S @ m - T) ** 2).mean(),
+                               atol=1e-9, rtol=1e-6)
+
+
+def test_per_layer_fit_and_underdetermined_min_norm():
+    g = torch.Generator().manual_seed(1)
+    d, layers = 5, 2
+    maps = torch.randn(layers, d, d, generator=g, dtype=torch.float64)
+    src = torch.randn(30, layers, d, generator=g, dtype=torch.float64)
+    acc = NormalEquations(d, layers, per_layer=True)
+    acc.add(src, apply_matrix(maps, src))
+    torch.testing.assert_close(acc.solve(), maps, atol=1e-9, rtol=1e-9)
+    # fewer rows than d (the official 10 prompts vs d=4096): minimum-norm solution, as lstsq/pinv
+    few_s, few_t = torch.randn(1, 2, 8, generator=g, dtype=torch.float64), torch.randn(1, 2, 8, generator=g,
+                                                                                       dtype=torch.float64)
+    acc = NormalEquations(8, 2)
+    acc.add(few_s, few_t)
+    S, T = few_s.reshape(-1, 8), few_t.reshape(-1, 8)
+    torch.testing.assert_close(acc.solve(), torch.linalg.pinv(S) @ T, atol=1e-8, rtol=1e-6)
+
+
+def test_fit_transform_matrix_on_a_model_and_mismatch_error(tokenizer, tmp_path):
+    cc = connected_model(tokenizer)
+    records = [Record(instruction=p, output="x", instruction_en=e) for p, e in zip(PROMPTS * 4, ENGLISH * 4)]
+    tm, report = fit_transform_matrix(cc, tokenizer, records, samples=20, batch_size=3, seed=1)
+    assert report.pairs == 20 and report.fit_pairs == 18 and report.heldout_pairs == 2
+    assert tm.matrix.shape == (cc.arch.hidden_size,) * 2
+    assert report.fit["after"]["mse"] < report.fit["before"]["mse"]
+    # the same normal equations, built by hand from the fit pairs' activations
+    gen = CCGenerator(cc, tokenizer)
+    import random
+    rng = random.Random(1)
+    chosen = sorted(rng.sample(range(20), 20))
+    order = chosen[:]
+    rng.shuffle(order)
+    fit_idx = sorted(order[2:])
+    def acts(texts):
+        out = []
+        for t in texts:
+            enc = gen.encoder.encode_prompt(t)
+            ids = torch.tensor([enc.ids])
+            out.append(cc.collect_activations(ids, torch.ones_like(ids), torch.tensor([enc.position])))
+        return torch.cat(out).double().reshape(-1, cc.arch.hidden_size)
+    S = acts([records[i].instruction for i in fit_idx])
+    T = acts([records[i].instruction_en for i in fit_idx])
+    by_hand = torch.linalg.pinv(S.T @ S, hermitian=True) @ (S.T @ T)
+    torch.testing.assert_close(tm.matrix.double() @ (S.T @ S), by_hand @ (S.T @ S), atol=1e-4, rtol=1e-3)
+    tm.save(tmp_path)
+    loaded = TransformMatrix.load(tmp_path)
+    assert torch.equal(loaded.matrix, tm.matrix) and loaded.meta["pairs"] == 20
+    small = CCModel.from_base(tiny_model("llama", tokenizer=tokenizer, hidden_size=16), CCConfig())
+    with pytest.raises(CCError, match="does not fit this model"):
+        small.set_transform(loaded)
+
+
+@pytest.mark.slow
+def test_fit_matrix_and_generate_cli_on_a_trained_model(base_dir, data_file, tmp_path, capsys):
+    out = tmp_path / "cc"
+    assert main(["train", "--model", str(base_dir), "--data", str(data_file), "--output", str(out),
+                 "--max-steps", "2", "--batch-size", "4"]) == 0
+    assert main(["generate", "--model", str(out), "--prompt", "Habari?", "--connection", "transform"]) == 2
+    assert "fit-matrix" in capsys.readouterr().err  # no matrix yet
+    assert main(["generate", "--model", str(out), "--prompt", "Habari?", "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()  # without a matrix the default is plain generation
+    assert main(["fit-matrix", "--model", str(out), "--data", str(data_file), "--samples", "10"]) == 0
+    printed = capsys.readouterr().out
+    assert "fitted on 9 pairs, 1 held out" in printed and "held-out" in printed
+    meta = json.loads((out / "transform_matrix.json").read_text())
+    assert meta["pairs"] == 10 and meta["hidden_size"] == 32
+    gens = tmp_path / "gens.jsonl"
+    assert main(["generate", "--model", str(out), "--input", str(data_file), "--output", str(gens),
+                 "--max-new-tokens", "4", "--connection", "english"]) == 0
+    rows = [json.loads(line) for line in gens.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["connection"] == "english" and isinstance(r["layer"], int) for r in rows)
+    # the Python API gives the same texts
+    model = CCModel.from_pretrained(out)
+    api = CCGenerator(model, tokenizer=__import__("transformers").AutoTokenizer.from_pretrained(out),
+                      max_new_tokens=4).generate([r["instruction"] for r in rows], "english",
+                                                 english=[json.loads(line)["instruction_en"]
+                                                          for line in data_file.read_text().splitlines()])
+    assert [a.text for a in api] == [r["generation"] for r in rows]
