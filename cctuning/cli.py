@@ -36,15 +36,13 @@ def _load(model: str, trust_remote_code: bool = False, seed: int | None = None, 
     """A trained (or plain) model folder and its tokenizer, for the inference commands."""
     import torch
 
-    from cctuning.model import CCModel
-    from cctuning.training.run import load_tokenizer, resolve_model_path
+    from cctuning.loading import load_for_inference
 
-    path = resolve_model_path(model)
-    cc = CCModel.from_pretrained(path, trust_remote_code=trust_remote_code)
+    cc, tok, path = load_for_inference(model, trust_remote_code)
     if sample_layer:
         cc.cc_config.sample_layer = True
         cc.generator = torch.Generator().manual_seed(seed or 0)
-    return cc, load_tokenizer(path, trust_remote_code), path
+    return cc, tok, path
 
 
 def _cmd_fit_matrix(args: argparse.Namespace) -> int:
@@ -111,6 +109,44 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(text: str | None) -> list[str] | None:
+    return [t.strip() for t in text.split(",") if t.strip()] if text else None
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from cctuning.eval.benchmarks import BENCHMARKS
+    from cctuning.eval.runner import EvalConfig, evaluate, markdown_table
+
+    cfg = EvalConfig(
+        model=args.model,
+        benchmarks=_split(args.benchmarks) or list(BENCHMARKS),
+        langs=_split(args.langs),
+        limit=args.limit,
+        connection=args.connection,
+        scoring=args.scoring,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        output=args.output,
+        seed=args.seed,
+        trust_remote_code=args.trust_remote_code,
+    )
+    report = evaluate(cfg)
+    print(markdown_table(report))
+    for bench, langs in report["missing_languages"].items():
+        print(f"note: {bench} has no data for {', '.join(langs)}")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from cctuning.eval.report import build_report
+
+    table, png = build_report(args.runs, args.output)
+    print(table)
+    print(f"\nplot: {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cctuning.training import TrainConfig
 
@@ -154,6 +190,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of --sample-layer")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("eval", help="score a model on the benchmarks, per language")
+    p.add_argument("--model", required=True, help="a model folder (CC-Tuning, SFT or plain Hugging Face)")
+    p.add_argument("--benchmarks", help="comma-separated: XNLI,XStoryCloze,MMMLU,XQuAD,MKQA,XLSum (default: all)")
+    p.add_argument("--langs", help="comma-separated language codes (default: every language of each benchmark)")
+    p.add_argument("--limit", type=int, help="first N items per benchmark and language")
+    p.add_argument("--connection", choices=["transform", "none", "english"],
+                   help="default: transform when the model has a matrix, else none")
+    p.add_argument("--scoring", choices=["generate", "likelihood"], default="generate",
+                   help="likelihood: compare the option labels' next-token log-probabilities (multiple choice)")
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--data-dir", help="benchmark folder <Benchmark>/<lang>.jsonl (default: the bundled split)")
+    p.add_argument("--output", help="run folder (default: MODEL/eval/CONNECTION-SCORING); resumes if it exists")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("report", help="put evaluation runs side by side (table + grouped bar chart)")
+    p.add_argument("runs", nargs="+", help="evaluation run folders (each with results.json)")
+    p.add_argument("--output", default="report", help="folder for report.md, report.csv and report.png")
+    p.set_defaults(func=_cmd_report)
     return parser
 
 

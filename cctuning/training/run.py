@@ -15,6 +15,7 @@ from cctuning.data.encoding import PromptEncoder, PromptFormat
 from cctuning.data.records import LoadReport, load_records
 from cctuning.errors import CCError, DataError
 from cctuning.io import write_json
+from cctuning.loading import load_tokenizer, resolve_model_path
 from cctuning.model.ccmodel import CCConfig, CCModel
 from cctuning.training.args import TrainConfig
 from cctuning.versions import versions
@@ -33,32 +34,6 @@ class FeatureDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.features[index]
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """A folder as is; a preset name through :mod:`cctuning.presets` when that module is present."""
-    if Path(name_or_path).is_dir():
-        return name_or_path
-    try:
-        from cctuning.presets import resolve_model
-    except ImportError:
-        raise CCError(f"model folder '{name_or_path}' does not exist") from None
-    return resolve_model(name_or_path)
-
-
-def load_tokenizer(path: str, trust_remote_code: bool = False):
-    from transformers import AutoTokenizer
-
-    try:
-        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CCError(f"cannot load a tokenizer from '{path}': {first}") from None
-    if tok.pad_token is None:
-        if tok.eos_token is None:
-            raise CCError(f"the tokenizer in '{path}' has neither a pad nor an eos token")
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def encode_records(records, encoder: PromptEncoder, with_english: bool) -> list[dict]:

@@ -1,0 +1,294 @@
+"""``cctuning eval``: run benchmarks through the generation path, cache, score and report.
+
+Prompts go through the model's chat template and :class:`CCGenerator` (batched, fast path),
+greedy with 40 new tokens by default, as in the paper. ``scoring="likelihood"`` instead compares
+the next-token log-probabilities of the option labels after the prompt (multiple-choice
+benchmarks only; the connection is applied at the prompt exactly as for generation).
+
+Every generation is appended to ``generations/<Benchmark>/<lang>.jsonl`` in the output folder as
+soon as its batch finishes, so an interrupted run resumes without recomputing finished items.
+Scores are always recomputed from the cached outputs.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cctuning.errors import CCError
+from cctuning.eval.benchmarks import BENCHMARKS, Item, available_languages, get_spec, load_benchmark
+from cctuning.eval.scoring import aggregate, score_choice_logprobs, score_item
+from cctuning.io import write_json, write_text
+from cctuning.versions import versions
+
+logger = logging.getLogger(__name__)
+
+PRIMARY_METRIC = {"choice": "accuracy", "span": "contains", "aliases": "contains", "summary": "rougeL"}
+RESULTS_NAME = "results.json"
+
+
+def primary_metric(benchmark: str) -> str:
+    return PRIMARY_METRIC[get_spec(benchmark).answer_kind]
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
+    langs: list[str] | None = None  # None: every language of each benchmark
+    limit: int | None = None
+    connection: str | None = None  # None: transform when the model has a matrix, else none
+    scoring: str = "generate"
+    max_new_tokens: int = 40
+    batch_size: int = 8
+    data_dir: str | None = None
+    output: str | None = None
+    seed: int = 0
+    trust_remote_code: bool = False
+
+    def fingerprint(self, connection: str) -> dict:
+        """What must match for cached generations to be reused."""
+        return {
+            "model": str(Path(self.model).resolve()) if Path(self.model).exists() else self.model,
+            "connection": connection,
+            "scoring": self.scoring,
+            "max_new_tokens": self.max_new_tokens,
+        }
+
+
+class GenerationCache:
+    """Append-only JSONL per benchmark and language, keyed by item id."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+
+    def path(self, benchmark: str, lang: str) -> Path:
+        return self.folder / benchmark / f"{lang}.jsonl"
+
+    def load(self, benchmark: str, lang: str) -> dict[str, dict]:
+        path = self.path(benchmark, lang)
+        done: dict[str, dict] = {}
+        if not path.is_file():
+            return done
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: that item is simply generated again
+            done[str(row["id"])] = row
+        return done
+
+    def append(self, benchmark: str, lang: str, rows: list[dict]) -> None:
+        path = self.path(benchmark, lang)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as fh:
+            for row in rows:
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+
+def _label_token_ids(tokenizer, labels: tuple[str, ...]) -> list[int]:
+    ids = [tokenizer(label, add_special_tokens=False)["input_ids"][0] for label in labels]
+    if len(set(ids)) != len(ids):
+        raise CCError(f"the option labels {labels} do not start with distinct tokens; use --scoring generate")
+    return ids
+
+
+def _run_items(
+    generator, items: list[Item], connection: str, scoring: str, labels: tuple[str, ...]
+) -> list[dict]:
+    """Generate (or score by likelihood) one batch of items; returns cache rows."""
+    english = [it.prompt_en for it in items] if connection == "english" else None
+    prompts = [it.prompt for it in items]
+    if scoring == "likelihood":
+        label_ids = _label_token_ids(generator.tokenizer, labels)
+        saved, generator.max_new_tokens = generator.max_new_tokens, 1
+        try:
+            outs = generator.generate(prompts, connection, english, return_first_logits=True)
+        finally:
+            generator.max_new_tokens = saved
+        rows = []
+        for it, out in zip(items, outs):
+            logp = torch.log_softmax(out.first_logits, -1)
+            rows.append(
+                {
+                    "id": it.id,
+                    "logprobs": {lab: float(logp[i]) for lab, i in zip(labels, label_ids)},
+                    "layer": out.layer,
+                }
+            )
+        return rows
+    outs = generator.generate(prompts, connection, english)
+    return [{"id": it.id, "output": out.text, "layer": out.layer} for it, out in zip(items, outs)]
+
+
+def _score(item: Item, row: dict) -> dict:
+    if "logprobs" in row:
+        return score_choice_logprobs(row["logprobs"], str(item.answer))
+    return score_item(item, row["output"])
+
+
+def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
+    """Run the evaluation described by ``cfg``; returns (and writes) the results dictionary."""
+    from tqdm.auto import tqdm
+
+    from cctuning.inference.generate import CCGenerator
+    from cctuning.loading import load_for_inference
+
+    if cfg.scoring not in ("generate", "likelihood"):
+        raise CCError(f"unknown scoring '{cfg.scoring}' (use generate or likelihood)")
+    if model is None:
+        model, tokenizer, _ = load_for_inference(cfg.model, cfg.trust_remote_code)
+    torch.manual_seed(cfg.seed)
+    generator = CCGenerator(model, tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
+    connection = cfg.connection or generator.default_connection()
+    generator._check(connection, [], [] if connection == "english" else None)
+    out_dir = Path(cfg.output or Path(cfg.model) / "eval" / f"{connection}-{cfg.scoring}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fingerprint = cfg.fingerprint(connection)
+    run_file = out_dir / "run.json"
+    if run_file.is_file():
+        previous = json.loads(run_file.read_text(encoding="utf-8")).get("fingerprint")
+        if previous != fingerprint:
+            raise CCError(f"{out_dir} holds a run with other settings ({previous}); choose another --output")
+    write_json(run_file, {"fingerprint": fingerprint, "config": asdict(cfg), "versions": versions()})
+    cache = GenerationCache(out_dir / "generations")
+    results, started = [], time.time()
+    missing_langs: dict[str, list[str]] = {}
+    for bench in [get_spec(b).name for b in cfg.benchmarks]:
+        spec = get_spec(bench)
+        have = available_languages(bench, cfg.data_dir)
+        langs = have if cfg.langs is None else [lang for lang in cfg.langs if lang in have]
+        if cfg.langs is not None and len(langs) < len(cfg.langs):
+            missing_langs[bench] = [lang for lang in cfg.langs if lang not in have]
+        scoring = cfg.scoring if spec.answer_kind == "choice" else "generate"
+        items_by_lang = {lang: load_benchmark(bench, lang, cfg.data_dir, cfg.limit) for lang in langs}
+        total = sum(len(v) for v in items_by_lang.values())
+        bar = tqdm(total=total, desc=bench, unit="item", disable=not progress)
+        for lang, items in items_by_lang.items():
+            done = cache.load(bench, lang)
+            todo = [it for it in items if str(it.id) not in done]
+            bar.update(len(items) - len(todo))
+            step = max(1, cfg.batch_size * 4)
+            for start in range(0, len(todo), step):
+                chunk = todo[start : start + step]
+                rows = _run_items(generator, chunk, connection, scoring, spec.labels)
+                cache.append(bench, lang, rows)
+                done.update({str(r["id"]): r for r in rows})
+                bar.update(len(chunk))
+            for it in items:
+                row = done[str(it.id)]
+                results.append(
+                    {
+                        "benchmark": bench,
+                        "lang": lang,
+                        "id": it.id,
+                        "metrics": _score(it, row),
+                        "layer": row.get("layer"),
+                    }
+                )
+        bar.close()
+    if not results:
+        raise CCError("nothing to evaluate: no benchmark has any of the requested languages")
+    summary = aggregate(results)
+    layer_counts: dict[str, dict[str, int]] = {}
+    for r in results:
+        if r["layer"] is not None:
+            counts = layer_counts.setdefault(r["lang"], {})
+            counts[str(r["layer"])] = counts.get(str(r["layer"]), 0) + 1
+    report = {
+        "model": cfg.model,
+        "connection": connection,
+        "scoring": cfg.scoring,
+        "limit": cfg.limit,
+        "seed": cfg.seed,
+        "max_new_tokens": cfg.max_new_tokens,
+        "method": model.cc_config.method,
+        "primary_metric": {b: primary_metric(b) for b in summary},
+        "benchmarks": summary,
+        "missing_languages": missing_langs,
+        "layer_choice": layer_counts,
+        "seconds": round(time.time() - started, 2),
+        "versions": versions(),
+    }
+    write_results(out_dir, report)
+    return report
+
+
+# -- outputs --------------------------------------------------------------------------------------
+def results_rows(report: dict) -> list[dict]:
+    """One row per benchmark × language × metric (plus the averages)."""
+    rows = []
+    for bench, data in report["benchmarks"].items():
+        for lang, metrics in data["per_language"].items():
+            for metric, value in metrics.items():
+                if metric in ("n", "unparsed"):
+                    continue
+                rows.append(
+                    {
+                        "benchmark": bench,
+                        "lang": lang,
+                        "metric": metric,
+                        "value": value,
+                        "n": metrics["n"],
+                        "unparsed": metrics.get("unparsed", ""),
+                    }
+                )
+        for key, label in (("average", "avg"), ("average_without_en", "avg_no_en")):
+            for metric, value in (data.get(key) or {}).items():
+                rows.append(
+                    {
+                        "benchmark": bench,
+                        "lang": label,
+                        "metric": metric,
+                        "value": value,
+                        "n": "",
+                        "unparsed": "",
+                    }
+                )
+    return rows
+
+
+def markdown_table(report: dict) -> str:
+    """Primary metric (×100) per benchmark and language, with both averages and unparsed counts."""
+    lines = [
+        f"model: `{report['model']}` · connection: {report['connection']} · scoring: {report['scoring']}"
+        f" · limit: {report['limit']}",
+        "",
+    ]
+    for bench, data in report["benchmarks"].items():
+        metric = report["primary_metric"][bench]
+        langs = list(data["per_language"])
+        lines.append(f"**{bench}** ({metric} ×100)")
+        lines.append("")
+        lines.append("| " + " | ".join(langs + ["avg", "avg w/o en"]) + " |")
+        lines.append("|" + "---|" * (len(langs) + 2))
+        vals = [f"{100 * data['per_language'][lang][metric]:.1f}" for lang in langs]
+        for key in ("average", "average_without_en"):
+            vals.append(f"{100 * data[key][metric]:.1f}" if data.get(key) else "–")
+        lines.append("| " + " | ".join(vals) + " |")
+        unparsed = {lang: m["unparsed"] for lang, m in data["per_language"].items() if m.get("unparsed")}
+        if unparsed:
+            lines.append("")
+            lines.append("unparseable answers: " + ", ".join(f"{k} {v}" for k, v in unparsed.items()))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_results(out_dir: Path, report: dict) -> None:
+    write_json(out_dir / RESULTS_NAME, report)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["benchmark", "lang", "metric", "value", "n", "unparsed"])
+    writer.writeheader()
+    writer.writerows(results_rows(report))
+    write_text(out_dir / "results.csv", buf.getvalue())
+    write_text(out_dir / "results.md", markdown_table(report) + "\n")

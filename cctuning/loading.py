@@ -1,0 +1,43 @@
+"""Resolve a model argument (folder or preset) and load its tokenizer or the whole CCModel."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cctuning.errors import CCError
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """A folder as is; a preset name through :mod:`cctuning.presets` when that module is present."""
+    if Path(name_or_path).is_dir():
+        return str(name_or_path)
+    try:
+        from cctuning.presets import resolve_model
+    except ImportError:
+        raise CCError(f"model folder '{name_or_path}' does not exist") from None
+    return resolve_model(name_or_path)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """The folder's tokenizer; a missing pad token falls back to eos (never a new token id)."""
+    from transformers import AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CCError(f"cannot load a tokenizer from '{path}': {first}") from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise CCError(f"the tokenizer in '{path}' has neither a pad nor an eos token")
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_for_inference(model: str, trust_remote_code: bool = False, dtype=None):
+    """``(CCModel in eval mode, tokenizer, folder)`` for a trained, SFT or plain HF model folder."""
+    from cctuning.model import CCModel
+
+    path = resolve_model_path(model)
+    cc = CCModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    return cc, load_tokenizer(path, trust_remote_code), path
