@@ -117,6 +117,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from cctuning.eval.benchmarks import BENCHMARKS
     from cctuning.eval.runner import EvalConfig, evaluate, markdown_table
 
+    if args.nll:
+        return _cmd_eval_nll(args)
     cfg = EvalConfig(
         model=args.model,
         benchmarks=_split(args.benchmarks) or list(BENCHMARKS),
@@ -135,6 +137,24 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     print(markdown_table(report))
     for bench, langs in report["missing_languages"].items():
         print(f"note: {bench} has no data for {', '.join(langs)}")
+    return 0
+
+
+def _cmd_eval_nll(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from cctuning.eval.nll import evaluate_nll
+    from cctuning.loading import load_for_inference
+
+    model, tok, path = load_for_inference(args.model, args.trust_remote_code)
+    output = args.output or str(Path(path) / "eval" / f"nll-{args.connection or 'default'}")
+    report = evaluate_nll(model, tok, args.nll, args.connection, output, batch_size=args.batch_size,
+                          seed=args.seed, model_name=args.model)
+    print(f"held-out NLL of {args.nll} (connection {report['connection']}), saved to {output}")
+    print(f"{'lang':6} {'items':>6} {'tokens':>7} {'NLL':>8} {'95% CI':>17} {'PPL':>9}")
+    for lang, m in report["nll"].items():
+        print(f"{lang:6} {m['items']:6d} {m['tokens']:7d} {m['nll']:8.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}] "
+              f"{m['ppl']:9.2f}")
     return 0
 
 
@@ -205,6 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", help="benchmark folder <Benchmark>/<lang>.jsonl (default: the bundled split)")
     p.add_argument("--output", help="run folder (default: MODEL/eval/CONNECTION-SCORING); resumes if it exists")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--nll", metavar="FILE.jsonl",
+                   help="instead of benchmarks: per-token NLL of the gold responses of these records (held-out)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_cmd_eval)
 

@@ -9,6 +9,7 @@ import logging
 from pathlib import Path
 
 from cctuning.errors import CCError
+from cctuning.eval.nll import NLL_NAME, load_items, paired_difference
 from cctuning.eval.runner import RESULTS_NAME
 from cctuning.io import atomic_path, write_text
 
@@ -16,18 +17,23 @@ logger = logging.getLogger(__name__)
 
 
 def load_run(path: str | Path) -> dict:
+    """A benchmark run (``results.json``) or an NLL run (``nll.json``; ``kind`` tells which)."""
     path = Path(path)
-    file = path / RESULTS_NAME if path.is_dir() else path
-    if not file.is_file():
-        raise CCError(f"{path}: no {RESULTS_NAME} (run `cctuning eval --output {path}` first)")
-    try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CCError(f"{file}:{err.lineno}: not valid JSON ({err.msg})") from None
+    for name, kind in ((RESULTS_NAME, "benchmarks"), (NLL_NAME, "nll")):
+        file = path / name if path.is_dir() else path
+        if file.is_file() and file.name == name:
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except json.JSONDecodeError as err:
+                raise CCError(f"{file}:{err.lineno}: not valid JSON ({err.msg})") from None
+            data["kind"], data["path"] = kind, str(path)
+            return data
+    raise CCError(f"{path}: no {RESULTS_NAME} or {NLL_NAME} (run `cctuning eval --output {path}` first)")
 
 
 def run_label(run: dict, path: str | Path) -> str:
     return f"{Path(path).name} ({run.get('method', '?')}, {run['connection']})"
+
 
 
 def comparison_rows(runs: list[tuple[str, dict]]) -> list[dict]:
@@ -97,25 +103,126 @@ def plot(rows: list[dict], labels: list[str], path: Path) -> None:
     plt.close(fig)
 
 
+def nll_markdown(runs: list[tuple[str, dict]]) -> str:
+    """NLL per language for every run, then each run's paired difference to the first one."""
+    langs: list[str] = []
+    for _, run in runs:
+        langs += [lang for lang in run["nll"] if lang not in langs]
+    lines = ["| lang | " + " | ".join(label for label, _ in runs) + " |", "|" + "---|" * (1 + len(runs))]
+    for lang in langs:
+        cells = []
+        for _, run in runs:
+            m = run["nll"].get(lang)
+            cells.append("–" if m is None else f"{m['nll']:.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}]")
+        lines.append(f"| {lang} | " + " | ".join(cells) + " |")
+    base_label, base = runs[0]
+    for label, run in runs[1:]:
+        diff = paired_difference(load_items(run["path"]), load_items(base["path"]))
+        lines += ["", f"paired difference NLL({label}) − NLL({base_label}) (negative: {label} fits better)", "",
+                  "| lang | items | difference | 95% CI |", "|---|---|---|---|"]
+        for lang, d in diff.items():
+            lines.append(f"| {lang} | {d['items']} | {d['diff']:+.4f} | [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |")
+    return "\n".join(lines)
+
+
+def layer_histograms(runs: list[tuple[str, dict]]) -> dict[str, dict[str, dict[str, int]]]:
+    """Decision Maker layer choices per run and language, from benchmark or NLL runs."""
+    out: dict[str, dict[str, dict[str, int]]] = {}
+    for label, run in runs:
+        if run["kind"] == "benchmarks":
+            counts = run.get("layer_choice") or {}
+        else:
+            counts = {}
+            for item in load_items(run["path"]):
+                if item.get("layer") is not None:
+                    per = counts.setdefault(item["lang"] or "?", {})
+                    per[str(item["layer"])] = per.get(str(item["layer"]), 0) + 1
+        if counts:
+            out[label] = counts
+    return out
+
+
+def plot_layers(hists: dict[str, dict[str, dict[str, int]]], path: Path) -> None:
+    """One panel per run: the share of each layer chosen, a line per language."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(hists), 1, figsize=(8, 2.6 * len(hists)), squeeze=False)
+    for ax, (label, per_lang) in zip(axes[:, 0], hists.items()):
+        top = max(int(k) for counts in per_lang.values() for k in counts)
+        for lang, counts in sorted(per_lang.items()):
+            total = sum(counts.values())
+            ax.plot(range(top + 1), [counts.get(str(k), 0) / total for k in range(top + 1)], marker="o", label=lang)
+        ax.set_title(f"layer chosen by the Decision Maker: {label}", fontsize=9)
+        ax.set_xlabel("layer")
+        ax.set_ylabel("share")
+        ax.legend(fontsize=7, ncol=6)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
 def build_report(run_dirs: list[str], output: str | Path) -> tuple[str, Path]:
-    """Write ``report.md``, ``report.csv`` and ``report.png`` into ``output``; returns (table, png)."""
+    """Write ``report.md``, ``report.csv`` and ``report.png`` (plus ``layers.png`` when runs carry
+    layer choices) into ``output``; returns (Markdown text, path of the main plot)."""
     if not run_dirs:
         raise CCError("give at least one evaluation run folder")
-    runs = [(run_label(load_run(p), p), load_run(p)) for p in run_dirs]
-    labels = [label for label, _ in runs]
-    if len(set(labels)) != len(labels):
+    loaded = [(p, load_run(p)) for p in run_dirs]
+    runs = [(run_label(run, p), run) for p, run in loaded]
+    if len({label for label, _ in runs}) != len(runs):
         runs = [(f"{i + 1}: {label}", run) for i, (label, run) in enumerate(runs)]
-        labels = [label for label, _ in runs]
-    rows = comparison_rows(runs)
+    bench_runs = [(label, run) for label, run in runs if run["kind"] == "benchmarks"]
+    nll_runs = [(label, run) for label, run in runs if run["kind"] == "nll"]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    table = markdown(rows, labels)
+    parts, png = [], out / "report.png"
+    if bench_runs:
+        labels = [label for label, _ in bench_runs]
+        rows = comparison_rows(bench_runs)
+        parts.append(markdown(rows, labels))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["benchmark", "lang", "metric", *labels])
+        writer.writeheader()
+        writer.writerows(rows)
+        write_text(out / "report.csv", buf.getvalue())
+        plot(rows, labels, png)
+    if nll_runs:
+        parts.append(nll_markdown(nll_runs))
+        if not bench_runs:
+            plot_nll(nll_runs, png)
+    hists = layer_histograms(runs)
+    if hists:
+        plot_layers(hists, out / "layers.png")
+    table = "\n\n".join(parts)
     write_text(out / "report.md", table + "\n")
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["benchmark", "lang", "metric", *labels])
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(out / "report.csv", buf.getvalue())
-    png = out / "report.png"
-    plot(rows, labels, png)
     return table, png
+
+
+def plot_nll(runs: list[tuple[str, dict]], path: Path) -> None:
+    """Grouped bars of NLL per language with the bootstrap intervals as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    langs: list[str] = []
+    for _, run in runs:
+        langs += [lang for lang in run["nll"] if lang not in langs]
+    width = 0.8 / len(runs)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(langs) * len(runs)), 4))
+    for i, (label, run) in enumerate(runs):
+        present = [(j, run["nll"][lang]) for j, lang in enumerate(langs) if lang in run["nll"]]
+        xs = [j + (i - (len(runs) - 1) / 2) * width for j, _ in present]
+        ys = [m["nll"] for _, m in present]
+        err = [[m["nll"] - m["ci_low"] for _, m in present], [m["ci_high"] - m["nll"] for _, m in present]]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=label)
+    ax.set_xticks(range(len(langs)), langs)
+    ax.set_ylabel("held-out NLL per token (95% CI)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)

@@ -1,0 +1,185 @@
+"""Held-out response likelihood: a metric sensitive enough for small models.
+
+For each record, the mean negative log-likelihood per token of the gold response given the
+prompt, with teacher forcing. The connection applies at the prompt exactly as in generation: the
+activations at p (of the non-English prompt, transformed, for ``transform``; of the English prompt
+for ``english``) go through the Decision Maker and the choice is added after layer k at p; the
+response tokens are then scored in the same forward. ``f_l[p]`` depends only on tokens up to p
+(causal attention), so collecting it on the full sequence equals collecting it on the prompt.
+
+Per language and overall: token-weighted mean NLL (``Σ nll / Σ tokens``), perplexity
+``exp(NLL)`` and a bootstrap 95% interval over items (items resampled with replacement, seeded).
+Per-item sums are saved so that two runs on the same items can be compared pairwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+
+from cctuning.data.collator import CCCollator
+from cctuning.data.encoding import PromptEncoder, PromptFormat
+from cctuning.data.records import load_records
+from cctuning.errors import CCError, DataError
+from cctuning.io import write_json, write_text
+from cctuning.versions import versions
+
+logger = logging.getLogger(__name__)
+
+NLL_NAME = "nll.json"
+NLL_ITEMS_NAME = "nll_items.jsonl"
+
+
+def item_nll(model, batch: dict, connection: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row summed response NLL, response token counts and chosen layers for one batch."""
+    ids, mask, labels, pos = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["cc_position"]
+    layers = None
+    with torch.no_grad():
+        if connection == "none":
+            logits = model.base(input_ids=ids, attention_mask=mask, position_ids=_pos(mask), use_cache=False).logits
+        else:
+            if connection == "english":
+                acts = model.collect_activations(batch["en_input_ids"], batch["en_attention_mask"],
+                                                 batch["en_cc_position"])
+            else:
+                acts = model.transform.apply(model.collect_activations(ids, mask, pos))
+            out = model.forward_connected(ids, mask, pos, acts, position_ids=_pos(mask), use_cache=False)
+            logits, layers = out.logits, model.last_layer_choice
+    shifted, target = logits[:, :-1].float(), labels[:, 1:]
+    valid = target != -100
+    nll = torch.nn.functional.cross_entropy(
+        shifted.reshape(-1, shifted.shape[-1]), target.clamp(min=0).reshape(-1), reduction="none"
+    ).view(target.shape)
+    return (nll * valid).sum(1), valid.sum(1), layers
+
+
+def _pos(mask: torch.Tensor) -> torch.Tensor:
+    from cctuning.model.ccmodel import positions_from_mask
+
+    return positions_from_mask(mask)
+
+
+def bootstrap_ratio(nll: list[float], tokens: list[int], reps: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% percentile interval of ``Σ nll / Σ tokens`` under resampling of items."""
+    if len(nll) < 2:
+        value = sum(nll) / max(1, sum(tokens))
+        return value, value
+    rng = random.Random(seed)
+    n = len(nll)
+    stats = []
+    for _ in range(reps):
+        idx = [rng.randrange(n) for _ in range(n)]
+        stats.append(sum(nll[i] for i in idx) / max(1, sum(tokens[i] for i in idx)))
+    stats.sort()
+    return stats[int(0.025 * reps)], stats[min(reps - 1, int(0.975 * reps))]
+
+
+def summarize(items: list[dict], reps: int = 1000, seed: int = 0) -> dict:
+    """Per-language and overall NLL, perplexity and bootstrap interval from per-item sums."""
+    groups: dict[str, list[dict]] = {}
+    for it in items:
+        groups.setdefault(it["lang"] or "?", []).append(it)
+    out = {}
+    for name, rows in sorted(groups.items()) + [("all", items)]:
+        nll, tok = [r["nll_sum"] for r in rows], [r["tokens"] for r in rows]
+        mean = sum(nll) / max(1, sum(tok))
+        low, high = bootstrap_ratio(nll, tok, reps, seed)
+        out[name] = {"nll": mean, "ppl": math.exp(mean), "ci_low": low, "ci_high": high,
+                     "items": len(rows), "tokens": sum(tok)}
+    return out
+
+
+def evaluate_nll(model, tokenizer, data: str | Path, connection: str | None = None, output: str | Path | None = None,
+                 batch_size: int = 8, max_length: int = 1024, seed: int = 0, reps: int = 1000,
+                 progress: bool = True, model_name: str | None = None) -> dict:
+    """Score the gold responses of ``data`` (training-format records) and write ``nll.json``."""
+    from tqdm.auto import tqdm
+
+    connection = connection or ("transform" if model.uses_connection and model.transform is not None else "none")
+    if connection not in ("transform", "none", "english"):
+        raise CCError(f"unknown connection '{connection}'")
+    if connection != "none" and not model.uses_connection:
+        raise CCError(f"connection '{connection}' needs a CC-Tuning model (use --connection none)")
+    if connection == "transform" and model.transform is None:
+        raise CCError("this model has no transform matrix: run `cctuning fit-matrix` first, or use --connection none")
+    records = load_records(data, require_english=connection == "english")
+    encoder = PromptEncoder(tokenizer, PromptFormat.from_dict(model.cc_config.prompt_format), max_length)
+    features = []
+    for rec in records:
+        try:
+            ex = encoder.encode_example(rec.instruction, rec.output, rec.instruction_en if connection == "english" else None)
+        except CCError as err:
+            raise DataError(rec.path, rec.line, "instruction", str(err)) from None
+        features.append(ex.features())
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    collate = CCCollator(pad, "right")
+    was_training = model.training
+    model.eval()
+    items, started = [], time.time()
+    device = model.arch.embeddings.weight.device
+    bar = tqdm(total=len(records), desc=f"nll ({connection})", unit="item", disable=not progress)
+    try:
+        for start in range(0, len(records), batch_size):
+            batch = {k: v.to(device) for k, v in collate(features[start : start + batch_size]).items()}
+            sums, counts, layers = item_nll(model, batch, connection)
+            for j in range(len(sums)):
+                rec = records[start + j]
+                items.append({"line": rec.line, "lang": rec.lang, "nll_sum": float(sums[j]), "tokens": int(counts[j]),
+                              "layer": None if layers is None else int(layers[j])})
+            bar.update(len(sums))
+    finally:
+        bar.close()
+        model.train(was_training)
+    report = {
+        "data": str(data), "connection": connection, "method": model.cc_config.method,
+        "model": model_name,
+        "seed": seed, "bootstrap_reps": reps, "nll": summarize(items, reps, seed),
+        "seconds": round(time.time() - started, 2), "versions": versions(),
+    }
+    if output is not None:
+        out = Path(output)
+        write_json(out / NLL_NAME, report)
+        write_text(out / NLL_ITEMS_NAME, "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
+    return report
+
+
+def load_items(run_dir: str | Path) -> list[dict]:
+    file = Path(run_dir) / NLL_ITEMS_NAME
+    if not file.is_file():
+        raise CCError(f"{run_dir}: no {NLL_ITEMS_NAME}")
+    return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def paired_difference(a: list[dict], b: list[dict], reps: int = 1000, seed: int = 0) -> dict:
+    """Per language and overall: NLL(a) − NLL(b) on the same items, with a paired bootstrap 95% interval
+    (the same resampled items for both runs). Negative means run a fits the responses better."""
+    key_a = {(r["line"], r["lang"]): r for r in a}
+    key_b = {(r["line"], r["lang"]): r for r in b}
+    if set(key_a) != set(key_b):
+        raise CCError("the two NLL runs were not made on the same items")
+    keys = sorted(key_a, key=lambda k: (str(k[1]), k[0]))
+    groups: dict[str, list] = {}
+    for k in keys:
+        groups.setdefault(k[1] or "?", []).append(k)
+    out = {}
+    rng = random.Random(seed)
+    for name, ks in sorted(groups.items()) + [("all", keys)]:
+        def ratio(rows, idx):
+            return sum(rows[i]["nll_sum"] for i in idx) / max(1, sum(rows[i]["tokens"] for i in idx))
+        ra, rb = [key_a[k] for k in ks], [key_b[k] for k in ks]
+        full = list(range(len(ks)))
+        diff = ratio(ra, full) - ratio(rb, full)
+        stats = []
+        for _ in range(reps):
+            idx = [rng.randrange(len(ks)) for _ in ks]
+            stats.append(ratio(ra, idx) - ratio(rb, idx))
+        stats.sort()
+        out[name] = {"diff": diff, "ci_low": stats[int(0.025 * reps)], "ci_high": stats[min(reps - 1, int(0.975 * reps))],
+                     "items": len(ks)}
+    return out

@@ -1,0 +1,102 @@
+"""Held-out response NLL: equal to a hand computation, and reported pairwise."""
+
+import json
+import math
+
+import torch
+import torch.nn.functional as F
+
+from cctuning.cli import main
+from cctuning.data.encoding import PromptEncoder
+from cctuning.eval.nll import bootstrap_ratio, evaluate_nll, load_items, paired_difference
+from cctuning.inference import TransformMatrix
+from cctuning.model import CCConfig, CCModel, locate
+from cctuning.testing import tiny_model
+from tests.conftest import make_records, write_jsonl
+
+
+def hand_nll(model, tokenizer, rec, connection):
+    """Sum and count of the response NLL of one record, with hooks written here."""
+    enc = PromptEncoder(tokenizer, max_length=1024)
+    ex = enc.encode_example(rec["instruction"], rec["output"])
+    ids = torch.tensor([ex.input_ids])
+    labels = torch.tensor([ex.labels])
+    handles = []
+    if connection == "transform":
+        arch = locate(model.base)
+        store = {}
+        hs = [m.register_forward_hook(lambda mod, a, o, i=i: store.__setitem__(i, o)) for i, m in enumerate(arch.ffn)]
+        p_ids = torch.tensor([ex.input_ids[: ex.position + 1]])
+        with torch.no_grad():
+            model.base(input_ids=p_ids)
+        for h in hs:
+            h.remove()
+        acts = torch.stack([store[i][0, ex.position] for i in range(len(store))]) @ model.transform.matrix
+        e = model.base.get_input_embeddings()(ids)[0, ex.position]
+        c = acts[int(((acts.mean(0) + e) @ model.decision_maker.proj.weight.T).argmax())]
+
+        def add(mod, a, o):
+            h = o.clone()
+            h[0, ex.position] += c
+            return h
+        handles.append(arch.layers[0].register_forward_hook(add))
+    with torch.no_grad():
+        logits = model.base(input_ids=ids).logits
+    for h in handles:
+        h.remove()
+    nll = F.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="sum")
+    return float(nll), int((labels[0, 1:] != -100).sum())
+
+
+def test_nll_equals_hand_computation(tokenizer, tmp_path):
+    torch.manual_seed(0)
+    cc = CCModel.from_base(tiny_model("llama", tokenizer=tokenizer), CCConfig(prompt_format={"mode": "chat"})).eval()
+    d = cc.arch.hidden_size
+    with torch.no_grad():
+        cc.decision_maker.proj.weight.normal_(0, 3.0)
+    cc.set_transform(TransformMatrix(torch.eye(d) * 20 + torch.randn(d, d)))
+    rows = make_records(6)
+    data = write_jsonl(tmp_path / "held.jsonl", rows)
+    for connection in ("none", "transform"):
+        rep = evaluate_nll(cc, tokenizer, data, connection, tmp_path / connection, batch_size=4, progress=False)
+        items = load_items(tmp_path / connection)
+        assert [i["line"] for i in items] == list(range(1, 7))
+        by_hand = [hand_nll(cc, tokenizer, rec, connection) for rec in rows]
+        for item, (s, n) in zip(items, by_hand):
+            assert item["tokens"] == n
+            assert math.isclose(item["nll_sum"], s, rel_tol=1e-4, abs_tol=1e-4)
+        total, tokens = sum(s for s, _ in by_hand), sum(n for _, n in by_hand)
+        assert math.isclose(rep["nll"]["all"]["nll"], total / tokens, rel_tol=1e-5)
+        assert math.isclose(rep["nll"]["all"]["ppl"], math.exp(total / tokens), rel_tol=1e-5)
+        sw = [h for h, r in zip(by_hand, rows) if r["lang"] == "sw"]
+        assert math.isclose(rep["nll"]["sw"]["nll"], sum(s for s, _ in sw) / sum(n for _, n in sw), rel_tol=1e-5)
+        m = rep["nll"]["all"]
+        assert m["ci_low"] <= m["nll"] <= m["ci_high"]
+    # the connection changes the likelihood, and the paired difference says so
+    diff = paired_difference(load_items(tmp_path / "transform"), load_items(tmp_path / "none"))
+    none, tr = json.loads((tmp_path / "none" / "nll.json").read_text()), json.loads(
+        (tmp_path / "transform" / "nll.json").read_text())
+    assert math.isclose(diff["all"]["diff"], tr["nll"]["all"]["nll"] - none["nll"]["all"]["nll"], rel_tol=1e-6)
+    assert diff["all"]["diff"] != 0
+    same = paired_difference(load_items(tmp_path / "none"), load_items(tmp_path / "none"))
+    assert same["all"] == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "items": 6}
+
+
+def test_bootstrap_interval_by_hand():
+    # two items: resamples can only give {a,a}, {a,b}, {b,b}: ratios 1.0, 1.5 (or 2.0 via b,b)
+    low, high = bootstrap_ratio([1.0, 4.0], [1, 2], reps=400, seed=0)
+    assert low == 1.0 and high == 2.0
+
+
+def test_eval_nll_cli_and_report(base_dir, tmp_path, capsys):
+    data = write_jsonl(tmp_path / "held.jsonl", make_records(8))
+    out = tmp_path / "nll"
+    assert main(["eval", "--model", str(base_dir), "--nll", str(data), "--output", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "connection none" in printed and "all" in printed
+    assert main(["eval", "--model", str(base_dir), "--nll", str(data), "--output", str(tmp_path / "nll2")]) == 0
+    capsys.readouterr()
+    assert main(["report", str(out), str(tmp_path / "nll2"), "--output", str(tmp_path / "rep")]) == 0
+    table = capsys.readouterr().out
+    assert "paired difference" in table and "| all | 8 | +0.0000 |" in table
+    assert (tmp_path / "rep" / "report.png").read_bytes()[:4] == b"\x89PNG"
