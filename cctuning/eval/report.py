@@ -143,22 +143,26 @@ def layer_histograms(runs: list[tuple[str, dict]]) -> dict[str, dict[str, dict[s
 
 
 def plot_layers(hists: dict[str, dict[str, dict[str, int]]], path: Path) -> None:
-    """One panel per run: the share of each layer chosen, a line per language."""
+    """One heatmap per run: share of each layer (columns) chosen per language (rows)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(hists), 1, figsize=(8, 2.6 * len(hists)), squeeze=False)
+    heights = [0.9 + 0.28 * len(per_lang) for per_lang in hists.values()]
+    fig, axes = plt.subplots(len(hists), 1, figsize=(9, sum(heights) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": heights})
     for ax, (label, per_lang) in zip(axes[:, 0], hists.items()):
-        top = max(int(k) for counts in per_lang.values() for k in counts)
-        for lang, counts in sorted(per_lang.items()):
-            total = sum(counts.values())
-            ax.plot(range(top + 1), [counts.get(str(k), 0) / total for k in range(top + 1)], marker="o", label=lang)
-        ax.set_title(f"layer chosen by the Decision Maker: {label}", fontsize=9)
-        ax.set_xlabel("layer")
-        ax.set_ylabel("share")
-        ax.legend(fontsize=7, ncol=6)
+        width = 1 + max(int(k) for counts in per_lang.values() for k in counts)
+        langs = sorted(per_lang)
+        grid = [[per_lang[lang].get(str(k), 0) / sum(per_lang[lang].values()) for k in range(width)]
+                for lang in langs]
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_yticks(range(len(langs)), langs, fontsize=7)
+        ax.set_xticks(range(width), [str(k) for k in range(width)], fontsize=6)
+        ax.set_title(f"layer chosen by the Decision Maker (share per language): {label}", fontsize=9)
+        fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
+    axes[-1, 0].set_xlabel("layer")
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
