@@ -28,7 +28,13 @@ def _cmd_train(args: argparse.Namespace) -> int:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "verbose", "func")}
     cfg = build_config(TrainConfig, args.config, flags)
     out = train(cfg)
-    print(f"saved {cfg.method} model to {out}")
+    if int(os.environ.get("RANK", "0") or 0) == 0:  # one line per run, not per process
+        import json
+
+        results = out / "train_results.json"
+        skipped = json.loads(results.read_text(encoding="utf-8")).get("skipped_records", 0) if results.is_file() else 0
+        note = f" ({skipped} invalid records skipped)" if skipped else ""
+        print(f"saved {cfg.method} model to {out}{note}")
     return 0
 
 
@@ -167,6 +173,30 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from cctuning.demo import DemoConfig, run_demo
+
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "verbose", "func")}
+    cfg = build_config(DemoConfig, args.config, flags)
+    table, report_dir = run_demo(cfg)
+    print()
+    print(table)
+    print(f"\nreport: {report_dir}/report.md · plots: {report_dir}/report.png, {report_dir}/layers.png")
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from cctuning.experiment import experiment_markdown, load_config, run_experiment
+
+    cfg = load_config(args.config)
+    if args.output:
+        cfg.output = args.output
+    report = run_experiment(cfg)
+    print(experiment_markdown(report))
+    print(f"\nreport: {cfg.output}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from cctuning.training import TrainConfig
 
@@ -229,6 +259,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead of benchmarks: per-token NLL of the gold responses of these records (held-out)")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_cmd_eval)
+
+    from cctuning.demo import DemoConfig
+
+    p = sub.add_parser("demo", help="CC-Tuning vs SFT on a real small model, end to end (make demo)")
+    p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    add_dataclass_arguments(p, DemoConfig)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("experiment", help="a resumable grid of methods × ablations × seeds with NLL and benchmarks")
+    p.add_argument("--config", required=True, help="YAML file (see examples/experiment_smollm2.yaml)")
+    p.add_argument("--output", help="override the config's output folder")
+    p.set_defaults(func=_cmd_experiment)
 
     p = sub.add_parser("report", help="put evaluation runs side by side (table + grouped bar chart)")
     p.add_argument("runs", nargs="+", help="evaluation run folders (each with results.json)")

@@ -47,7 +47,7 @@ class DemoConfig:
     seed: int = opt(42, "seed of sampling, training and evaluation")
     matrix_samples: int = opt(200, "parallel prompts for the Transform Matrix")
     benchmarks: str = opt("XNLI,XStoryCloze,MMMLU,XQuAD,MKQA,XLSum", "benchmarks to evaluate")
-    eval_langs: str = opt("en,sw,zh,ar,hi,ru", "evaluation languages (each benchmark uses those it has)")
+    eval_langs: str = opt("en,sw,zh,ar,hi,ru", "evaluation languages (each benchmark uses those it has), or all")
     eval_limit: int = opt(4, "items per benchmark and language")
     xlsum_limit: int = opt(2, "items per language for XL-Sum (long articles)")
     max_new_tokens: int = opt(40, "generated tokens per item")
@@ -147,7 +147,8 @@ def run_demo(cfg: DemoConfig) -> tuple[str, Path]:
         out = root / "eval" / f"{name}-{connection}"
         for bench in _csv(cfg.benchmarks):
             limit = cfg.xlsum_limit if bench.lower().replace("-", "") == "xlsum" else cfg.eval_limit
-            evaluate(EvalConfig(model=str(folder), benchmarks=[bench], langs=_csv(cfg.eval_langs), limit=limit,
+            eval_langs = None if cfg.eval_langs == "all" else _csv(cfg.eval_langs)
+            evaluate(EvalConfig(model=str(folder), benchmarks=[bench], langs=eval_langs, limit=limit,
                                 connection=connection, max_new_tokens=cfg.max_new_tokens,
                                 batch_size=cfg.eval_batch_size, output=str(out / bench), seed=cfg.seed),
                      model, tok)

@@ -45,19 +45,35 @@ def save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = No
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
+INCOMPLETE_MARKER = ".cctuning-incomplete"
+
+
+def is_incomplete(folder: str | Path) -> bool:
+    """True when a :func:`staged_dir` save into ``folder`` started and never finished (a crash)."""
+    return (Path(folder) / INCOMPLETE_MARKER).exists()
+
+
 @contextmanager
 def staged_dir(target: str | Path):
-    """Write a folder's files into a staging folder, then move each into ``target`` by rename."""
+    """Write a folder's files into a staging folder, then move each into ``target`` by rename.
+
+    Each file lands whole, but a crash between two renames would leave old and new files side by
+    side; so a marker file is written first and removed only after the last rename. Loaders refuse
+    a folder that still holds the marker (:func:`is_incomplete`), so a half-saved folder never
+    loads silently, even after SIGKILL, which skips every ``finally``.
+    """
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=target))
     try:
         yield stage
+        write_text(target / INCOMPLETE_MARKER, "an interrupted save left this folder incomplete\n")
         for item in sorted(stage.iterdir()):
             dest = target / item.name
             if item.is_dir():
                 if dest.exists():
                     shutil.rmtree(dest)
             os.replace(item, dest)
+        os.unlink(target / INCOMPLETE_MARKER)
     finally:
         shutil.rmtree(stage, ignore_errors=True)

@@ -33,6 +33,14 @@ _PLACEHOLDER = "\u2063CCTUNING_INSTRUCTION\u2063"
 IGNORE_INDEX = -100
 
 
+class EncodingError(CCError):
+    """A record that cannot be encoded, with the field at fault (the caller adds file and line)."""
+
+    def __init__(self, field: str, reason: str):
+        self.field, self.reason = field, reason
+        super().__init__(f"field '{field}': {reason}")
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     """How prompts are rendered; saved with a trained model so inference renders them the same way."""
@@ -219,7 +227,7 @@ class PromptEncoder:
             self.stats.boundary_merges += 1
             completion = list(self._tokenize(completion_text)["input_ids"])
         if not completion:
-            raise CCError("the response tokenises to nothing")
+            raise EncodingError("output", "the response tokenises to nothing")
         limit = self.max_length
         response_cut = 0
         if limit is not None and len(full_prompt) + len(completion) > limit:
@@ -239,7 +247,10 @@ class PromptEncoder:
             instruction_cut=prompt.instruction_cut,
         )
         if instruction_en is not None:
-            en = self.encode_prompt(instruction_en, limit)
+            try:
+                en = self.encode_prompt(instruction_en, limit)
+            except CCError as err:
+                raise EncodingError("instruction_en", str(err)) from None
             ex.en_input_ids, ex.en_position, ex.en_instruction_cut = en.ids, en.position, en.instruction_cut
         self.stats.add(ex)
         return ex

@@ -5,6 +5,11 @@ The official format (method.md §3.2): JSON or JSONL records with ``instruction`
 instruction only) and an optional ``lang``. Every record is checked before any training starts;
 the first bad one stops the run with ``file:line: field 'x': what is wrong``. With
 ``skip_invalid`` bad records are skipped instead and counted, never silently.
+
+A JSONL file is read line by line (bytes), so a line that is not UTF-8 or not JSON is one bad
+record like any other; a JSON array is one document, so a syntax error in it stops the load even
+with ``skip_invalid``. A UTF-8 BOM (also at the start of a later line, as left by concatenating
+files), CRLF or CR line ends, blank lines and indentation are accepted.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ logger = logging.getLogger(__name__)
 REQUIRED_FIELDS = ("instruction", "output")
 ENGLISH_FIELD = "instruction_en"
 OPTIONAL_FIELDS = ("lang",)
+JSONL_SUFFIXES = (".jsonl", ".ndjson")  # always one record a line; .json is an array; others are sniffed
 
 
 @dataclass(frozen=True)
@@ -62,8 +68,7 @@ class _DuplicateKey(ValueError):
 _decoder = json.JSONDecoder(object_pairs_hook=_no_duplicate_keys)
 
 
-def _decode_text(path: Path) -> str:
-    raw = path.read_bytes()
+def _decode_text(path: Path, raw: bytes) -> str:
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as err:
@@ -80,54 +85,100 @@ def _parse_json_value(path: Path, text: str, start: int, line: int, line_base: i
         raise DataError(str(path), line, err.key, "duplicate key") from None
     except json.JSONDecodeError as err:
         raise DataError(str(path), line_base + err.lineno, None, f"malformed JSON: {err.msg}") from None
+    except RecursionError:
+        raise DataError(str(path), line, None, "malformed JSON: nested too deeply") from None
+    except ValueError as err:  # e.g. an integer literal longer than Python converts
+        raise DataError(str(path), line, None, f"malformed JSON: {str(err).splitlines()[0]}") from None
+
+
+_JSON_TYPE_NAMES = {"dict": "object", "list": "array", "NoneType": "null", "bool": "boolean", "int": "number",
+                    "float": "number"}
+
+
+def _json_type(value: object) -> str:
+    name = type(value).__name__
+    return _JSON_TYPE_NAMES.get(name, name)
+
+
+def _iter_jsonl(path: Path, raw: bytes):
+    """Yield ``(line, value)`` per non-blank line; a bad line yields its :class:`DataError` as value."""
+    raw = raw.replace(b"\r\n", b"\n").replace(b"\r", b"\n")  # 0x0A/0x0D never occur inside a UTF-8 sequence
+    for number, chunk in enumerate(raw.split(b"\n"), start=1):
+        try:
+            text = chunk.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield number, DataError(str(path), number, None, f"invalid UTF-8 (byte {err.start} of the line)")
+            continue
+        text = text.removeprefix("\ufeff")
+        start = len(text) - len(text.lstrip(" \t"))
+        if start == len(text):
+            continue
+        try:
+            value, end = _parse_json_value(path, text, start, number, number - 1)
+            if text[end:].strip(" \t"):
+                raise DataError(str(path), number, None, "malformed JSON: extra data after the record")
+        except DataError as err:
+            yield number, err
+            continue
+        yield number, value
 
 
 def _iter_raw(path: Path):
-    """Yield ``(line, value)`` for each record of a JSON array or a JSONL file."""
-    text = _decode_text(path)
-    stripped = text.lstrip()
-    if path.suffix.lower() == ".json" or stripped.startswith("["):
-        if not stripped.startswith("["):
-            raise DataError(str(path), 1, None, "a .json data file must hold a JSON array of records")
-        pos = text.index("[") + 1
-        ws = " \t\n"
-        while True:
-            while pos < len(text) and text[pos] in ws:
-                pos += 1
-            if pos < len(text) and text[pos] == "]":
-                pos += 1
-                break
-            line = text.count("\n", 0, pos) + 1
-            value, pos = _parse_json_value(path, text, pos, line, 0)
-            yield line, value
-            while pos < len(text) and text[pos] in ws:
-                pos += 1
-            if pos < len(text) and text[pos] == ",":
-                pos += 1
-            elif pos < len(text) and text[pos] == "]":
-                pos += 1
-                break
-            else:
-                line = text.count("\n", 0, pos) + 1
-                raise DataError(str(path), line, None, "malformed JSON: expected ',' or ']' between records")
-        if text[pos:].strip():
-            raise DataError(str(path), text.count("\n", 0, pos) + 1, None, "extra data after the JSON array")
+    """Yield ``(line, value)`` for each record of a JSON array or a JSONL file (see :func:`_iter_jsonl`)."""
+    try:
+        raw = path.read_bytes()
+    except OSError as err:
+        raise DataError(str(path), None, None, f"cannot read the file: {err.strerror or err}") from None
+    suffix = path.suffix.lower()
+    array = suffix == ".json" or (
+        suffix not in JSONL_SUFFIXES and raw.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+    )
+    if not array:
+        yield from _iter_jsonl(path, raw)
         return
-    for number, line_text in enumerate(text.split("\n"), start=1):
-        if not line_text.strip():
-            continue
-        value, end = _parse_json_value(path, line_text, 0, number, number - 1)
-        if line_text[end:].strip():
-            raise DataError(str(path), number, None, "malformed JSON: extra data after the record")
-        yield number, value
+    text = _decode_text(path, raw)
+    if not text.lstrip().startswith("["):
+        raise DataError(str(path), 1, None, "a .json data file must hold a JSON array of records")
+    pos = text.index("[") + 1
+    counted, line = 0, 1  # line number of ``counted``, advanced incrementally (big files stay linear)
+
+    def line_at(offset: int) -> int:
+        nonlocal counted, line
+        line += text.count("\n", counted, offset)
+        counted = offset
+        return line
+
+    ws = " \t\n"
+    while True:
+        while pos < len(text) and text[pos] in ws:
+            pos += 1
+        if pos < len(text) and text[pos] == "]":
+            pos += 1
+            break
+        start = line_at(pos)
+        value, pos = _parse_json_value(path, text, pos, start, 0)
+        yield start, value
+        while pos < len(text) and text[pos] in ws:
+            pos += 1
+        if pos < len(text) and text[pos] == ",":
+            pos += 1
+        elif pos < len(text) and text[pos] == "]":
+            pos += 1
+            break
+        else:
+            raise DataError(str(path), line_at(pos), None, "malformed JSON: expected ',' or ']' between records")
+    if text[pos:].strip():
+        raise DataError(str(path), line_at(pos), None, "extra data after the JSON array")
 
 
 def validate_record(
     value: object, path: str, line: int, require_english: bool, output_required: bool = True
 ) -> Record:
     """Check one decoded record and turn it into a :class:`Record` (or raise :class:`DataError`)."""
+    if isinstance(value, DataError):
+        raise value
     if not isinstance(value, dict):
-        raise DataError(path, line, None, f"a record must be a JSON object, got {type(value).__name__}")
+        raise DataError(path, line, None, f"a record must be a JSON object, got {_json_type(value)}")
     required = REQUIRED_FIELDS if output_required else ("instruction",)
     fields = required + ((ENGLISH_FIELD,) if require_english else ())
     for name in fields:
@@ -139,9 +190,14 @@ def validate_record(
             continue
         item = value[name]
         if not isinstance(item, str):
-            raise DataError(path, line, name, f"must be a string, got {type(item).__name__}")
+            raise DataError(path, line, name, f"must be a string, got {_json_type(item)}")
         if not item.strip():
             raise DataError(path, line, name, "empty")
+        try:
+            item.encode("utf-8")
+        except UnicodeEncodeError as err:  # a "\ud800" escape decodes to a lone surrogate
+            reason = f"invalid Unicode (lone surrogate at character {err.start})"
+            raise DataError(path, line, name, reason) from None
     english = value.get(ENGLISH_FIELD)
     return Record(
         instruction=value["instruction"],
@@ -178,7 +234,8 @@ def load_records(
     """Read every record of ``path`` (``.json`` array or ``.jsonl``), validated.
 
     ``require_english`` is True for CC-Tuning and False for plain SFT. With ``skip_invalid`` a
-    bad record is skipped and counted in ``report`` (a malformed file still stops the load).
+    bad record (in JSONL also a line that is not UTF-8 or not JSON) is skipped and counted in
+    ``report``; a malformed JSON array still stops the load.
     """
     path = Path(path)
     if not path.is_file():

@@ -262,4 +262,10 @@ def fit_transform_matrix(
         heldout=held_metrics,
         seed=seed,
     )
-    return TransformMatrix(matrix=matrix, meta=report.to_dict()), report
+    meta = report.to_dict()
+    stamp = getattr(model, "decision_maker_sha256", None)
+    if stamp:  # ties the matrix to this Decision Maker: another model's matrix is refused on load
+        from cctuning.model.ccmodel import DECISION_MAKER_STAMP
+
+        meta[DECISION_MAKER_STAMP] = stamp
+    return TransformMatrix(matrix=matrix, meta=meta), report

@@ -6,12 +6,19 @@ use) plus our own small files, PEFT-style:
 
 * ``cctuning_config.json``: the mechanism's settings, the prompt format and versions;
 * ``decision_maker.safetensors``: the Decision Maker weight (``weight``: num_layers × hidden).
+
+With LoRA the base weights are not saved: the folder holds PEFT's adapter files instead and
+``cctuning_config.json`` names the base model. Loading never runs code from the folder (no
+``trust_remote_code`` unless asked) and reads our own weights from safetensors only.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import typing
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -19,10 +26,11 @@ import torch
 from torch import nn
 
 from cctuning.errors import CCError
-from cctuning.io import save_safetensors, staged_dir, write_json
+from cctuning.io import INCOMPLETE_MARKER, is_incomplete, save_safetensors, staged_dir, write_json
 from cctuning.model.arch import Architecture, locate
 from cctuning.model.decision import DecisionMaker
 from cctuning.model.hooks import ConnectionHooks
+from cctuning.model.lora import ADAPTER_CONFIG_NAME, is_peft, load_adapter
 from cctuning.versions import versions
 
 logger = logging.getLogger(__name__)
@@ -30,6 +38,8 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "cctuning_config.json"
 DECISION_MAKER_NAME = "decision_maker.safetensors"
 METHODS = ("cc", "sft", "none")
+# key of a Transform Matrix's metadata: sha256 of the decision_maker.safetensors it was fitted with
+DECISION_MAKER_STAMP = "decision_maker_sha256"
 
 
 @dataclass
@@ -57,9 +67,29 @@ class CCConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> CCConfig:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        """Read ``cctuning_config.json``; a damaged or hand-edited file is a one-line error."""
+        from cctuning.config import coerce
+
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CCError(f"{path}: not a valid JSON file ({err})") from None
+        if not isinstance(data, dict):
+            raise CCError(f"{path}: expected a JSON object")
+        hints = typing.get_type_hints(cls)
+        fields = cls.__dataclass_fields__
+        known = {k: coerce(v, hints[k], f"{path}: '{k}'") for k, v in data.items() if k in fields}
         return cls(**known)
+
+
+def _sha256(file: str | Path) -> str:
+    return hashlib.sha256(Path(file).read_bytes()).hexdigest()
+
+
+def _non_reentrant(layer: nn.Module) -> bool:
+    """Whether a transformers layer's checkpoint function is the non-reentrant one (explicitly)."""
+    func = getattr(layer, "_gradient_checkpointing_func", None)
+    return getattr(func, "keywords", {}).get("use_reentrant") is False
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -80,6 +110,7 @@ class CCModel(nn.Module):
         self.config = base.config
         self.cc_config = cc_config
         self.arch: Architecture = locate(base, cc_config.layers_path, cc_config.ffn_module)
+        self._no_split_modules = getattr(base, "_no_split_modules", None)  # FSDP auto-wrap reads it
         cc_config.num_layers, cc_config.hidden_size = self.arch.num_layers, self.arch.hidden_size
         cc_config.ffn_module = self.arch.ffn_name
         if not 0 <= cc_config.inject_layer < self.arch.num_layers:
@@ -94,6 +125,7 @@ class CCModel(nn.Module):
         self.generator: torch.Generator | None = None
         self.last_layer_choice: torch.Tensor | None = None
         self.transform = None  # a TransformMatrix, set by fit-matrix or loaded with the folder
+        self.decision_maker_sha256: str | None = None  # of the file the Decision Maker was loaded from
 
     # -- construction ------------------------------------------------------------------------
     @staticmethod
@@ -118,14 +150,33 @@ class CCModel(nn.Module):
         return cls(model, cc_config)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype=None, trust_remote_code: bool = False, **kwargs) -> CCModel:
-        """Load a folder written by :meth:`save_pretrained` (or any plain HF folder, as method ``none``)."""
+    def from_pretrained(
+        cls, path: str | Path, dtype=None, trust_remote_code: bool = False, base_model: str | None = None, **kwargs
+    ) -> CCModel:
+        """Load a folder written by :meth:`save_pretrained` (or any plain HF folder, as method ``none``).
+
+        A LoRA folder loads its base model from ``base_model`` or else the one recorded at training
+        time. A folder whose last save was interrupted is refused.
+        """
         path = Path(path)
         if not path.is_dir():
             raise CCError(f"model folder '{path}' does not exist")
+        if is_incomplete(path):
+            raise CCError(
+                f"{path}: an interrupted save left this folder incomplete ({INCOMPLETE_MARKER} is present); "
+                "save it again or resume from a checkpoint"
+            )
         config_file = path / CONFIG_NAME
-        cc_config = CCConfig.load(config_file) if config_file.is_file() else CCConfig(method="none")
-        base = cls._load_base(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+        ours = config_file.is_file()
+        cc_config = CCConfig.load(config_file) if ours else CCConfig(method="none")
+        if (path / ADAPTER_CONFIG_NAME).is_file():
+            base_path = cls._adapter_base(path, cc_config, base_model)
+            base = cls._load_base(base_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
+            base = load_adapter(base, path)
+        else:
+            if ours:
+                kwargs.setdefault("use_safetensors", True)  # our folders hold safetensors only, never pickles
+            base = cls._load_base(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         model = cls(base, cc_config)
         if cc_config.method == "cc":
             from cctuning.inference.matrix import TransformMatrix  # inference builds on the model
@@ -135,10 +186,37 @@ class CCModel(nn.Module):
         model.eval()
         return model
 
+    @staticmethod
+    def _adapter_base(path: Path, cc_config: CCConfig, base_model: str | None) -> str:
+        """The base model folder of a LoRA folder: given, recorded by us, or recorded by PEFT."""
+        from cctuning.loading import resolve_model_path
+
+        ref = base_model or cc_config.base_model
+        if not ref:
+            try:
+                peft_config = json.loads((path / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+                ref = peft_config.get("base_model_name_or_path")
+            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+                ref = None
+        if not ref:
+            raise CCError(f"{path}: a LoRA folder that does not name its base model; pass base_model=PATH")
+        try:
+            return resolve_model_path(str(ref))
+        except CCError as err:
+            raise CCError(f"{path}: base model of the LoRA adapter: {err}") from None
+
     def set_transform(self, transform) -> None:
-        """Attach a :class:`TransformMatrix` (checked against this model's layers and hidden size)."""
+        """Attach a :class:`TransformMatrix`, checked against this model's layers and hidden size and,
+        when both are known, against the Decision Maker file it was fitted with (another model's
+        matrix of the same shape would otherwise load silently)."""
         if transform is not None:
             transform.check_fits(self.arch.num_layers, self.arch.hidden_size)
+            stamp = transform.meta.get(DECISION_MAKER_STAMP)
+            if stamp and self.decision_maker_sha256 and stamp != self.decision_maker_sha256:
+                raise CCError(
+                    "transform matrix was fitted on another model (its decision_maker.safetensors differs "
+                    "from this one); refit it with `cctuning fit-matrix`"
+                )
         self.transform = transform
 
     def load_decision_maker(self, file: str | Path) -> None:
@@ -156,6 +234,7 @@ class CCModel(nn.Module):
             )
         with torch.no_grad():
             self.decision_maker.proj.weight.copy_(weight)
+        self.decision_maker_sha256 = _sha256(file)
 
     def save_pretrained(self, path: str | Path, state_dict: dict | None = None, is_main_process: bool = True, tokenizer=None):
         """Write the HF model folder and our files; each file lands atomically (staged, then renamed)."""
@@ -172,7 +251,10 @@ class CCModel(nn.Module):
                 tokenizer.save_pretrained(stage)
             if dm_weight is not None:
                 save_safetensors(stage / DECISION_MAKER_NAME, {"weight": dm_weight})
+                self.decision_maker_sha256 = _sha256(stage / DECISION_MAKER_NAME)
             if self.transform is not None:
+                if self.decision_maker_sha256:  # saved together: the matrix belongs to this Decision Maker
+                    self.transform.meta[DECISION_MAKER_STAMP] = self.decision_maker_sha256
                 self.transform.save(stage)
             data = asdict(self.cc_config)
             data["versions"] = versions()
@@ -188,6 +270,31 @@ class CCModel(nn.Module):
     @property
     def is_activation_checkpointing(self) -> bool:
         return bool(getattr(self.base, "is_activation_checkpointing", False))
+
+    @property
+    def uses_lora(self) -> bool:
+        return is_peft(self.base)
+
+    @contextmanager
+    def _english_pass_checkpointing(self, grad: bool):
+        """Switch layer checkpointing off for the English pass unless it keeps the gradient correctly.
+
+        Without gradient there is nothing to checkpoint. With gradient, the reentrant checkpoint runs
+        the layer under ``no_grad``, so the FFN outputs captured inside it would be cut from the graph
+        (the official code's silent stop-gradient, method.md §2.3); only the non-reentrant checkpoint
+        keeps them (see hooks.py), so the English pass stays checkpointed only with that one.
+        """
+        layers = [layer for layer in self.arch.layers if getattr(layer, "gradient_checkpointing", False)]
+        if not layers or (grad and all(_non_reentrant(layer) for layer in layers)):
+            yield
+            return
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.gradient_checkpointing = True
 
     def get_input_embeddings(self) -> nn.Module:
         return self.base.get_input_embeddings()
@@ -209,7 +316,8 @@ class CCModel(nn.Module):
     ) -> torch.Tensor:
         """Run the decoder (no LM head) on a prompt batch; return ``f_l[p]`` as (batch, L, hidden)."""
         position_ids = positions_from_mask(attention_mask) if attention_mask is not None else None
-        with torch.set_grad_enabled(grad and torch.is_grad_enabled()), self.hooks.capturing(positions):
+        grad = grad and torch.is_grad_enabled()
+        with torch.set_grad_enabled(grad), self._english_pass_checkpointing(grad), self.hooks.capturing(positions):
             self.arch.decoder(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             )

@@ -5,6 +5,14 @@ break gradient checkpointing, whose recomputation fires them again). They are id
 by one of the context managers below, and they are idempotent: a capture overwrites its slot, an
 injection is a pure function of the layer output, so a recomputation gives the same result.
 Nothing is written in place into an activation.
+
+Gradient checkpointing (transformers >= 5 checkpoints a layer's ``forward``, not ``__call__``): the
+injection hook sits on the decoder layer, so it runs outside the checkpoint, once. The capture
+hooks sit on the FFN inside the layer, so a recomputation in the backward pass fires them again
+after the capture block has closed; they then do nothing. The non-reentrant checkpoint requires
+the recomputation to save the same tensors for backward as the first forward, so the capture
+selects ``f_l[b, p_b]`` with Python ints: a ``select`` saves no tensor, so skipping it on the
+recomputation changes nothing.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ class ConnectionHooks:
             raise ValueError(f"inject_layer={inject_layer} is outside 0..{arch.num_layers - 1}")
         self.arch = arch
         self.inject_layer = inject_layer
-        self._capture_pos: torch.Tensor | None = None
+        self._capture_pos: list[int] | None = None
         self._captured: list[torch.Tensor | None] = [None] * arch.num_layers
         self._inject: tuple[torch.Tensor, torch.Tensor] | None = None
         self.handles = [
@@ -48,8 +56,7 @@ class ConnectionHooks:
             if self._capture_pos is None:
                 return None
             out = _first(output)
-            rows = torch.arange(out.shape[0], device=out.device)
-            self._captured[index] = out[rows, self._capture_pos.to(out.device)]
+            self._captured[index] = torch.stack([out[row, pos] for row, pos in enumerate(self._capture_pos)])
             return None
 
         return hook
@@ -57,7 +64,7 @@ class ConnectionHooks:
     @contextmanager
     def capturing(self, positions: torch.Tensor):
         """Within the block, every forward records ``f_l[positions[b]]``; read them with :meth:`stacked`."""
-        self._capture_pos = positions
+        self._capture_pos = [int(p) for p in positions.tolist()]
         self._captured = [None] * self.arch.num_layers
         try:
             yield self

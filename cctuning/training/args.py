@@ -34,6 +34,11 @@ class TrainConfig:
     english_grad: bool = opt(False, "let gradients flow into the English pass (default: stop-gradient)")
     layers_path: str | None = opt(None, "dotted path of the decoder-layer ModuleList, if not found automatically")
     ffn_module: str | None = opt(None, "attribute of a decoder layer whose output is the FFN activation")
+    # LoRA (PEFT): adapters on the LLM, the Decision Maker still trains fully
+    lora_r: int = opt(0, "LoRA rank; > 0 trains LoRA adapters instead of the whole LLM")
+    lora_alpha: float | None = opt(None, "LoRA alpha (default: 2 × rank)")
+    lora_dropout: float = opt(0.0, "dropout on the LoRA input")
+    lora_target: str = opt("all-linear", "modules that get adapters: all-linear or names such as q_proj,v_proj")
     # prompts
     template: str = opt("auto", "prompt rendering: chat (tokenizer template), plain (fallback) or auto",
                         choices=["auto", "chat", "plain"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -11,12 +12,13 @@ import torch
 from torch.utils.data import Dataset
 
 from cctuning.data.collator import CCCollator
-from cctuning.data.encoding import PromptEncoder, PromptFormat
+from cctuning.data.encoding import IGNORE_INDEX, EncodingError, PromptEncoder, PromptFormat
 from cctuning.data.records import LoadReport, load_records
 from cctuning.errors import CCError, DataError
-from cctuning.io import write_json
+from cctuning.io import is_incomplete, write_json
 from cctuning.loading import load_tokenizer, resolve_model_path
 from cctuning.model.ccmodel import CCConfig, CCModel
+from cctuning.model.lora import add_lora
 from cctuning.training.args import TrainConfig
 from cctuning.versions import versions
 
@@ -37,15 +39,50 @@ class FeatureDataset(Dataset):
 
 
 def encode_records(records, encoder: PromptEncoder, with_english: bool) -> list[dict]:
-    """Tokenise every record; an encoding problem is reported with the record's file and line."""
+    """Tokenise every record; an encoding problem is reported with the record's file, line and field."""
     features = []
     for rec in records:
         try:
             ex = encoder.encode_example(rec.instruction, rec.output, rec.instruction_en if with_english else None)
+        except EncodingError as err:
+            raise DataError(rec.path, rec.line, err.field, err.reason) from None
         except CCError as err:
             raise DataError(rec.path, rec.line, "instruction", str(err)) from None
         features.append(ex.features())
     return features
+
+
+def check_context(records, features: list[dict], context: int | None) -> None:
+    """Stop on the first sequence longer than the model's context (only possible when --max-length
+    is larger than the context: shorter limits truncate instead, counted)."""
+    if not context:
+        return
+    for rec, feat in zip(records, features):
+        prompt = next((i for i, label in enumerate(feat["labels"]) if label != IGNORE_INDEX), len(feat["labels"]))
+        checks = [("instruction", prompt, "prompt"), ("output", len(feat["input_ids"]), "prompt and response")]
+        if "en_input_ids" in feat:
+            checks.append(("instruction_en", len(feat["en_input_ids"]), "English prompt"))
+        for name, length, what in checks:
+            if length > context:
+                raise DataError(
+                    rec.path, rec.line, name,
+                    f"the {what} needs {length} tokens, more than the model's context of {context} "
+                    f"(max_position_embeddings); set --max-length {context} or less to truncate",
+                )
+
+
+def _model_context(model: CCModel) -> int | None:
+    config = model.base.config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def _has_accelerator() -> bool:
+    accel = getattr(torch, "accelerator", None)
+    if accel is not None and hasattr(accel, "is_available"):
+        return bool(accel.is_available())
+    return torch.cuda.is_available()
 
 
 def build_training_arguments(cfg: TrainConfig):
@@ -76,19 +113,30 @@ def build_training_arguments(cfg: TrainConfig):
         remove_unused_columns=False,
         dataloader_num_workers=0,
         save_only_model=False,
+        # every weight (Decision Maker included) gets a gradient each step; the search for unused ones
+        # costs a graph traversal per step. A model where that is not true fails loudly in DDP.
+        ddp_find_unused_parameters=False,
+        # a machine without an accelerator trains on CPU; this also lets `accelerate launch` /
+        # `torchrun` start several CPU processes (gloo) and lets --bf16 run on CPU
+        use_cpu=not _has_accelerator(),
     )
     kwargs.update(cfg.trainer)
     try:
-        return TrainingArguments(**kwargs)
+        args = TrainingArguments(**kwargs)
     except (TypeError, ValueError) as err:
-        raise CCError(f"invalid training arguments: {err}") from None
+        raise CCError(f"invalid training arguments: {str(err).strip().splitlines()[0]}") from None
+    launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    if launched > 1 and args.world_size != launched:
+        raise CCError(
+            f"started as {launched} processes but the Trainer sees {args.world_size}: the processes would "
+            "train separately; check the launcher (accelerate launch / torchrun) and its config"
+        )
+    return args
 
 
 def prepare(cfg: TrainConfig):
     """Load and tokenise the data and build the model; everything ``train`` needs before the Trainer."""
-    for name in ("model", "data", "output"):
-        if not getattr(cfg, name):
-            raise CCError(f"--{name} is required")
+    check_required(cfg)
     model_path = resolve_model_path(cfg.model)
     report = LoadReport()
     records = load_records(cfg.data, require_english=cfg.method == "cc", skip_invalid=cfg.skip_invalid, report=report)
@@ -108,34 +156,65 @@ def prepare(cfg: TrainConfig):
         layers_path=cfg.layers_path,
         ffn_module=cfg.ffn_module,
         prompt_format={**fmt.to_dict(), "mode": encoder.mode},
-        base_model=cfg.model,
+        # a LoRA folder loads its base from here: a folder as an absolute path, a preset by name
+        base_model=str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model,
     )
-    model = CCModel.from_base(
-        model_path, cc_config, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code
-    )
+    base = CCModel._load_base(model_path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
+    if cfg.lora_r:
+        base = add_lora(base, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target)
+    model = CCModel(base, cc_config)
+    check_context(records, features, _model_context(model))
     return model, tokenizer, FeatureDataset(features), report, encoder.stats
+
+
+def check_required(cfg: TrainConfig) -> None:
+    for name in ("model", "data", "output"):
+        if not getattr(cfg, name):
+            raise CCError(f"--{name} is required")
+    if cfg.bf16 and cfg.fp16:
+        raise CCError("--bf16 and --fp16 exclude each other")
+
+
+def resume_checkpoint(cfg: TrainConfig) -> str | None:
+    """The checkpoint ``--resume`` asks for, checked to be complete."""
+    if not cfg.resume:
+        return None
+    if cfg.resume == "last":
+        found = last_checkpoint(cfg.output)
+        if found is None:
+            raise CCError(f"--resume last: no finished checkpoint in '{cfg.output}'")
+        return found
+    folder = Path(cfg.resume)
+    if not _finished_checkpoint(folder):
+        raise CCError(
+            f"--resume {cfg.resume}: not a finished checkpoint folder (trainer_state.json missing or cut, "
+            "or an interrupted save)"
+        )
+    return str(folder)
 
 
 def train(cfg: TrainConfig) -> Path:
     """Train and save; returns the output folder."""
     from cctuning.training.trainer import CCTrainer
 
-    model, tokenizer, dataset, report, stats = prepare(cfg)
+    check_required(cfg)
+    resume = resume_checkpoint(cfg)  # before anything slow: a wrong --resume fails at once
+    # the TrainingArguments first: under DeepSpeed ZeRO-3 they make from_pretrained load the model
+    # already partitioned (HfDeepSpeedConfig), instead of whole on every rank
     args = build_training_arguments(cfg)
+    model, tokenizer, dataset, report, stats = prepare(cfg)
     collator = CCCollator(tokenizer.pad_token_id, cfg.padding_side)
     trainer = CCTrainer(
         model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
     )
-    resume = None
-    if cfg.resume:
-        resume = last_checkpoint(cfg.output) if cfg.resume == "last" else cfg.resume
-        if resume is None:
-            raise CCError(f"--resume last: no finished checkpoint in '{cfg.output}'")
+    if resume:
         logger.info("resuming from %s", resume)
     start = time.time()
     result = trainer.train(resume_from_checkpoint=resume)
     out = Path(cfg.output)
     trainer.save_model(str(out))
+    if not trainer.is_world_process_zero():
+        return out
     write_json(
         out / "train_results.json",
         {
@@ -154,14 +233,30 @@ def train(cfg: TrainConfig) -> Path:
 
 
 def last_checkpoint(output: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` that was written completely (its trainer_state.json comes last)."""
+    """The newest ``checkpoint-N`` that was written completely (its trainer_state.json comes last,
+    and no interrupted save of ours left its marker)."""
     folder = Path(output)
     if not folder.is_dir():
         return None
     done = [
         p for p in folder.glob("checkpoint-*")
-        if p.is_dir() and p.name.split("-")[-1].isdigit() and (p / "trainer_state.json").is_file()
+        if p.is_dir() and p.name.split("-")[-1].isdigit() and _finished_checkpoint(p)
     ]
     if not done:
         return None
     return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
+
+
+def _finished_checkpoint(folder: Path) -> bool:
+    """The Trainer writes trainer_state.json last (not atomically: a kill can cut it), our save
+    leaves a marker until its last file has landed."""
+    import json
+
+    state = folder / "trainer_state.json"
+    if not state.is_file() or is_incomplete(folder):
+        return False
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    return True

@@ -4,7 +4,11 @@ Everything engine-side (accumulation, schedules, mixed precision, checkpoints, r
 accelerate/DeepSpeed/FSDP) is the Trainer's. The loss is the model's own (plain response-only
 cross-entropy), so ``compute_loss`` is only extended to count the Decision Maker's layer choices;
 saving and checkpoint loading are overridden because the model folder holds our own files
-beside the Hugging Face ones.
+beside the Hugging Face ones (or beside PEFT's adapter files with LoRA).
+
+With several processes (DDP, DeepSpeed, FSDP) the Decision Maker is an ordinary submodule of the
+wrapped model, so the engine synchronises its gradients like any other weight; the layer-choice
+counts are summed over processes at every step so that every rank holds (and saves) the same.
 """
 
 from __future__ import annotations
@@ -18,8 +22,9 @@ import torch
 from transformers import Trainer
 
 from cctuning.errors import CCError
-from cctuning.io import write_json
+from cctuning.io import atomic_path, write_json
 from cctuning.model.ccmodel import DECISION_MAKER_NAME, CCModel
+from cctuning.model.lora import ADAPTER_WEIGHTS_NAME, load_adapter_weights
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +52,8 @@ class CCTrainer(Trainer):
         choice = self._cc_model().last_layer_choice
         if choice is not None and model.training:
             counts = torch.bincount(choice.cpu(), minlength=len(self.layer_counts))
+            if self.accelerator.num_processes > 1:  # every rank runs this step: a collective is safe
+                counts = self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum").cpu()
             self.layer_counts += counts
             self._window_counts += counts
             self._cc_model().last_layer_choice = None
@@ -72,7 +79,8 @@ class CCTrainer(Trainer):
                 Path(output_dir) / LAYER_CHOICE_NAME,
                 {"counts": self.layer_counts.tolist(), "steps": self.state.global_step},
             )
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+        with atomic_path(os.path.join(output_dir, "training_args.bin")) as tmp:
+            torch.save(self.args, tmp)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load the base weights and the Decision Maker of a checkpoint written by :meth:`_save`."""
@@ -82,21 +90,25 @@ class CCTrainer(Trainer):
         cc_model = self._cc_model() if model is None else self.accelerator.unwrap_model(model)
         ckpt = Path(resume_from_checkpoint)
         single, index = ckpt / SAFE_WEIGHTS_NAME, ckpt / SAFE_WEIGHTS_INDEX_NAME
-        if single.is_file():
+        if cc_model.uses_lora:
+            load_adapter_weights(cc_model.base, ckpt / ADAPTER_WEIGHTS_NAME)
+            result = None
+        elif single.is_file():
             result = cc_model.base.load_state_dict(load_file(str(single)), strict=False)
         elif index.is_file():
             result = load_sharded_checkpoint(cc_model.base, str(ckpt), strict=False)
         else:
             raise CCError(f"{ckpt}: no {SAFE_WEIGHTS_NAME} to resume from")
-        tied = set(getattr(cc_model.base, "all_tied_weights_keys", {}) or {})
-        missing = [k for k in result.missing_keys if k not in tied]
-        if missing or result.unexpected_keys:
-            raise CCError(
-                f"{ckpt}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
-                f"{list(result.unexpected_keys)[:3]})"
-            )
-        if hasattr(cc_model.base, "tie_weights"):
-            cc_model.base.tie_weights()
+        if result is not None:
+            tied = set(getattr(cc_model.base, "all_tied_weights_keys", {}) or {})
+            missing = [k for k in result.missing_keys if k not in tied]
+            if missing or result.unexpected_keys:
+                raise CCError(
+                    f"{ckpt}: checkpoint does not match the model (missing {missing[:3]}, unexpected "
+                    f"{list(result.unexpected_keys)[:3]})"
+                )
+            if hasattr(cc_model.base, "tie_weights"):
+                cc_model.base.tie_weights()
         if cc_model.uses_connection:
             cc_model.load_decision_maker(ckpt / DECISION_MAKER_NAME)
         choice_file = ckpt / LAYER_CHOICE_NAME

@@ -1,0 +1,92 @@
+"""Generation: latency of the simulated connection (fast path and the official naive two-prefill
+path) next to plain generation of the same model on the same prompts.
+
+What is timed is :meth:`CCGenerator.generate`, the whole work of ``cctuning generate`` after the
+model is loaded: tokenisation, prefill(s), Decision Maker, Transform Matrix, 40 greedy decode
+steps and detokenisation. Stop tokens are switched off so that every mode produces exactly 40 new
+tokens per prompt (with a random or untrained Decision Maker the modes would otherwise stop at
+different points and the comparison would measure output length, not the connection).
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bench.common import (
+    Contention,
+    Loaded,
+    clean_rounds,
+    mix_records,
+    pairwise_ratios,
+    rotated,
+    summary,
+    wrap,
+)
+
+MODES: dict[str, dict] = {
+    "none": {"connection": "none"},
+    "transform": {"connection": "transform"},
+    "naive": {"connection": "transform", "naive": True},
+}
+NEW_TOKENS = 40
+
+
+@dataclass
+class GenerateSetup:
+    prompts: int  # distinct prompts (8 → one batch of 8)
+    b1_passes: int  # batch 1: each prompt is one round; this many passes over the prompts
+    b8_repeats: int  # batch 8: each round generates the whole batch
+    seed: int = 0
+
+
+def _time_modes(gen, rounds: list[list[str]], contention: Contention, label: str) -> tuple[dict, dict]:
+    """Seconds of each mode per round (the modes of a round run back to back on the same prompts,
+    in a rotating order); a round disturbed by other processes is run again."""
+
+    def one_round(index: int, attempt: int) -> dict[str, float]:
+        prompts = rounds[index]
+        times = {}
+        for mode in rotated(list(MODES), attempt):
+            gc.collect()
+            start = time.perf_counter()
+            results = gen.generate(prompts, **MODES[mode])
+            times[mode] = time.perf_counter() - start
+            if any(len(r.token_ids) != NEW_TOKENS for r in results):
+                raise RuntimeError(f"{mode}: expected {NEW_TOKENS} new tokens per prompt")
+        return times
+
+    kept, info = clean_rounds(len(rounds), one_round, contention, label)
+    return {m: [r[m] for r in kept] for m in MODES}, info
+
+
+def bench_generate(loaded: Loaded, setup: GenerateSetup, contention: Contention) -> dict[str, Any]:
+    from cctuning.inference import CCGenerator
+
+    model = wrap(loaded, "cc", with_transform=True).eval()
+    prompts = [r["instruction"] for r in mix_records(setup.prompts, seed=setup.seed + 1)]
+    plans = {1: [[p] for p in prompts] * setup.b1_passes, 8: [prompts[i : i + 8] for i in range(0, len(prompts), 8)]
+             * setup.b8_repeats}  # fmt: skip
+    out: dict[str, Any] = {}
+    for batch_size, rounds in plans.items():
+        gen = CCGenerator(model, loaded.tokenizer, max_new_tokens=NEW_TOKENS, batch_size=batch_size)
+        gen.stop_ids = set()  # exactly NEW_TOKENS tokens in every mode
+        for kwargs in MODES.values():  # warm-up
+            gen.generate(rounds[0], **kwargs)
+        label = f"generate {loaded.name} b{batch_size}"
+        seconds, info = _time_modes(gen, rounds, contention, label)
+        prompt_tokens = [len(gen.encoder.encode_prompt(p).ids) for p in prompts]
+        out[f"b{batch_size}"] = {
+            "ratio": summary(pairwise_ratios(seconds["transform"], seconds["none"])),
+            "naive_ratio": summary(pairwise_ratios(seconds["naive"], seconds["none"])),
+            "seconds": {m: summary(s) for m, s in seconds.items()},
+            "rounds": len(rounds),
+            "prompts_per_round": len(rounds[0]),
+            "mean_prompt_tokens": round(statistics.mean(prompt_tokens), 1),
+            "new_tokens": NEW_TOKENS,
+            "contention": info,
+        }
+    return out

@@ -1,0 +1,297 @@
+"""``python -m bench.run``: every benchmark in one run on this machine; writes JSON and a Markdown table.
+
+Sections: ``train`` (optimizer step, CC-Tuning / SFT), ``generate`` (connection / plain),
+``matrix`` (Transform Matrix fit vs N), ``eval`` (items/s, batched / batch 1), ``memory`` (peak RSS
+of a step, CC-Tuning / SFT). Models: ``tiny`` and ``medium`` (random Llama models, always there)
+and ``smollm2-135m`` (a real model, when its preset is installed; skipped with the reason if not).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    MODELS,
+    SMOLLM2,
+    Contention,
+    Loaded,
+    clean_rounds,
+    load_average,
+    load_base,
+    log,
+    machine_info,
+    pairwise_ratios,
+    run_worker,
+    set_threads,
+    summary,
+    unavailable,
+)
+from bench.evaluation import EvalSetup, bench_eval
+from bench.generation import GenerateSetup, bench_generate
+from bench.matrix_fit import summarise_fits
+from bench.report import update_readme, write_markdown
+from bench.train import VARIANTS, TrainSetup, bench_train_time
+
+SECTIONS = ("train", "generate", "matrix", "eval", "memory")
+BENCH_DIR = Path(__file__).resolve().parent
+MEMORY_BATCH = {"tiny": (8, 256), "medium": (8, 256), SMOLLM2: (4, 256)}  # (batch, max_length)
+
+
+def profile(quick: bool) -> dict[str, Any]:
+    """Sizes and repeats of every section; ``quick`` trades repeats and sizes for a short run."""
+    if quick:
+        return {
+            "train": {
+                "tiny": TrainSetup(8, 256, steps=4, repeats=3, warmup=1),
+                "medium": TrainSetup(8, 256, steps=1, repeats=3, warmup=1),
+                SMOLLM2: TrainSetup(4, 256, steps=1, repeats=3, warmup=1),
+            },
+            "generate": {
+                "tiny": GenerateSetup(8, 1, 3),
+                "medium": GenerateSetup(8, 1, 3),
+                SMOLLM2: GenerateSetup(8, 1, 3),
+            },
+            "matrix": {"model": "tiny", "n": {100: 2, 1000: 2}},
+            "eval": {"tiny": EvalSetup(16, repeats=2), SMOLLM2: EvalSetup(8, repeats=2)},
+            "memory": {"repeats": 1},
+        }
+    return {
+        "train": {
+            "tiny": TrainSetup(8, 256, steps=8, repeats=7, warmup=2),
+            "medium": TrainSetup(8, 256, steps=2, repeats=5, warmup=1),
+            SMOLLM2: TrainSetup(4, 256, steps=2, repeats=5, warmup=1),
+        },
+        "generate": {
+            "tiny": GenerateSetup(8, 4, 9),
+            "medium": GenerateSetup(8, 3, 7),
+            SMOLLM2: GenerateSetup(8, 2, 7),
+        },
+        "matrix": {"model": "tiny", "n": {100: 3, 1000: 3, 10000: 3}},
+        "eval": {"tiny": EvalSetup(32, repeats=3), SMOLLM2: EvalSetup(16, repeats=3)},
+        "memory": {"repeats": 3},
+    }
+
+
+class Bench:
+    """One benchmark run: the plan, the contention policy and the results being filled in."""
+
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.plan = profile(args.quick)
+        self.contention = Contention(args.contention_threshold, args.max_wait)
+        self.results = empty_results(args)
+
+    def guarded(self, key: str, name: str, fn: Callable[..., Any], *fn_args: Any) -> Any:
+        """Run ``fn(*fn_args)``; a failure is recorded (and printed) instead of ending the whole run."""
+        try:
+            return fn(*fn_args)
+        except Exception as err:  # a benchmark failure must not lose the other figures
+            traceback.print_exc()
+            self.results.setdefault("errors", []).append(f"{key}/{name}: {type(err).__name__}: {err}")
+            return {"error": f"{type(err).__name__}: {err}"}
+
+    # -- sections ------------------------------------------------------------------------------
+    def train(self, loaded: Loaded) -> None:
+        res = bench_train_time(loaded, self.plan["train"][loaded.name], self.contention)
+        r, name = self.results, loaded.name
+        r["train_step_ratio"][name], r["train_step_floor"][name] = res["ratio"], res["floor"]
+        r["train_step_ratio_english_grad"][name] = res["ratio_english_grad"]
+        r["train_step_floor_english_grad"][name] = res["floor_english_grad"]
+        r["train_step"][name] = res
+
+    def generate(self, loaded: Loaded) -> None:
+        res = bench_generate(loaded, self.plan["generate"][loaded.name], self.contention)
+        for b in ("b1", "b8"):
+            self.results[f"generate_ratio_{b}"][loaded.name] = res[b]["ratio"]
+            self.results[f"naive_generate_ratio_{b}"][loaded.name] = res[b]["naive_ratio"]
+        self.results["generate"][loaded.name] = res
+
+    def eval(self, loaded: Loaded) -> None:
+        res = bench_eval(loaded, self.plan["eval"][loaded.name], self.contention)
+        self.results["eval_items_per_s"][loaded.name] = res
+
+    def memory(self, name: str) -> None:
+        """Peak RSS of each variant's step, each in a fresh process (memory does not suffer from contention)."""
+        batch, length = MEMORY_BATCH[name]
+        repeats = self.plan["memory"]["repeats"]
+        runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+        for repeat in range(repeats):
+            for variant in VARIANTS:
+                args = {
+                    "model": name,
+                    "variant": variant,
+                    "batch_size": batch,
+                    "max_length": length,
+                    "threads": self.args.threads,
+                }
+                runs[variant].append(run_worker("train_memory", args, fixed_mmap_threshold=True))
+            log(
+                f"  memory {name} {repeat + 1}/{repeats}: "
+                + ", ".join(
+                    f"{v} peak {runs[v][-1]['peak_mb']:.0f} MB (step {runs[v][-1]['step_mb']:.0f})"
+                    for v in VARIANTS
+                )
+            )
+        keys = ("peak_mb", "step_mb", "before_mb")
+        mb = {v: {k: summary([r[k] for r in rs], 1) for k in keys} for v, rs in runs.items()}
+
+        def ratio(variant: str, key: str) -> dict:
+            return summary(pairwise_ratios([r[key] for r in runs[variant]], [r[key] for r in runs["sft"]]))
+
+        self.results["peak_memory_ratio"][name] = {
+            "peak": ratio("cc", "peak_mb"),
+            "step": ratio("cc", "step_mb"),
+        }
+        self.results["peak_memory_ratio_english_grad"][name] = {
+            "peak": ratio("cc_english_grad", "peak_mb"),
+            "step": ratio("cc_english_grad", "step_mb"),
+        }
+        self.results["peak_memory_mb"][name] = {"batch_size": batch, "max_length": length, **mb}
+
+    def matrix(self) -> None:
+        spec = self.plan["matrix"]
+        model = spec["model"]
+        for n, repeats in spec["n"].items():
+            args = {"model": model, "n": n, "batch_size": 16, "threads": self.args.threads}
+            runs, info = clean_rounds(
+                repeats,
+                lambda _index, _attempt, a=args: run_worker("matrix_fit", a),
+                self.contention,
+                f"matrix {model} N={n}",
+            )
+            self.results["matrix_fit"].append({**summarise_fits(model, n, runs), "contention": info})
+
+    # -- the whole run ---------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        set_threads(self.args.threads)
+        started = time.perf_counter()
+        sections = self.args.sections
+        for name in self.args.models:
+            reason = unavailable(name)
+            if reason:
+                log(f"{name}: skipped ({reason})")
+                self.results["skipped"][name] = f"skipped: {reason}"
+                continue
+            wanted = [s for s in ("train", "generate", "eval") if s in sections and name in self.plan[s]]
+            if wanted:
+                loaded = load_base(name)
+                self.results["models"][name] = loaded.description
+                for section in wanted:
+                    log(f"{section}: {name}")
+                    self.guarded(section, name, getattr(self, section), loaded)
+                del loaded
+            if "memory" in sections:
+                log(f"memory: {name}")
+                self.guarded("memory", name, self.memory, name)
+        if "matrix" in sections:
+            log(f"matrix: {self.plan['matrix']['model']}")
+            self.guarded("matrix", self.plan["matrix"]["model"], self.matrix)
+        self.results["load_average"]["end"] = load_average()
+        self.results["seconds"] = round(time.perf_counter() - started, 1)
+        return self.results
+
+
+def empty_results(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("train_step_ratio", "train_step_floor", "train_step_ratio_english_grad",
+            "train_step_floor_english_grad", "train_step", "generate_ratio_b1", "generate_ratio_b8",
+            "naive_generate_ratio_b1", "naive_generate_ratio_b8", "generate", "eval_items_per_s",
+            "peak_memory_ratio", "peak_memory_ratio_english_grad", "peak_memory_mb")  # fmt: skip
+    results: dict[str, Any] = {k: {} for k in keys}
+    results.update({
+        "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": machine_info(args.threads),
+        "quick": args.quick,
+        "sections": args.sections,
+        "contention_policy": {"threshold_cores": args.contention_threshold, "max_wait_s": args.max_wait},
+        "models": {},
+        "skipped": {},
+        "matrix_fit": [],
+        "load_average": {"start": load_average()},
+    })  # fmt: skip
+    return results
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer repeats and smaller sizes (a few minutes)"
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch.set_num_threads everywhere (default: the usable CPU cores)",
+    )
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated, from {', '.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma-separated, from {', '.join(SECTIONS)}"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON output (default bench/results/latest.json, or quick.json with --quick)",
+    )
+    parser.add_argument(
+        "--contention-threshold",
+        type=float,
+        default=0.25,
+        help="redo a round when other processes used more than this many cores during it",
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=180.0,
+        help="seconds per measurement series to wait for a quiet machine; after that, disturbed rounds "
+        "are kept (and counted in the results)",
+    )
+    parser.add_argument(
+        "--no-readme", action="store_true", help="do not rewrite the table in bench/README.md"
+    )
+    args = parser.parse_args(argv)
+    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    for value, known, what in ((args.models, MODELS, "model"), (args.sections, SECTIONS, "section")):
+        bad = [v for v in value if v not in known]
+        if bad:
+            parser.error(f"unknown {what} {', '.join(bad)} (known: {', '.join(known)})")
+    if args.out is None:
+        args.out = BENCH_DIR / "results" / ("quick.json" if args.quick else "latest.json")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    logging.basicConfig(level=logging.WARNING)
+    args = parse_args(argv)
+    log(
+        f"threads {args.threads}; models {', '.join(args.models)}; sections {', '.join(args.sections)}"
+        + ("; quick" if args.quick else "")
+    )
+    results = Bench(args).run()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    markdown = write_markdown(results, args.out.with_suffix(".md"))
+    if not args.quick and not args.no_readme:
+        update_readme(BENCH_DIR / "README.md", markdown)
+    print(markdown)
+    log(f"wrote {args.out} in {results['seconds']:.0f} s")
+    return 1 if results.get("errors") else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The multi-seed experiment grid on a tiny model."""
+
+import json
+import math
+
+import pytest
+
+from cctuning.errors import CCError
+from cctuning.experiment import load_config, mean_interval, run_experiment
+
+
+def test_mean_interval_by_hand():
+    m = mean_interval([1.0, 2.0, 3.0])
+    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2) × sd / √n
+    assert m["mean"] == 2.0 and math.isclose(m["ci_low"], 2 - half) and math.isclose(m["ci_high"], 2 + half)
+    assert mean_interval([5.0]) == {"mean": 5.0, "ci_low": None, "ci_high": None, "n": 1}
+
+
+def test_config_errors_name_the_file_and_option(tmp_path):
+    path = tmp_path / "e.yaml"
+    path.write_text("cells:\n  - name: a\n    metod: cc\n")
+    with pytest.raises(CCError, match="e.yaml: cell 'a': unknown option 'metod'"):
+        load_config(path)
+    path.write_text("cells: []\n")
+    with pytest.raises(CCError, match="'cells' is empty"):
+        load_config(path)
+
+
+@pytest.mark.slow
+def test_two_cell_one_seed_experiment_end_to_end(base_dir, tmp_path, monkeypatch):
+    path = tmp_path / "exp.yaml"
+    path.write_text(f"""
+model: {base_dir}
+output: {tmp_path / 'exp'}
+seeds: [7]
+train_per_lang: 1
+heldout_per_lang: 1
+langs: sw,zh,ar
+matrix_samples: 4
+train: {{max_steps: 2, batch_size: 2, lr: 1.0e-3, max_length: 128}}
+cells:
+  - {{name: sft, method: sft}}
+  - {{name: cc, method: cc, connection: transform}}
+  - {{name: cc-none, method: cc, connection: none}}
+benchmarks: {{names: XStoryCloze, langs: "sw,en", limit: 2, scoring: likelihood}}
+""")
+    report = run_experiment(load_config(path), progress=False)
+    root = tmp_path / "exp"
+    trainings = sorted(p.name for p in (root / "train").iterdir())
+    assert len(trainings) == 2  # cc and cc-none share one training
+    assert set(report["cells"]) == {"sft", "cc", "cc-none"}
+    # the report's numbers are the runs' numbers
+    sft_nll = json.loads((root / "eval" / "sft" / "seed7" / "nll" / "nll.json").read_text())["nll"]["all"]["nll"]
+    cc_nll = json.loads((root / "eval" / "cc" / "seed7" / "nll" / "nll.json").read_text())["nll"]["all"]["nll"]
+    assert report["cells"]["sft"]["nll"]["all"]["mean"] == sft_nll
+    assert math.isclose(report["cells"]["cc"]["nll_diff_to_baseline"]["all"]["mean"], cc_nll - sft_nll, rel_tol=1e-9)
+    assert "XStoryCloze" in report["cells"]["cc"]["benchmarks"]
+    assert "| all |" in (root / "report.md").read_text()
+    # resumable: nothing is trained or evaluated again
+    import cctuning.training
+
+    monkeypatch.setattr(cctuning.training, "train", lambda *a, **k: pytest.fail("trained again"))
+    again = run_experiment(load_config(path), progress=False)
+    assert again["cells"] == report["cells"]
