@@ -156,7 +156,7 @@ class CCGenerator:
             acts = self.model.transform.apply(acts)
         rows_first = tail_ids[:, 0]
         fused, weights = self.model.choose(rows_first[:, None], torch.zeros_like(rows_first), acts)
-        return fused, weights.argmax(-1)
+        return fused, self.model.chosen_layers(weights)
 
     def _english_acts(self, en_batch) -> torch.Tensor:
         ids, mask, shift = pad_rows([e.ids for e in en_batch], self.pad_id, "left")

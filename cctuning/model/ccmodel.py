@@ -58,10 +58,12 @@ class CCConfig:
     hidden_size: int | None = None
     prompt_format: dict = field(default_factory=dict)
     base_model: str | None = None
+    layer_choice: str = "learned"  # learned | random | mean | fixed:K (ablations of the Decision Maker)
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise CCError(f"unknown method '{self.method}' (use {', '.join(METHODS)})")
+        parse_layer_choice(self.layer_choice)
         if self.tau <= 0:
             raise CCError(f"tau must be > 0, got {self.tau}")
 
@@ -80,6 +82,23 @@ class CCConfig:
         fields = cls.__dataclass_fields__
         known = {k: coerce(v, hints[k], f"{path}: '{k}'") for k, v in data.items() if k in fields}
         return cls(**known)
+
+
+LAYER_CHOICES = ("learned", "random", "mean", "fixed:K")
+
+
+def parse_layer_choice(rule: str) -> tuple[str, int | None]:
+    """``learned`` (the paper's Decision Maker), ``random`` (a uniformly random layer per example and
+    step), ``mean`` (the mean of all layers' activations) or ``fixed:K`` (always layer K; negative K
+    counts from the last layer)."""
+    if rule in ("learned", "random", "mean"):
+        return rule, None
+    if rule.startswith("fixed:"):
+        try:
+            return "fixed", int(rule.split(":", 1)[1])
+        except ValueError:
+            pass
+    raise CCError(f"unknown layer choice '{rule}' (use {', '.join(LAYER_CHOICES)})")
 
 
 def _sha256(file: str | Path) -> str:
@@ -121,6 +140,11 @@ class CCModel(nn.Module):
             self.decision_maker = DecisionMaker(self.arch.hidden_size, self.arch.num_layers).to(
                 device=emb.device, dtype=emb.dtype
             )
+        self.layer_rule = parse_layer_choice(cc_config.layer_choice)
+        if self.layer_rule[0] == "fixed" and not -self.arch.num_layers <= self.layer_rule[1] < self.arch.num_layers:
+            raise CCError(f"layer choice {cc_config.layer_choice}: this model has {self.arch.num_layers} layers")
+        if self.decision_maker is not None and self.layer_rule[0] != "learned":
+            self.decision_maker.requires_grad_(False)  # an ablation replaces it: no gradient, no DDP stall
         self.hooks = ConnectionHooks(self.arch, cc_config.inject_layer)
         self.generator: torch.Generator | None = None
         self.last_layer_choice: torch.Tensor | None = None
@@ -329,10 +353,27 @@ class CCModel(nn.Module):
         """Decision Maker on (English or transformed) activations: ``(fused vector, one-hot weights)``."""
         if self.decision_maker is None:
             raise CCError(f"this model was trained with method '{self.cc_config.method}': it has no connection")
-        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
-        embedding = self.arch.embeddings(input_ids[rows, positions].unsqueeze(1)).squeeze(1)
-        sample = self.training or self.cc_config.sample_layer
-        return self.decision_maker(activations, embedding, sample, self.cc_config.tau, self.generator)
+        kind, index = self.layer_rule
+        if kind == "learned":
+            rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+            embedding = self.arch.embeddings(input_ids[rows, positions].unsqueeze(1)).squeeze(1)
+            sample = self.training or self.cc_config.sample_layer
+            return self.decision_maker(activations, embedding, sample, self.cc_config.tau, self.generator)
+        batch, layers = activations.shape[:2]
+        if kind == "mean":
+            weights = torch.full((batch, layers), 1.0 / layers, device=activations.device)
+        else:
+            if kind == "fixed":
+                chosen = torch.full((batch,), index % layers, dtype=torch.long)
+            else:
+                chosen = torch.randint(layers, (batch,), generator=self.generator)
+            weights = torch.nn.functional.one_hot(chosen, layers).float().to(activations.device)
+        fused = (weights.unsqueeze(-1).to(activations.dtype) * activations).sum(dim=1)
+        return fused, weights
+
+    def chosen_layers(self, weights: torch.Tensor) -> torch.Tensor | None:
+        """The layer index per row, or None when no single layer is chosen (``mean``)."""
+        return None if self.layer_rule[0] == "mean" else weights.detach().argmax(-1)
 
     def forward_connected(
         self,
@@ -344,7 +385,7 @@ class CCModel(nn.Module):
     ):
         """The non-English forward with ``c`` (chosen from ``activations``) added after layer k at p."""
         fused, weights = self.choose(input_ids, positions, activations)
-        self.last_layer_choice = weights.detach().argmax(-1)
+        self.last_layer_choice = self.chosen_layers(weights)
         with self.hooks.injecting(positions, fused):
             return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 

@@ -32,6 +32,8 @@ class TrainConfig:
     inject_layer: int = opt(0, "decoder layer after which the English activation is added (0: the first)")
     position_offset: int = opt(0, "connection position counted back from the last prompt token")
     english_grad: bool = opt(False, "let gradients flow into the English pass (default: stop-gradient)")
+    layer_choice: str = opt("learned", "ablations: learned (the Decision Maker), random, mean or fixed:K",
+                            metavar="learned|random|mean|fixed:K")
     layers_path: str | None = opt(None, "dotted path of the decoder-layer ModuleList, if not found automatically")
     ffn_module: str | None = opt(None, "attribute of a decoder layer whose output is the FFN activation")
     # LoRA (PEFT): adapters on the LLM, the Decision Maker still trains fully

@@ -153,6 +153,7 @@ def prepare(cfg: TrainConfig):
         inject_layer=cfg.inject_layer,
         tau=cfg.tau,
         english_grad=cfg.english_grad,
+        layer_choice=cfg.layer_choice,
         layers_path=cfg.layers_path,
         ffn_module=cfg.ffn_module,
         prompt_format={**fmt.to_dict(), "mode": encoder.mode},
