@@ -21,17 +21,14 @@ import json
 import logging
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cctuning.errors import CCError
 from cctuning.io import write_json, write_text
+from cctuning.training.args import opt
 
 logger = logging.getLogger(__name__)
-
-
-def opt(default, help: str):
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass

@@ -16,6 +16,24 @@ from cctuning.io import atomic_path, write_text
 logger = logging.getLogger(__name__)
 
 
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(plt, fig, path: Path, dpi: int) -> None:
+    """Write the figure atomically as PNG and release it."""
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi)
+    plt.close(fig)
+
+
 def load_run(path: str | Path) -> dict:
     """A benchmark run (``results.json``) or an NLL run (``nll.json``; ``kind`` tells which)."""
     path = Path(path)
@@ -77,10 +95,7 @@ def markdown(rows: list[dict], labels: list[str]) -> str:
 
 def plot(rows: list[dict], labels: list[str], path: Path) -> None:
     """Grouped bars: one group per benchmark (its language average), one bar per run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     avg = [r for r in rows if r["lang"] == "avg"]
     width = 0.8 / max(1, len(labels))
@@ -97,10 +112,7 @@ def plot(rows: list[dict], labels: list[str], path: Path) -> None:
     ax.set_xticks(range(len(avg)), [f"{r['benchmark']}\n({r['metric']})" for r in avg])
     ax.set_ylabel("score ×100 (average over languages)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=120)
 
 
 def nll_markdown(runs: list[tuple[str, dict]]) -> str:
@@ -144,10 +156,7 @@ def layer_histograms(runs: list[tuple[str, dict]]) -> dict[str, dict[str, dict[s
 
 def plot_layers(hists: dict[str, dict[str, dict[str, int]]], path: Path) -> None:
     """One heatmap per run: share of each layer (columns) chosen per language (rows)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     heights = [0.9 + 0.28 * len(per_lang) for per_lang in hists.values()]
     fig, axes = plt.subplots(len(hists), 1, figsize=(9, sum(heights) + 0.6), squeeze=False,
@@ -163,10 +172,7 @@ def plot_layers(hists: dict[str, dict[str, dict[str, int]]], path: Path) -> None
         ax.set_title(f"layer chosen by the Decision Maker (share per language): {label}", fontsize=9)
         fig.colorbar(image, ax=ax, fraction=0.02, pad=0.01)
     axes[-1, 0].set_xlabel("layer")
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=110)
 
 
 def build_report(run_dirs: list[str], output: str | Path) -> tuple[str, Path]:
@@ -207,10 +213,7 @@ def build_report(run_dirs: list[str], output: str | Path) -> tuple[str, Path]:
 
 def plot_nll(runs: list[tuple[str, dict]], path: Path) -> None:
     """Grouped bars of NLL per language with the bootstrap intervals as error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     langs: list[str] = []
     for _, run in runs:
@@ -226,7 +229,4 @@ def plot_nll(runs: list[tuple[str, dict]], path: Path) -> None:
     ax.set_xticks(range(len(langs)), langs)
     ax.set_ylabel("held-out NLL per token (95% CI)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _save(plt, fig, path, dpi=120)

@@ -176,6 +176,43 @@ def prompt_batches(encoder, texts: list[str], batch_size: int, pad_token_id: int
         yield ids, mask, positions
 
 
+def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+    """Indices grouped by length (shortest first): at most ``batch_size`` prompts and, unless one prompt
+    alone is longer, at most ``max_batch_tokens`` padded tokens per batch."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        full = len(current) == batch_size or (
+            max_batch_tokens is not None and (len(current) + 1) * lengths[i] > max_batch_tokens
+        )
+        if current and full:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def prompt_activations(
+    model, encoder, texts: list[str], batch_size: int, pad_token_id: int, max_length: int | None = None,
+    max_batch_tokens: int | None = None,
+) -> torch.Tensor:
+    """``f_l[p]`` of every prompt as (len(texts), L, d) float32 on the CPU, in input order. Prompts are
+    batched by length (:func:`length_batches`), so little compute is spent on padding."""
+    from cctuning.data.collator import pad_rows
+
+    encoded = [encoder.encode_prompt(t, max_length) for t in texts]
+    device = model.arch.embeddings.weight.device
+    out = torch.empty(len(texts), model.arch.num_layers, model.arch.hidden_size)
+    for idx in length_batches([len(e.ids) for e in encoded], batch_size, max_batch_tokens):
+        ids, mask, shift = pad_rows([encoded[i].ids for i in idx], pad_token_id, "left")
+        positions = torch.tensor([encoded[i].position for i in idx], dtype=torch.long) + shift
+        acts = model.collect_activations(ids.to(device), mask.to(device), positions.to(device))
+        out[torch.tensor(idx)] = acts.float().cpu()
+    return out
+
+
 def fit_transform_matrix(
     model,
     tokenizer,
@@ -189,11 +226,18 @@ def fit_transform_matrix(
     max_length: int | None = None,
     max_stored_pairs: int = 500,
     progress: bool = False,
+    max_batch_tokens: int | None = 8192,
+    window: int = 256,
 ) -> tuple[TransformMatrix, FitReport]:
     """Fit M on up to ``samples`` records (seeded sample; each record pairs its own instruction and
     instruction_en). ``heldout_fraction`` of the pairs are kept out of the fit to measure the error
     on unseen prompts. The fit-set MSE is exact (from the normal equations); the fit-set cosine is
-    measured on its first ``max_stored_pairs`` pairs, the held-out metrics on up to that many."""
+    measured on its first ``max_stored_pairs`` pairs, the held-out metrics on up to that many.
+
+    Pairs are processed ``window`` at a time; within a window each side's prompts are batched by
+    length (at most ``batch_size`` prompts and ``max_batch_tokens`` padded tokens a batch), so that
+    time is not spent on padding and memory does not grow with the longest prompt seen. Memory is
+    bounded by the window and the batch budget, whatever the number of pairs."""
     import random
 
     from tqdm.auto import tqdm
@@ -219,16 +263,12 @@ def fit_transform_matrix(
     bar = tqdm(total=len(chosen), desc="activations", unit="pair", disable=not progress)
     with torch.no_grad():
         for part, indices in (("fit", fit), ("held", held)):
-            src_texts = [pairs[i].instruction for i in indices]
-            tgt_texts = [pairs[i].instruction_en for i in indices]
-            batches = zip(
-                prompt_batches(encoder, src_texts, batch_size, pad, max_length),
-                prompt_batches(encoder, tgt_texts, batch_size, pad, max_length),
-            )
-            for (s_ids, s_mask, s_pos), (t_ids, t_mask, t_pos) in batches:
-                device = model.arch.embeddings.weight.device
-                s = model.collect_activations(s_ids.to(device), s_mask.to(device), s_pos.to(device)).float().cpu()
-                t = model.collect_activations(t_ids.to(device), t_mask.to(device), t_pos.to(device)).float().cpu()
+            for start in range(0, len(indices), window):
+                chunk = indices[start : start + window]
+                s, t = (
+                    prompt_activations(model, encoder, texts, batch_size, pad, max_length, max_batch_tokens)
+                    for texts in ([pairs[i].instruction for i in chunk], [pairs[i].instruction_en for i in chunk])
+                )
                 if part == "fit":
                     acc.add(s, t)
                 kept = sum(x.shape[0] for x in stored[part][0])
