@@ -9,8 +9,11 @@ Connection modes:
 
 Fast path: with causal attention the tokens before p are identical in the collecting pass and in
 the fused pass, so the prefix ``[0, p)`` is run once into the KV cache; only the tail from p is
-run twice (once to collect, then the cache is cut back to p, once fused). The overhead over plain
-generation is about one extra token step instead of a second prefill. ``naive=True`` runs the
+run twice. With a cache that can be cut back (``DynamicLayer``), one pass over ``[0, p]`` fills the
+cache and collects ``f_l[p]``, the cache is cut back to p and the tail is run once more, fused;
+otherwise (e.g. sliding-window layers) the prefix is run alone and the tail collected on a copy of
+the cache. The overhead over plain generation is about one extra token step instead of a second
+prefill. ``naive=True`` runs the
 official two-full-prefill path (used by tests and benchmarks to check and measure the fast one).
 
 Decoding is greedy with the KV cache and no fusion after the prefill. Generation stops on the
@@ -186,20 +189,26 @@ class CCGenerator:
             column = torch.full((len(batch),), p, device=self.device)
             out = self._forward(ids, mask, pos, cache, inject=(column, fused))
         else:
-            if p > 0:
-                self._forward(ids[:, :p], mask[:, :p], pos[:, :p], cache, logits=False)
             tail, first = ids[:, p:], torch.zeros(len(batch), dtype=torch.long, device=self.device)
-            if connection == "transform":
-                snapshot = None if _croppable(cache) else copy.deepcopy(cache)
-                with self.model.hooks.capturing(first):
-                    self._forward(tail, mask, pos[:, p:], cache, logits=False)
+            if connection == "transform" and _croppable(cache):
+                # one pass over [0, p] fills the cache and captures f_l[p]; the cache is then cut back
+                # to [0, p), so the only extra work over plain generation is the fused pass from p
+                column = torch.full((len(batch),), p, device=self.device)
+                with self.model.hooks.capturing(column):
+                    self._forward(ids[:, : p + 1], mask[:, : p + 1], pos[:, : p + 1], cache, logits=False)
                     acts = self.model.hooks.stacked()
-                if snapshot is None:
-                    cache.crop(-(width - p))
-                else:
-                    cache = snapshot
+                cache.crop(-1)
             else:
-                acts = self._english_acts(en_batch)
+                if p > 0:
+                    self._forward(ids[:, :p], mask[:, :p], pos[:, :p], cache, logits=False)
+                if connection == "transform":  # a cache that cannot be cut back: collect on a copy
+                    snapshot = copy.deepcopy(cache)
+                    with self.model.hooks.capturing(first):
+                        self._forward(tail, mask, pos[:, p:], cache, logits=False)
+                        acts = self.model.hooks.stacked()
+                    cache = snapshot
+                else:
+                    acts = self._english_acts(en_batch)
             fused, layers = self._connection_vectors(connection, tail, acts)
             out = self._forward(tail, mask, pos[:, p:], cache, inject=(first, fused))
         cache = out.past_key_values
