@@ -38,5 +38,9 @@ lint: $(STAMP)
 demo: $(STAMP) $(PRESETS_STAMP)
 	$(BIN)/cctuning demo $(if $(CONFIG),--config $(CONFIG),)
 
+# timing benchmarks (not tests): ratios of CC-Tuning to SFT and plain generation, see bench/README.md
+bench: $(STAMP) $(PRESETS_STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache
