@@ -279,6 +279,13 @@ def wait_until_quiet(limit_s: float, threshold: float) -> float:
     return time.perf_counter() - start
 
 
+def _busy_now(threshold: float) -> bool:
+    """Other processes use more than ``threshold`` cores right now (sampled over 0.3 s)."""
+    meter = CpuMeter()
+    time.sleep(0.3)
+    return meter.foreign_cores() > threshold
+
+
 @dataclass
 class Contention:
     """Rounds disturbed by other processes are measured again; see :func:`clean_rounds`."""
@@ -296,6 +303,10 @@ def clean_rounds(repeats: int, run_round, contention: Contention, label: str) ->
     info = {"discarded": 0, "kept_disturbed": 0, "waited_s": 0.0, "max_foreign_cores": 0.0}
     attempt = 0
     while len(kept) < repeats:
+        if info["waited_s"] < contention.max_wait_s and _busy_now(contention.threshold):
+            info["waited_s"] += wait_until_quiet(
+                contention.max_wait_s - info["waited_s"], contention.threshold
+            )
         meter = CpuMeter()
         value = run_round(len(kept), attempt)
         foreign = meter.foreign_cores()

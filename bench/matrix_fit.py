@@ -89,6 +89,6 @@ def summarise_fits(model: str, n: int, runs: list[dict]) -> dict[str, Any]:
     entry: dict[str, Any] = {"model": model, "n": n}
     for key in keys:
         entry[key] = summary([r[key] for r in runs], 1 if key.endswith("_mb") else 4)
-    entry["seconds_per_1000_prompts"] = round(entry["seconds"]["median"] / n * 1000, 4)
+    entry["seconds_per_1000_pairs"] = round(entry["seconds"]["median"] / n * 1000, 4)
     entry.update({k: runs[0][k] for k in ("fit_pairs", "heldout_pairs", "layers", "hidden_size")})
     return entry

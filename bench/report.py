@@ -95,7 +95,7 @@ def matrix_rows(results: dict) -> list[str]:
     ]
     for e in results.get("matrix_fit", []):
         rows.append(
-            f"| {e['model']} | {e['n']} | {fmt(e['seconds'])} | {e['seconds_per_1000_prompts']:.2f} | "
+            f"| {e['model']} | {e['n']} | {fmt(e['seconds'])} | {e['seconds_per_1000_pairs']:.2f} | "
             f"{fmt(e['collect_seconds'])} | {fmt(e['accumulate_seconds'], 3)} | "
             f"{fmt(e['solve_seconds'], 3)} | {fmt(e['peak_mb'], 0)} | {fmt(e['delta_mb'], 0)} |"
         )
@@ -115,14 +115,14 @@ def absolute_rows(results: dict) -> list[str]:
             f"{t['train_tokens_per_step']:.0f} / {t['english_tokens_per_step']:.0f} |"
         )
     gen = [
-        "| model | batch | prompts (mean tokens) | none, s | transform, s | naive, s |",
+        "| model | batch | prompts a round (mean tokens), rounds | none, s | transform, s | naive, s |",
         "|---|---|---|---|---|---|",
     ]
     for model, res in results.get("generate", {}).items():
         for b in ("b1", "b8"):
             r = res[b]
             gen.append(
-                f"| {model} | {b[1:]} | {r['prompts']} ({r['mean_prompt_tokens']:.0f}) | "
+                f"| {model} | {b[1:]} | {r['prompts_per_round']} ({r['mean_prompt_tokens']:.0f}), {r['rounds']} | "
                 f"{fmt(r['seconds']['none'], 3)} | {fmt(r['seconds']['transform'], 3)} | "
                 f"{fmt(r['seconds']['naive'], 3)} |"
             )

@@ -60,24 +60,24 @@ def profile(quick: bool) -> dict[str, Any]:
                 "medium": GenerateSetup(8, 1, 3),
                 SMOLLM2: GenerateSetup(8, 1, 3),
             },
-            "matrix": {"model": "tiny", "n": {100: 2, 1000: 2}},
+            "matrix": [("tiny", 100, 2), ("tiny", 1000, 2)],  # (model, N pairs, repeats)
             "eval": {"tiny": EvalSetup(16, repeats=2), SMOLLM2: EvalSetup(8, repeats=2)},
-            "memory": {"repeats": 1},
+            "memory": {"tiny": 1, "medium": 1, SMOLLM2: 1},  # repeats (fresh processes per variant)
         }
     return {
         "train": {
             "tiny": TrainSetup(8, 256, steps=8, repeats=7, warmup=2),
             "medium": TrainSetup(8, 256, steps=2, repeats=5, warmup=1),
-            SMOLLM2: TrainSetup(4, 256, steps=2, repeats=5, warmup=1),
+            SMOLLM2: TrainSetup(4, 256, steps=1, repeats=5, warmup=1),
         },
         "generate": {
             "tiny": GenerateSetup(8, 4, 9),
             "medium": GenerateSetup(8, 3, 7),
             SMOLLM2: GenerateSetup(8, 2, 7),
         },
-        "matrix": {"model": "tiny", "n": {100: 3, 1000: 3, 10000: 3}},
+        "matrix": [("tiny", 100, 3), ("tiny", 1000, 3), ("tiny", 10000, 3), (SMOLLM2, 100, 2)],
         "eval": {"tiny": EvalSetup(32, repeats=3), SMOLLM2: EvalSetup(16, repeats=3)},
-        "memory": {"repeats": 3},
+        "memory": {"tiny": 3, "medium": 3, SMOLLM2: 2},
     }
 
 
@@ -122,7 +122,7 @@ class Bench:
     def memory(self, name: str) -> None:
         """Peak RSS of each variant's step, each in a fresh process (memory does not suffer from contention)."""
         batch, length = MEMORY_BATCH[name]
-        repeats = self.plan["memory"]["repeats"]
+        repeats = self.plan["memory"][name]
         runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
         for repeat in range(repeats):
             for variant in VARIANTS:
@@ -158,9 +158,10 @@ class Bench:
         self.results["peak_memory_mb"][name] = {"batch_size": batch, "max_length": length, **mb}
 
     def matrix(self) -> None:
-        spec = self.plan["matrix"]
-        model = spec["model"]
-        for n, repeats in spec["n"].items():
+        """Transform Matrix fits, each in a fresh process; models that are not available are skipped."""
+        for model, n, repeats in self.plan["matrix"]:
+            if model not in self.args.models or unavailable(model):
+                continue
             args = {"model": model, "n": n, "batch_size": 16, "threads": self.args.threads}
             runs, info = clean_rounds(
                 repeats,
@@ -193,8 +194,8 @@ class Bench:
                 log(f"memory: {name}")
                 self.guarded("memory", name, self.memory, name)
         if "matrix" in sections:
-            log(f"matrix: {self.plan['matrix']['model']}")
-            self.guarded("matrix", self.plan["matrix"]["model"], self.matrix)
+            log("matrix")
+            self.guarded("matrix", "all", self.matrix)
         self.results["load_average"]["end"] = load_average()
         self.results["seconds"] = round(time.perf_counter() - started, 1)
         return self.results
@@ -246,8 +247,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--contention-threshold",
         type=float,
-        default=0.25,
-        help="redo a round when other processes used more than this many cores during it",
+        default=None,
+        help="redo a round when other processes used more than this many cores during it (default: "
+        "0.25, plus the cores that --threads leaves free)",
     )
     parser.add_argument(
         "--max-wait",
@@ -266,6 +268,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         bad = [v for v in value if v not in known]
         if bad:
             parser.error(f"unknown {what} {', '.join(bad)} (known: {', '.join(known)})")
+    if args.contention_threshold is None:
+        args.contention_threshold = 0.25 + max(0, len(os.sched_getaffinity(0)) - args.threads)
     if args.out is None:
         args.out = BENCH_DIR / "results" / ("quick.json" if args.quick else "latest.json")
     return args
