@@ -286,43 +286,67 @@ def _busy_now(threshold: float) -> bool:
     return meter.foreign_cores() > threshold
 
 
+MIN_CLEAN_ROUNDS = 3
+
+
 @dataclass
 class Contention:
     """Rounds disturbed by other processes are measured again; see :func:`clean_rounds`."""
 
     threshold: float = 0.25  # cores used by other processes above which a round is discarded
-    max_wait_s: float = 180.0  # per measurement series; after that, disturbed rounds are kept (and counted)
+    max_wait_s: float = 600.0  # waiting allowed per measurement series
+
+    def settle(self) -> None:
+        """Before a warm-up: wait (up to ``max_wait_s``) for a quiet machine if it is busy now."""
+        if _busy_now(self.threshold):
+            log(f"  waiting for other processes to go under {self.threshold:.2f} cores")
+            wait_until_quiet(self.max_wait_s, self.threshold)
 
 
-def clean_rounds(repeats: int, run_round, contention: Contention, label: str) -> tuple[list[Any], dict]:
+def clean_rounds(
+    repeats: int, run_round, contention: Contention, label: str, describe=None
+) -> tuple[list[Any], dict]:
     """Call ``run_round(index, attempt)`` (index: the round being measured; attempt: counts every try,
     for rotating the order of variants) until ``repeats`` rounds ran while other processes stayed under
     ``contention.threshold`` cores. A disturbed round is discarded and run again once the machine is
-    quiet; when ``max_wait_s`` is used up, disturbed rounds are kept and counted as ``kept_disturbed``."""
+    quiet. When ``max_wait_s`` of waiting is used up, the series stops early if it has
+    ``MIN_CLEAN_ROUNDS`` clean rounds; otherwise disturbed rounds are kept (``kept_disturbed``)."""
     kept: list[Any] = []
-    info = {"discarded": 0, "kept_disturbed": 0, "waited_s": 0.0, "max_foreign_cores": 0.0}
+    info = {
+        "discarded": 0,
+        "kept_disturbed": 0,
+        "stopped_early": False,
+        "waited_s": 0.0,
+        "max_foreign_cores": 0.0,
+    }
     attempt = 0
+    describe = describe or _describe
     while len(kept) < repeats:
-        if info["waited_s"] < contention.max_wait_s and _busy_now(contention.threshold):
-            info["waited_s"] += wait_until_quiet(
-                contention.max_wait_s - info["waited_s"], contention.threshold
-            )
+        budget = contention.max_wait_s - info["waited_s"]
+        if budget > 0 and _busy_now(contention.threshold):
+            info["waited_s"] += wait_until_quiet(budget, contention.threshold)
         meter = CpuMeter()
         value = run_round(len(kept), attempt)
         foreign = meter.foreign_cores()
         attempt += 1
         if foreign > contention.threshold:
-            if info["waited_s"] < contention.max_wait_s:
+            budget = contention.max_wait_s - info["waited_s"]
+            if budget > 0:
                 info["discarded"] += 1
                 log(f"  {label}: round discarded, other processes used {foreign:.2f} cores; waiting")
-                info["waited_s"] += wait_until_quiet(
-                    contention.max_wait_s - info["waited_s"], contention.threshold
-                )
+                info["waited_s"] += wait_until_quiet(budget, contention.threshold)
                 continue
+            if len(kept) - info["kept_disturbed"] >= MIN_CLEAN_ROUNDS:
+                info["stopped_early"] = True
+                log(
+                    f"  {label}: machine still busy after {info['waited_s']:.0f} s of waiting; "
+                    f"stopping with {len(kept)} rounds"
+                )
+                break
             info["kept_disturbed"] += 1
         info["max_foreign_cores"] = max(info["max_foreign_cores"], foreign)
         kept.append(value)
-        log(f"  {label} {len(kept)}/{repeats}: {_describe(value)} (others {foreign:.2f} cores)")
+        log(f"  {label} {len(kept)}/{repeats}: {describe(value)} (others {foreign:.2f} cores)")
     info["waited_s"] = round(info["waited_s"], 1)
     info["max_foreign_cores"] = round(info["max_foreign_cores"], 2)
     return kept, info

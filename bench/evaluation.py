@@ -62,6 +62,7 @@ def bench_eval(loaded: Loaded, setup: EvalSetup, contention: Contention) -> dict
     }
     for scoring in SCORINGS:
         sizes = (1, setup.batch_size)
+        contention.settle()
         for size in sizes:  # warm-up
             _run(model, loaded.tokenizer, scoring, size, min(setup.items, setup.batch_size))
 

@@ -11,6 +11,7 @@ different points and the comparison would measure output length, not the connect
 from __future__ import annotations
 
 import gc
+import math
 import statistics
 import time
 from dataclasses import dataclass
@@ -43,9 +44,12 @@ class GenerateSetup:
     seed: int = 0
 
 
-def _time_modes(gen, rounds: list[list[str]], contention: Contention, label: str) -> tuple[dict, dict]:
-    """Seconds of each mode per round (the modes of a round run back to back on the same prompts,
-    in a rotating order); a round disturbed by other processes is run again."""
+MIN_MODE_SECONDS = 0.25  # a mode is repeated within a round until it takes at least this long
+
+
+def _time_modes(gen, rounds: list[list[str]], inner: int, contention: Contention, label: str):
+    """Seconds per generate call of each mode per round (the modes of a round run back to back on the
+    same prompts, ``inner`` times each, in a rotating order); disturbed rounds are run again."""
 
     def one_round(index: int, attempt: int) -> dict[str, float]:
         prompts = rounds[index]
@@ -53,8 +57,9 @@ def _time_modes(gen, rounds: list[list[str]], contention: Contention, label: str
         for mode in rotated(list(MODES), attempt):
             gc.collect()
             start = time.perf_counter()
-            results = gen.generate(prompts, **MODES[mode])
-            times[mode] = time.perf_counter() - start
+            for _ in range(inner):
+                results = gen.generate(prompts, **MODES[mode])
+            times[mode] = (time.perf_counter() - start) / inner
             if any(len(r.token_ids) != NEW_TOKENS for r in results):
                 raise RuntimeError(f"{mode}: expected {NEW_TOKENS} new tokens per prompt")
         return times
@@ -74,16 +79,21 @@ def bench_generate(loaded: Loaded, setup: GenerateSetup, contention: Contention)
     for batch_size, rounds in plans.items():
         gen = CCGenerator(model, loaded.tokenizer, max_new_tokens=NEW_TOKENS, batch_size=batch_size)
         gen.stop_ids = set()  # exactly NEW_TOKENS tokens in every mode
+        contention.settle()
         for kwargs in MODES.values():  # warm-up
             gen.generate(rounds[0], **kwargs)
+        start = time.perf_counter()
+        gen.generate(rounds[0], "none")
+        inner = max(1, math.ceil(MIN_MODE_SECONDS / (time.perf_counter() - start)))
         label = f"generate {loaded.name} b{batch_size}"
-        seconds, info = _time_modes(gen, rounds, contention, label)
+        seconds, info = _time_modes(gen, rounds, inner, contention, label)
         prompt_tokens = [len(gen.encoder.encode_prompt(p).ids) for p in prompts]
         out[f"b{batch_size}"] = {
             "ratio": summary(pairwise_ratios(seconds["transform"], seconds["none"])),
             "naive_ratio": summary(pairwise_ratios(seconds["naive"], seconds["none"])),
             "seconds": {m: summary(s) for m, s in seconds.items()},
-            "rounds": len(rounds),
+            "rounds": len(seconds["none"]),
+            "calls_per_mode_and_round": inner,
             "prompts_per_round": len(rounds[0]),
             "mean_prompt_tokens": round(statistics.mean(prompt_tokens), 1),
             "new_tokens": NEW_TOKENS,

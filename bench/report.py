@@ -6,30 +6,39 @@ from pathlib import Path
 from typing import Any
 
 START, END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
+DISTURBED = "†"
 
 
-def fmt(stat: Any, digits: int = 2, suffix: str = "") -> str:
+def fmt(stat: Any, digits: int = 2) -> str:
     """``median (min–max)`` of a summary, or the reason it is missing."""
     if not isinstance(stat, dict):
         return "–" if stat is None else str(stat)
     if "median" not in stat:
         return stat.get("skipped") or stat.get("error") or "–"
-    return f"{stat['median']:.{digits}f}{suffix} ({stat['min']:.{digits}f}–{stat['max']:.{digits}f})"
+    return f"{stat['median']:.{digits}f} ({stat['min']:.{digits}f}–{stat['max']:.{digits}f})"
+
+
+def mark(info: dict | None) -> str:
+    """``†`` when a series kept rounds disturbed by other processes or stopped early."""
+    return DISTURBED if info and (info.get("kept_disturbed") or info.get("stopped_early")) else ""
 
 
 def _models(results: dict) -> list[str]:
-    return list(results.get("models", {})) + [
-        m for m in results.get("skipped", {}) if m not in results["models"]
-    ]
+    skipped = [m for m in results.get("skipped", {}) if m not in results["models"]]
+    return list(results.get("models", {})) + skipped
 
 
-def _cell(results: dict, key: str, model: str, digits: int = 2, sub: str | None = None) -> str:
+def _value(results: dict, key: str, model: str, sub: str | None = None) -> Any:
     if model in results.get("skipped", {}):
         return results["skipped"][model]
     value = results.get(key, {}).get(model)
     if sub is not None and isinstance(value, dict) and sub in value:
         value = value[sub]
-    return fmt(value, digits)
+    return value
+
+
+def _row(number: int, figure: str, model: str, value: str, reference: str = "") -> str:
+    return f"| {number} | {figure} | {model} | {value} | {reference} |"
 
 
 def headline(results: dict) -> list[str]:
@@ -38,65 +47,64 @@ def headline(results: dict) -> list[str]:
         "|---|---|---|---|---|",
     ]
     for model in _models(results):
+        info = results.get("train_step", {}).get(model, {}).get("contention")
         for key, label in (("", "CC / SFT"), ("_english_grad", "CC `--english-grad` / SFT")):
             floor = results[f"train_step_floor{key}"].get(model)
-            ref = f"floor {floor:.3f}" if floor else ""
+            value = fmt(_value(results, f"train_step_ratio{key}", model)) + mark(info)
             rows.append(
-                f"| 1 | train step time, {label} | {model} | "
-                f"{_cell(results, f'train_step_ratio{key}', model)} | {ref} |"
+                _row(1, f"train step time, {label}", model, value, f"floor {floor:.3f}" if floor else "")
             )
     for b in ("b1", "b8"):
         for model in _models(results):
+            info = results.get("generate", {}).get(model, {}).get(b, {}).get("contention")
+            value = fmt(_value(results, f"generate_ratio_{b}", model)) + mark(info)
             rows.append(
-                f"| 2 | generate latency, transform / none, {b} | {model} | "
-                f"{_cell(results, f'generate_ratio_{b}', model)} | target ≤ 1.10 |"
+                _row(2, f"generate latency, transform / none, batch {b[1:]}", model, value, "target ≤ 1.10")
             )
-            rows.append(
-                f"| 2 | generate latency, naive two-prefill / none, {b} | {model} | "
-                f"{_cell(results, f'naive_generate_ratio_{b}', model)} | official code's path |"
-            )
+            value = fmt(_value(results, f"naive_generate_ratio_{b}", model)) + mark(info)
+            rows.append(_row(2, f"generate latency, naive two-prefill / none, batch {b[1:]}", model, value,
+                             "the official code's path"))  # fmt: skip
     for model in _models(results):
-        rows.append(
-            f"| 5 | peak RSS during a step, CC / SFT | {model} | "
-            f"{_cell(results, 'peak_memory_ratio', model, 3, 'peak')} | |"
-        )
-        rows.append(
-            f"| 5 | step working memory (peak − RSS before the step), CC / SFT | {model} | "
-            f"{_cell(results, 'peak_memory_ratio', model, 3, 'step')} | |"
-        )
-        rows.append(
-            f"| 5 | step working memory, CC `--english-grad` / SFT | {model} | "
-            f"{_cell(results, 'peak_memory_ratio_english_grad', model, 3, 'step')} | |"
-        )
+        rows.append(_row(5, "peak RSS during a step, CC / SFT", model,
+                         fmt(_value(results, "peak_memory_ratio", model, "peak"), 3)))  # fmt: skip
+        rows.append(_row(5, "step working memory (peak − RSS before the step), CC / SFT", model,
+                         fmt(_value(results, "peak_memory_ratio", model, "step"), 3)))  # fmt: skip
+        rows.append(_row(5, "peak RSS during a step, CC `--english-grad` / SFT", model,
+                         fmt(_value(results, "peak_memory_ratio_english_grad", model, "peak"), 3)))  # fmt: skip
+        rows.append(_row(5, "step working memory, CC `--english-grad` / SFT", model,
+                         fmt(_value(results, "peak_memory_ratio_english_grad", model, "step"), 3)))  # fmt: skip
     return rows
 
 
 def eval_rows(results: dict) -> list[str]:
-    rows = ["| model | scoring | items/s, batch 1 | items/s, batched | speedup |", "|---|---|---|---|---|"]
+    rows = [
+        "| model | benchmark, items | scoring | items/s, batch 1 | items/s, batch 8 | speedup |",
+        "|---|---|---|---|---|---|",
+    ]
     for model, res in results.get("eval_items_per_s", {}).items():
         if "error" in res:
-            rows.append(f"| {model} | | {res['error']} | | |")
+            rows.append(f"| {model} | | | {res['error']} | | |")
             continue
         batched = f"b{res['batch_size']}"
         for scoring in ("generate", "likelihood"):
             r = res[scoring]
             rows.append(
-                f"| {model} | {scoring} | {fmt(r['b1'])} | {fmt(r[batched])} ({batched}) | "
-                f"{fmt(r['speedup'])}× |"
+                f"| {model} | {res['benchmark']}, {res['items']} | {scoring} | {fmt(r['b1'])} | {fmt(r[batched])} | "
+                f"{fmt(r['speedup'])}×{mark(r.get('contention'))} |"
             )
     return rows
 
 
 def matrix_rows(results: dict) -> list[str]:
     rows = [
-        "| model | N pairs | seconds | s per 1000 | forward passes | accumulate | solve | peak RSS MB | "
-        "Δ RSS MB |",
+        "| model | N pairs | seconds | s per 1000 pairs | forward passes, s | accumulate, s | solve, s | "
+        "peak RSS, MB | RSS growth during the fit, MB |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for e in results.get("matrix_fit", []):
         rows.append(
-            f"| {e['model']} | {e['n']} | {fmt(e['seconds'])} | {e['seconds_per_1000_pairs']:.2f} | "
-            f"{fmt(e['collect_seconds'])} | {fmt(e['accumulate_seconds'], 3)} | "
+            f"| {e['model']} | {e['n']} | {fmt(e['seconds'])}{mark(e.get('contention'))} | "
+            f"{e['seconds_per_1000_pairs']:.2f} | {fmt(e['collect_seconds'])} | {fmt(e['accumulate_seconds'], 3)} | "
             f"{fmt(e['solve_seconds'], 3)} | {fmt(e['peak_mb'], 0)} | {fmt(e['delta_mb'], 0)} |"
         )
     return rows
@@ -104,30 +112,30 @@ def matrix_rows(results: dict) -> list[str]:
 
 def absolute_rows(results: dict) -> list[str]:
     rows = [
-        "| model | setting | SFT | CC | CC `--english-grad` | train / English tokens per step |",
+        "| model | batch, max length | SFT, s/step | CC, s/step | CC `--english-grad`, s/step | "
+        "training / English tokens a step (padded) |",
         "|---|---|---|---|---|---|",
     ]
     for model, res in results.get("train_step", {}).items():
         s, t, st = res["seconds_per_step"], res["tokens"], res["setup"]
         rows.append(
-            f"| {model} | batch {st['batch_size']}, max length {st['max_length']}, s/step | "
-            f"{fmt(s['sft'], 3)} | {fmt(s['cc'], 3)} | {fmt(s['cc_english_grad'], 3)} | "
-            f"{t['train_tokens_per_step']:.0f} / {t['english_tokens_per_step']:.0f} |"
+            f"| {model} | {st['batch_size']}, {st['max_length']} | {fmt(s['sft'], 3)} | {fmt(s['cc'], 3)} | "
+            f"{fmt(s['cc_english_grad'], 3)} | {t['train_tokens_per_step']:.0f} / {t['english_tokens_per_step']:.0f} |"
         )
     gen = [
-        "| model | batch | prompts a round (mean tokens), rounds | none, s | transform, s | naive, s |",
-        "|---|---|---|---|---|---|",
+        "| model | batch | prompt tokens (mean) | rounds | none, s a call | transform, s a call | naive, s a call |",
+        "|---|---|---|---|---|---|---|",
     ]
     for model, res in results.get("generate", {}).items():
         for b in ("b1", "b8"):
             r = res[b]
             gen.append(
-                f"| {model} | {b[1:]} | {r['prompts_per_round']} ({r['mean_prompt_tokens']:.0f}), {r['rounds']} | "
+                f"| {model} | {b[1:]} | {r['mean_prompt_tokens']:.0f} | {r['rounds']} | "
                 f"{fmt(r['seconds']['none'], 3)} | {fmt(r['seconds']['transform'], 3)} | "
                 f"{fmt(r['seconds']['naive'], 3)} |"
             )
     mem = [
-        "| model | batch, max length | SFT peak / step MB | CC peak / step MB | CC `--english-grad` peak / step MB |",
+        "| model | batch, max length | SFT peak / step, MB | CC peak / step, MB | CC `--english-grad` peak / step, MB |",
         "|---|---|---|---|---|",
     ]
     for model, res in results.get("peak_memory_mb", {}).items():
@@ -141,13 +149,13 @@ def absolute_rows(results: dict) -> list[str]:
 
 def markdown(results: dict) -> str:
     m = results["machine"]
+    load = results.get("load_average", {})
     lines = [
-        f"Measured {results['date']} on {m['nproc']} CPU cores ({m['cpu_model']}), {m['memory_gb']} GB RAM, "
+        f"Measured {results['date']} on `nproc` = {m['nproc']} ({m['cpu_model']}), {m['memory_gb']} GB RAM, "
         f"torch {m['torch']}, transformers {m['transformers']}, Python {m['python']}, "
-        f"`torch.set_num_threads({m['torch_threads']})`; load average at start {results['load_average'].get('start')}, "
-        f"at end {results['load_average'].get('end')}; {results.get('seconds', 0):.0f} s in all"
+        f"`torch.set_num_threads({m['torch_threads']})`; {results.get('seconds', 0):.0f} s in all"
         + (" (quick run)" if results.get("quick") else "")
-        + ".",
+        + f"; load average at start {load.get('start')}, at end {load.get('end')}.",
         "",
         "Models: "
         + "; ".join(f"`{k}`: {v}" for k, v in results.get("models", {}).items())
@@ -156,7 +164,8 @@ def markdown(results: dict) -> str:
         "",
         *headline(results),
         "",
-        "**Evaluation throughput** (4) — " + _eval_note(results),
+        "**Evaluation throughput** (4): `cctuning eval` with the transform connection, batch 8 against batch 1 "
+        "(the official script's way).",
         "",
         *eval_rows(results),
         "",
@@ -165,23 +174,16 @@ def markdown(results: dict) -> str:
         "",
         *matrix_rows(results),
         "",
-        "**Absolute figures** (machine-dependent; for context only).",
+        "**Absolute figures** (they depend on the machine; for context only).",
         "",
         *absolute_rows(results),
+        "",
+        f"{DISTURBED}: some rounds of this figure ran while other processes kept the CPU busy, or the series "
+        "stopped early for that reason (see `contention` in the JSON).",
     ]
     if results.get("errors"):
         lines += ["", "Errors: " + "; ".join(results["errors"])]
     return "\n".join(lines) + "\n"
-
-
-def _eval_note(results: dict) -> str:
-    any_res = next((r for r in results.get("eval_items_per_s", {}).values() if "benchmark" in r), None)
-    if any_res is None:
-        return "not measured."
-    return (
-        f"`cctuning eval` on {any_res['benchmark']} ({any_res['items']} items, transform connection), "
-        "batched against batch 1 (the official script's way)."
-    )
 
 
 def write_markdown(results: dict, path: Path) -> str:

@@ -124,6 +124,7 @@ def bench_train_time(loaded: Loaded, setup: TrainSetup, contention: Contention) 
     """Seconds per optimizer step of each variant, interleaved per repeat; ratios over SFT per repeat."""
     batches = encode_batches(loaded.tokenizer, setup.steps, setup.batch_size, setup.max_length, setup.seed)
     runner = Runner(loaded, setup.lr)
+    contention.settle()
     for variant in VARIANTS:  # warm-up: first-touch allocations, AdamW state, kernels
         for batch in batches[: setup.warmup]:
             runner.step(variant, batch)
