@@ -13,6 +13,7 @@ difference to the baseline cell on the same items (per seed, then mean and t-int
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -26,6 +27,8 @@ from cctuning.errors import CCError
 from cctuning.io import write_json, write_text
 
 logger = logging.getLogger(__name__)
+
+STAGES_NAME = "stages.json"  # wall-clock seconds of every finished stage, kept across resumed invocations
 
 # two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (then the normal value)
 _T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -117,6 +120,17 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     hints = typing.get_type_hints(TrainConfig)
     cell_runs: dict[str, dict[int, dict]] = {}
     started = time.time()
+    stages_file = root / STAGES_NAME
+    stages: dict[str, float] = json.loads(stages_file.read_text(encoding="utf-8")) if stages_file.is_file() else {}
+
+    @contextlib.contextmanager
+    def stage(name: str):
+        """Record the wall-clock seconds of one stage once it finishes (kept across resumed invocations)."""
+        t0 = time.perf_counter()
+        yield
+        stages[name] = round(time.perf_counter() - t0, 1)
+        write_json(stages_file, stages)
+
     for seed in cfg.seeds:
         data_dir = root / "data" / f"seed{seed}"
         train_file, held_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
@@ -137,20 +151,22 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
                                       "seed": seed})
                 if last_checkpoint(tdir):
                     tcfg.resume = "last"
-                train(tcfg)
+                with stage(f"train/{tdir.parent.name}/seed{seed}"):
+                    train(tcfg)
             connection = cell.get("connection") or ("transform" if options.get("method", "cc") == "cc" else "none")
             if connection == "transform" and not (tdir / MATRIX_NAME).is_file():
-                model, tok, _ = load_for_inference(str(tdir))
-                matrix, _ = fit_transform_matrix(model, tok, load_records(train_file), samples=cfg.matrix_samples,
-                                                 seed=seed, progress=progress)
-                matrix.save(tdir)
+                with stage(f"matrix/{tdir.parent.name}/seed{seed}"):
+                    model, tok, _ = load_for_inference(str(tdir))
+                    matrix, _ = fit_transform_matrix(model, tok, load_records(train_file), samples=cfg.matrix_samples,
+                                                     seed=seed, progress=progress)
+                    matrix.save(tdir)
             edir = root / "eval" / cell["name"] / f"seed{seed}"
-            model = tok = None
             if not (edir / "nll" / NLL_NAME).is_file():
-                model, tok, _ = load_for_inference(str(tdir))
-                evaluate_nll(model, tok, held_file, connection, edir / "nll", batch_size=cfg.eval_batch_size,
-                             max_length=options.get("max_length", 1024), seed=seed, progress=progress,
-                             model_name=str(tdir))
+                with stage(f"nll/{cell['name']}/seed{seed}"):
+                    model, tok, _ = load_for_inference(str(tdir))
+                    evaluate_nll(model, tok, held_file, connection, edir / "nll", batch_size=cfg.eval_batch_size,
+                                 max_length=options.get("max_length", 1024), seed=seed, progress=progress,
+                                 model_name=str(tdir))
             bench = None
             if cfg.benchmarks:
                 b = cfg.benchmarks
@@ -160,14 +176,19 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
                                   max_new_tokens=b.get("max_new_tokens", 40), batch_size=cfg.eval_batch_size,
                                   output=str(edir / "bench"), seed=seed)
                 if not (edir / "bench" / RESULTS_NAME).is_file():
-                    if model is None:
+                    with stage(f"bench/{cell['name']}/seed{seed}"):
                         model, tok, _ = load_for_inference(str(tdir))
-                    evaluate(ecfg, model, tok, progress=progress)
+                        evaluate(ecfg, model, tok, progress=progress)
                 bench = json.loads((edir / "bench" / RESULTS_NAME).read_text(encoding="utf-8"))
             nll = json.loads((edir / "nll" / NLL_NAME).read_text(encoding="utf-8"))
             cell_runs.setdefault(cell["name"], {})[seed] = {"nll": nll, "bench": bench, "nll_dir": edir / "nll"}
     report = summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items)
     report["seconds_this_invocation"] = round(time.time() - started, 1)
+    report["stage_seconds"] = stages
+    report["setup"] = {"model": cfg.model, "model_path": str(model_path), "train": cfg.train,
+                       "train_per_lang": cfg.train_per_lang, "heldout_per_lang": cfg.heldout_per_lang,
+                       "langs": cfg.langs, "matrix_samples": cfg.matrix_samples, "benchmarks": cfg.benchmarks}
+    report["date"] = time.strftime("%Y-%m-%d")
     report["versions"] = versions()
     write_json(root / "report.json", report)
     write_text(root / "report.md", experiment_markdown(report) + "\n")
@@ -218,7 +239,23 @@ def experiment_markdown(report: dict) -> str:
     cells = report["cells"]
     names = list(cells)
     seeds = report["seeds"]
-    lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean [95% t-interval over seeds]", "",
+    lines = []
+    setup = report.get("setup")
+    if setup:
+        budget = ", ".join(f"{k} {v}" for k, v in setup["train"].items() if k not in ("save_steps", "save_total_limit"))
+        lines += [f"Model `{setup['model']}`; {report.get('date', '')}; training: {setup['train_per_lang']} records per "
+                  f"language ({setup['langs']} languages of the bundled mix, resampled per seed), {budget}; "
+                  f"Transform Matrix on {setup['matrix_samples']} prompts; held-out NLL on {setup['heldout_per_lang']} "
+                  "records per language (the same for every seed).", ""]
+    stages = report.get("stage_seconds") or {}
+    if stages:
+        kinds: dict[str, float] = {}
+        for name, sec in stages.items():
+            kinds[name.split("/")[0]] = kinds.get(name.split("/")[0], 0.0) + sec
+        lines += ["Time (wall clock, summed over the stages of all invocations): "
+                  f"{sum(stages.values()) / 60:.1f} min ("
+                  + ", ".join(f"{k} {v / 60:.1f} min" for k, v in kinds.items()) + ").", ""]
+    lines += [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean [95% t-interval over seeds]", "",
              "Held-out NLL per token (lower is better):", "",
              "| lang | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     langs = list(cells[names[0]]["nll"])

@@ -56,9 +56,14 @@ benchmarks: {{names: XStoryCloze, langs: "sw,en", limit: 2, scoring: likelihood}
     assert math.isclose(report["cells"]["cc"]["nll_diff_to_baseline"]["all"]["mean"], cc_nll - sft_nll, rel_tol=1e-9)
     assert "XStoryCloze" in report["cells"]["cc"]["benchmarks"]
     assert "| all |" in (root / "report.md").read_text()
+    # every stage that ran has its time recorded, once
+    stages = json.loads((root / "stages.json").read_text())
+    assert sorted(k.split("/")[0] for k in stages) == sorted(["train"] * 2 + ["matrix"] + ["nll"] * 3 + ["bench"] * 3)
+    assert f"{sum(stages.values()) / 60:.1f} min" in (root / "report.md").read_text()
     # resumable: nothing is trained or evaluated again
     import cctuning.training
 
     monkeypatch.setattr(cctuning.training, "train", lambda *a, **k: pytest.fail("trained again"))
     again = run_experiment(load_config(path), progress=False)
     assert again["cells"] == report["cells"]
+    assert again["stage_seconds"] == stages  # nothing ran again, so no stage was re-timed
