@@ -32,8 +32,8 @@ test: $(STAMP) $(PRESETS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check cctuning tests
-	$(BIN)/ruff format --check cctuning tests
+	$(BIN)/ruff check cctuning tests bench scripts
+	$(BIN)/ruff format --check cctuning tests bench scripts
 
 demo: $(STAMP) $(PRESETS_STAMP)
 	$(BIN)/cctuning demo $(if $(CONFIG),--config $(CONFIG),)

@@ -32,7 +32,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
         import json
 
         results = out / "train_results.json"
-        skipped = json.loads(results.read_text(encoding="utf-8")).get("skipped_records", 0) if results.is_file() else 0
+        skipped = (
+            json.loads(results.read_text(encoding="utf-8")).get("skipped_records", 0)
+            if results.is_file()
+            else 0
+        )
         note = f" ({skipped} invalid records skipped)" if skipped else ""
         print(f"saved {cfg.method} model to {out}{note}")
     return 0
@@ -57,21 +61,35 @@ def _cmd_fit_matrix(args: argparse.Namespace) -> int:
 
     model, tok, path = _load(args.model, args.trust_remote_code)
     if not model.uses_connection:
-        raise CCError(f"'{args.model}' is not a CC-Tuning model (method '{model.cc_config.method}'): it has no connection")
+        raise CCError(
+            f"'{args.model}' is not a CC-Tuning model (method '{model.cc_config.method}'): it has no connection"
+        )
     records = load_records(args.data, require_english=True, skip_invalid=args.skip_invalid)
     matrix, report = fit_transform_matrix(
-        model, tok, records, samples=args.samples, ridge=args.ridge, per_layer=args.per_layer,
-        batch_size=args.batch_size, seed=args.seed, heldout_fraction=args.heldout, progress=True,
+        model,
+        tok,
+        records,
+        samples=args.samples,
+        ridge=args.ridge,
+        per_layer=args.per_layer,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        heldout_fraction=args.heldout,
+        progress=True,
     )
     matrix.meta["data"] = str(args.data)
     matrix.save(path)
-    print(f"transform matrix ({'per layer' if report.per_layer else 'pooled'}, ridge {report.ridge}) "
-          f"fitted on {report.fit_pairs} pairs, {report.heldout_pairs} held out; saved to {path}")
+    print(
+        f"transform matrix ({'per layer' if report.per_layer else 'pooled'}, ridge {report.ridge}) "
+        f"fitted on {report.fit_pairs} pairs, {report.heldout_pairs} held out; saved to {path}"
+    )
     print(f"{'':10} {'MSE before':>12} {'MSE after':>12} {'cos before':>11} {'cos after':>10}")
     for name, m in (("fit", report.fit), ("held-out", report.heldout)):
         if m:
-            print(f"{name:10} {m['before']['mse']:12.6g} {m['after']['mse']:12.6g} "
-                  f"{m['before']['cosine']:11.4f} {m['after']['cosine']:10.4f}")
+            print(
+                f"{name:10} {m['before']['mse']:12.6g} {m['after']['mse']:12.6g} "
+                f"{m['before']['cosine']:11.4f} {m['after']['cosine']:10.4f}"
+            )
     return 0
 
 
@@ -93,16 +111,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         records = [r.__dict__ for r in load_prompts(args.input, require_english=args.connection == "english")]
     connection = args.connection or gen.default_connection()
-    outs = gen.generate([r["instruction"] for r in records], connection,
-                        english=[r["instruction_en"] for r in records] if connection == "english" else None,
-                        progress=args.input is not None)
+    outs = gen.generate(
+        [r["instruction"] for r in records],
+        connection,
+        english=[r["instruction_en"] for r in records] if connection == "english" else None,
+        progress=args.input is not None,
+    )
     if args.prompt is not None and not args.output:
         print(outs[0].text)
         return 0
     rows = []
     for rec, out in zip(records, outs):
-        row = {"instruction": rec["instruction"], "generation": out.text, "layer": out.layer,
-               "connection": connection}
+        row = {
+            "instruction": rec["instruction"],
+            "generation": out.text,
+            "layer": out.layer,
+            "connection": connection,
+        }
         if rec.get("lang"):
             row["lang"] = rec["lang"]
         rows.append(json.dumps(row, ensure_ascii=False))
@@ -154,13 +179,23 @@ def _cmd_eval_nll(args: argparse.Namespace) -> int:
 
     model, tok, path = load_for_inference(args.model, args.trust_remote_code)
     output = args.output or str(Path(path) / "eval" / f"nll-{args.connection or 'default'}")
-    report = evaluate_nll(model, tok, args.nll, args.connection, output, batch_size=args.batch_size,
-                          seed=args.seed, model_name=args.model)
+    report = evaluate_nll(
+        model,
+        tok,
+        args.nll,
+        args.connection,
+        output,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        model_name=args.model,
+    )
     print(f"held-out NLL of {args.nll} (connection {report['connection']}), saved to {output}")
     print(f"{'lang':6} {'items':>6} {'tokens':>7} {'NLL':>8} {'95% CI':>17} {'PPL':>9}")
     for lang, m in report["nll"].items():
-        print(f"{lang:6} {m['items']:6d} {m['tokens']:7d} {m['nll']:8.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}] "
-              f"{m['ppl']:9.2f}")
+        print(
+            f"{lang:6} {m['items']:6d} {m['tokens']:7d} {m['nll']:8.4f} [{m['ci_low']:.4f}, {m['ci_high']:.4f}] "
+            f"{m['ppl']:9.2f}"
+        )
     return 0
 
 
@@ -214,11 +249,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("fit-matrix", help="fit the Transform Matrix (non-English → English activations)")
     p.add_argument("--model", required=True, help="a folder trained with --method cc")
-    p.add_argument("--data", required=True, help="parallel records (instruction, instruction_en), e.g. the training file")
+    p.add_argument(
+        "--data", required=True, help="parallel records (instruction, instruction_en), e.g. the training file"
+    )
     p.add_argument("--samples", type=int, default=1000, help="number of records to use (seeded sample)")
     p.add_argument("--ridge", type=float, default=0.0, help="ridge λ: solve (SᵀS + λI) M = SᵀT")
-    p.add_argument("--per-layer", action="store_true", help="one matrix per layer instead of one pooled matrix")
-    p.add_argument("--heldout", type=float, default=0.1, help="fraction of pairs held out to measure the error")
+    p.add_argument(
+        "--per-layer", action="store_true", help="one matrix per layer instead of one pooled matrix"
+    )
+    p.add_argument(
+        "--heldout", type=float, default=0.1, help="fraction of pairs held out to measure the error"
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records instead of stopping")
@@ -231,32 +272,56 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-en", help="its English translation (for --connection english)")
     p.add_argument("--input", help="JSON/JSONL records with instruction (and instruction_en for english)")
     p.add_argument("--output", help="write JSONL here (atomically) instead of stdout")
-    p.add_argument("--connection", choices=["transform", "none", "english"],
-                   help="default: transform when the model has a matrix, else none")
+    p.add_argument(
+        "--connection",
+        choices=["transform", "none", "english"],
+        help="default: transform when the model has a matrix, else none",
+    )
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--sample-layer", action="store_true",
-                   help="sample the layer with Gumbel noise (the official code) instead of argmax")
+    p.add_argument(
+        "--sample-layer",
+        action="store_true",
+        help="sample the layer with Gumbel noise (the official code) instead of argmax",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of --sample-layer")
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_cmd_generate)
 
     p = sub.add_parser("eval", help="score a model on the benchmarks, per language")
     p.add_argument("--model", required=True, help="a model folder (CC-Tuning, SFT or plain Hugging Face)")
-    p.add_argument("--benchmarks", help="comma-separated: XNLI,XStoryCloze,MMMLU,XQuAD,MKQA,XLSum (default: all)")
-    p.add_argument("--langs", help="comma-separated language codes (default: every language of each benchmark)")
+    p.add_argument(
+        "--benchmarks", help="comma-separated: XNLI,XStoryCloze,MMMLU,XQuAD,MKQA,XLSum (default: all)"
+    )
+    p.add_argument(
+        "--langs", help="comma-separated language codes (default: every language of each benchmark)"
+    )
     p.add_argument("--limit", type=int, help="first N items per benchmark and language")
-    p.add_argument("--connection", choices=["transform", "none", "english"],
-                   help="default: transform when the model has a matrix, else none")
-    p.add_argument("--scoring", choices=["generate", "likelihood"], default="generate",
-                   help="likelihood: compare the option labels' next-token log-probabilities (multiple choice)")
+    p.add_argument(
+        "--connection",
+        choices=["transform", "none", "english"],
+        help="default: transform when the model has a matrix, else none",
+    )
+    p.add_argument(
+        "--scoring",
+        choices=["generate", "likelihood"],
+        default="generate",
+        help="likelihood: compare the option labels' next-token log-probabilities (multiple choice)",
+    )
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--data-dir", help="benchmark folder <Benchmark>/<lang>.jsonl (default: the bundled split)")
-    p.add_argument("--output", help="run folder (default: MODEL/eval/CONNECTION-SCORING); resumes if it exists")
+    p.add_argument(
+        "--data-dir", help="benchmark folder <Benchmark>/<lang>.jsonl (default: the bundled split)"
+    )
+    p.add_argument(
+        "--output", help="run folder (default: MODEL/eval/CONNECTION-SCORING); resumes if it exists"
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--nll", metavar="FILE.jsonl",
-                   help="instead of benchmarks: per-token NLL of the gold responses of these records (held-out)")
+    p.add_argument(
+        "--nll",
+        metavar="FILE.jsonl",
+        help="instead of benchmarks: per-token NLL of the gold responses of these records (held-out)",
+    )
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
@@ -267,7 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataclass_arguments(p, DemoConfig)
     p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("experiment", help="a resumable grid of methods × ablations × seeds with NLL and benchmarks")
+    p = sub.add_parser(
+        "experiment", help="a resumable grid of methods × ablations × seeds with NLL and benchmarks"
+    )
     p.add_argument("--config", required=True, help="YAML file (see examples/experiment_smollm2.yaml)")
     p.add_argument("--output", help="override the config's output folder")
     p.set_defaults(func=_cmd_experiment)

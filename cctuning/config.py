@@ -83,7 +83,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[st
         else:
             if "choices" in f.metadata:
                 kwargs["choices"] = f.metadata["choices"]
-            parser.add_argument(*names, type=str, metavar=f.metadata.get("metavar", base.__name__.upper()), **kwargs)
+            parser.add_argument(
+                *names, type=str, metavar=f.metadata.get("metavar", base.__name__.upper()), **kwargs
+            )
 
 
 def read_yaml(path: str | Path) -> dict:

@@ -83,9 +83,18 @@ def _train(cfg: DemoConfig, model_path: str, data: Path, method: str, out: Path)
     from cctuning.training.run import last_checkpoint
 
     tcfg = TrainConfig(
-        model=model_path, data=str(data), output=str(out), method=method, max_steps=cfg.max_steps,
-        batch_size=cfg.batch_size, lr=cfg.lr, max_length=cfg.max_length, seed=cfg.seed,
-        logging_steps=4, save_steps=12, save_total_limit=1,
+        model=model_path,
+        data=str(data),
+        output=str(out),
+        method=method,
+        max_steps=cfg.max_steps,
+        batch_size=cfg.batch_size,
+        lr=cfg.lr,
+        max_length=cfg.max_length,
+        seed=cfg.seed,
+        logging_steps=4,
+        save_steps=12,
+        save_total_limit=1,
     )
     done = out / "train_results.json"
     if done.is_file():
@@ -129,30 +138,57 @@ def run_demo(cfg: DemoConfig) -> tuple[str, Path]:
     t = time.time()
     if not (cc_dir / MATRIX_NAME).is_file():
         model, tok, _ = load_for_inference(str(cc_dir))
-        matrix, report = fit_transform_matrix(model, tok, load_records(train_file), samples=cfg.matrix_samples,
-                                              seed=cfg.seed, progress=True)
+        matrix, report = fit_transform_matrix(
+            model, tok, load_records(train_file), samples=cfg.matrix_samples, seed=cfg.seed, progress=True
+        )
         matrix.meta["data"] = str(train_file)
         matrix.save(cc_dir)
-        logger.info("transform matrix: held-out cosine %.4f -> %.4f", report.heldout["before"]["cosine"],
-                    report.heldout["after"]["cosine"])
+        logger.info(
+            "transform matrix: held-out cosine %.4f -> %.4f",
+            report.heldout["before"]["cosine"],
+            report.heldout["after"]["cosine"],
+        )
     timings["fit_matrix"] = round(time.time() - t, 1)
     runs = []
-    for name, folder, connection in (("sft", root / "sft", "none"), ("cc", cc_dir, "transform"),
-                                     ("cc", cc_dir, "none")):
+    for name, folder, connection in (
+        ("sft", root / "sft", "none"),
+        ("cc", cc_dir, "transform"),
+        ("cc", cc_dir, "none"),
+    ):
         t = time.time()
         model, tok, _ = load_for_inference(str(folder))
         out = root / "eval" / f"{name}-{connection}"
         for bench in _csv(cfg.benchmarks):
             limit = cfg.xlsum_limit if bench.lower().replace("-", "") == "xlsum" else cfg.eval_limit
             eval_langs = None if cfg.eval_langs == "all" else _csv(cfg.eval_langs)
-            evaluate(EvalConfig(model=str(folder), benchmarks=[bench], langs=eval_langs, limit=limit,
-                                connection=connection, max_new_tokens=cfg.max_new_tokens,
-                                batch_size=cfg.eval_batch_size, output=str(out / bench), seed=cfg.seed),
-                     model, tok)
+            evaluate(
+                EvalConfig(
+                    model=str(folder),
+                    benchmarks=[bench],
+                    langs=eval_langs,
+                    limit=limit,
+                    connection=connection,
+                    max_new_tokens=cfg.max_new_tokens,
+                    batch_size=cfg.eval_batch_size,
+                    output=str(out / bench),
+                    seed=cfg.seed,
+                ),
+                model,
+                tok,
+            )
         nll_out = root / "eval" / f"{name}-{connection}-nll"
         if not (nll_out / NLL_NAME).is_file():
-            evaluate_nll(model, tok, held_file, connection, nll_out, batch_size=cfg.eval_batch_size,
-                         max_length=cfg.max_length, seed=cfg.seed, model_name=str(folder))
+            evaluate_nll(
+                model,
+                tok,
+                held_file,
+                connection,
+                nll_out,
+                batch_size=cfg.eval_batch_size,
+                max_length=cfg.max_length,
+                seed=cfg.seed,
+                model_name=str(folder),
+            )
         runs.append((out, nll_out))
         timings[f"eval_{name}_{connection}"] = round(time.time() - t, 1)
     merged = []
@@ -192,8 +228,10 @@ def summary_markdown(cfg: DemoConfig, bench_runs: list[Path], nll_runs: list[Pat
             avg, no_en = data["average"][metric], (data.get("average_without_en") or {}).get(metric)
             cells.append(f"{100 * avg:.1f} / " + ("–" if no_en is None else f"{100 * no_en:.1f}"))
         lines.append(f"| {bench} ({metric}) | " + " | ".join(cells) + " |")
-    cells = [f"{n['nll']['all']['nll']:.3f} [{n['nll']['all']['ci_low']:.3f}, {n['nll']['all']['ci_high']:.3f}]"
-             for n in nlls]
+    cells = [
+        f"{n['nll']['all']['nll']:.3f} [{n['nll']['all']['ci_low']:.3f}, {n['nll']['all']['ci_high']:.3f}]"
+        for n in nlls
+    ]
     items = nlls[0]["nll"]["all"]["items"]
     lines.append(f"| held-out NLL/token, {items} items (lower is better) | " + " | ".join(cells) + " |")
     base = load_items(nll_runs[0])
@@ -202,8 +240,12 @@ def summary_markdown(cfg: DemoConfig, bench_runs: list[Path], nll_runs: list[Pat
         d = paired_difference(load_items(run), base, seed=cfg.seed)["all"]
         diffs.append(f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
     lines.append("| paired NLL difference to SFT (95% CI) | " + " | ".join(diffs) + " |")
-    lines += ["", f"this invocation took {timings['total'] / 60:.1f} min ("
-              + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "total") + ")"]
+    lines += [
+        "",
+        f"this invocation took {timings['total'] / 60:.1f} min ("
+        + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "total")
+        + ")",
+    ]
     return "\n".join(lines)
 
 

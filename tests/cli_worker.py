@@ -45,13 +45,17 @@ def _install_dump(folder: Path) -> None:
         state = model.state_dict()
         rank = self.accelerator.process_index
         folder.mkdir(parents=True, exist_ok=True)
-        (folder / f"rank{rank}.json").write_text(json.dumps({
-            "world_size": self.accelerator.num_processes,
-            "state": _digest([state[k] for k in sorted(state)]),
-            "decision_maker": model.decision_maker.proj.weight.detach().cpu().tolist(),
-            "batches": seen,
-            "layer_counts": self.layer_counts.tolist(),
-        }))
+        (folder / f"rank{rank}.json").write_text(
+            json.dumps(
+                {
+                    "world_size": self.accelerator.num_processes,
+                    "state": _digest([state[k] for k in sorted(state)]),
+                    "decision_maker": model.decision_maker.proj.weight.detach().cpu().tolist(),
+                    "batches": seen,
+                    "layer_counts": self.layer_counts.tolist(),
+                }
+            )
+        )
         return result
 
     CCTrainer.compute_loss, CCTrainer.train = recording_compute_loss, dumping_train

@@ -40,8 +40,14 @@ def make_records(n: int = 12) -> list[dict]:
     for i in range(n):
         lang = langs[i % len(langs)]
         q, a = texts[lang]
-        out.append({"instruction": q.format(i=i), "output": a.format(i=i),
-                    "instruction_en": f"Answer the question number {i}.", "lang": lang})
+        out.append(
+            {
+                "instruction": q.format(i=i),
+                "output": a.format(i=i),
+                "instruction_en": f"Answer the question number {i}.",
+                "lang": lang,
+            }
+        )
     return out
 
 

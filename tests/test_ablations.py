@@ -40,7 +40,9 @@ def test_each_layer_choice_injects_what_it_says(tokenizer):
     expected = ((acts.mean(1) + emb) @ learned.decision_maker.proj.weight.T).argmax(-1)
     assert torch.equal(learned.chosen_layers(w), expected)
     # the ablations do not train the Decision Maker
-    assert not any(p.requires_grad for p in model_with(tokenizer, layer_choice="mean").decision_maker.parameters())
+    assert not any(
+        p.requires_grad for p in model_with(tokenizer, layer_choice="mean").decision_maker.parameters()
+    )
     with pytest.raises(CCError, match="unknown layer choice"):
         CCConfig(layer_choice="best")
     with pytest.raises(CCError, match="has 4 layers"):
@@ -52,8 +54,10 @@ def test_inject_layer_moves_the_fusion(tokenizer, inject):
     cc = model_with(tokenizer, inject_layer=inject).eval()
     ids = torch.randint(5, 100, (1, 8))
     outs = {}
-    hs = [layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o.clone()))
-          for i, layer in enumerate(cc.arch.layers)]
+    hs = [
+        layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o.clone()))
+        for i, layer in enumerate(cc.arch.layers)
+    ]
     with torch.no_grad():
         cc.base(input_ids=ids)
         plain = dict(outs)
@@ -66,20 +70,54 @@ def test_inject_layer_moves_the_fusion(tokenizer, inject):
         if i < inject:
             assert torch.equal(outs[i], plain[i])
         elif i == inject:  # exactly the vector, at p only
-            torch.testing.assert_close(outs[i] - plain[i], torch.zeros_like(plain[i]).index_put(
-                (torch.tensor([0]), torch.tensor([4])), vec))
+            torch.testing.assert_close(
+                outs[i] - plain[i],
+                torch.zeros_like(plain[i]).index_put((torch.tensor([0]), torch.tensor([4])), vec),
+            )
         else:
             assert not torch.allclose(outs[i][0, 4], plain[i][0, 4])
 
 
 def test_train_with_fixed_layer_logs_that_layer(base_dir, data_file, tmp_path, capsys):
     out = tmp_path / "fixed"
-    assert main(["train", "--model", str(base_dir), "--data", str(data_file), "--output", str(out),
-                 "--max-steps", "2", "--batch-size", "4", "--layer-choice", "fixed:1"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(base_dir),
+                "--data",
+                str(data_file),
+                "--output",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--layer-choice",
+                "fixed:1",
+            ]
+        )
+        == 0
+    )
     assert json.loads((out / "cctuning_config.json").read_text())["layer_choice"] == "fixed:1"
     assert json.loads((out / "layer_choice.json").read_text())["counts"] == [0, 8, 0]
     loaded = CCModel.from_pretrained(out)
     assert loaded.layer_rule == ("fixed", 1)
-    assert main(["train", "--model", str(base_dir), "--data", str(data_file), "--output", str(tmp_path / "x"),
-                 "--layer-choice", "fixed:x"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(base_dir),
+                "--data",
+                str(data_file),
+                "--output",
+                str(tmp_path / "x"),
+                "--layer-choice",
+                "fixed:x",
+            ]
+        )
+        == 2
+    )
     assert "unknown layer choice" in capsys.readouterr().err

@@ -16,7 +16,18 @@ from cctuning.model import CCModel
 from cctuning.training import TrainConfig
 from tests.conftest import make_records, write_jsonl
 
-FAST = ["--max-steps", "3", "--batch-size", "4", "--lr", "1e-3", "--logging-steps", "1", "--warmup-ratio", "0"]
+FAST = [
+    "--max-steps",
+    "3",
+    "--batch-size",
+    "4",
+    "--lr",
+    "1e-3",
+    "--logging-steps",
+    "1",
+    "--warmup-ratio",
+    "0",
+]
 
 
 def run_cli(args, capsys):
@@ -28,8 +39,21 @@ def run_cli(args, capsys):
 @pytest.mark.parametrize("method", ["cc", "sft"])
 def test_train_end_to_end(base_dir, data_file, tmp_path, capsys, method):
     out = tmp_path / "out"
-    code, stdout, _ = run_cli(["train", "--model", str(base_dir), "--data", str(data_file), "--output", str(out),
-                               "--method", method, *FAST], capsys)
+    code, stdout, _ = run_cli(
+        [
+            "train",
+            "--model",
+            str(base_dir),
+            "--data",
+            str(data_file),
+            "--output",
+            str(out),
+            "--method",
+            method,
+            *FAST,
+        ],
+        capsys,
+    )
     assert code == 0 and f"saved {method} model" in stdout
     cfg = json.loads((out / "cctuning_config.json").read_text())
     assert cfg["method"] == method and cfg["versions"]["torch"] == torch.__version__
@@ -60,7 +84,10 @@ def test_sft_trains_on_records_without_english(base_dir, tmp_path, capsys):
 BAD_LINES = [
     ('{"instruction": "a", "output": ', "bad.jsonl:3: malformed JSON"),
     ('{"instruction": "", "output": "b", "instruction_en": "c"}', "bad.jsonl:3: field 'instruction': empty"),
-    ('{"instruction": "a", "output": ["b"], "instruction_en": "c"}', "bad.jsonl:3: field 'output': must be a string"),
+    (
+        '{"instruction": "a", "output": ["b"], "instruction_en": "c"}',
+        "bad.jsonl:3: field 'output': must be a string",
+    ),
 ]
 
 
@@ -68,8 +95,10 @@ BAD_LINES = [
 def test_bad_data_is_one_line_error_without_traceback(base_dir, tmp_path, capsys, line, expected):
     rows = make_records(4)
     data = write_jsonl(tmp_path / "bad.jsonl", rows[:2] + [line] + rows[2:])
-    code, _, err = run_cli(["train", "--model", str(base_dir), "--data", str(data), "--output",
-                            str(tmp_path / "o"), *FAST], capsys)
+    code, _, err = run_cli(
+        ["train", "--model", str(base_dir), "--data", str(data), "--output", str(tmp_path / "o"), *FAST],
+        capsys,
+    )
     assert code == 2
     assert expected in err and "Traceback" not in err
     assert err.strip().count("\n") == 0
@@ -77,8 +106,18 @@ def test_bad_data_is_one_line_error_without_traceback(base_dir, tmp_path, capsys
 
 
 def test_user_errors_are_reported_in_one_line(base_dir, data_file, tmp_path, capsys):
-    code, _, err = run_cli(["train", "--model", str(tmp_path / "nope"), "--data", str(data_file),
-                            "--output", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "nope"),
+            "--data",
+            str(data_file),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capsys,
+    )
     assert code == 2 and "nope" in err and err.count("\n") == 1
     code, _, err = run_cli(["train", "--data", str(data_file), "--output", str(tmp_path / "o")], capsys)
     assert code == 2 and "--model is required" in err
@@ -93,7 +132,9 @@ def test_user_errors_are_reported_in_one_line(base_dir, data_file, tmp_path, cap
 
 def test_yaml_config_and_flags_override_it(tmp_path):
     yaml_file = tmp_path / "c.yaml"
-    yaml_file.write_text("model: m\nlr: 1.0e-4\nmax-steps: 7\nenglish_grad: true\ntrainer:\n  adam_beta2: 0.95\n")
+    yaml_file.write_text(
+        "model: m\nlr: 1.0e-4\nmax-steps: 7\nenglish_grad: true\ntrainer:\n  adam_beta2: 0.95\n"
+    )
     cfg = build_config(TrainConfig, str(yaml_file), {"max_steps": "9"})
     assert (cfg.model, cfg.lr, cfg.max_steps, cfg.english_grad) == ("m", 1e-4, 9, True)
     assert cfg.trainer == {"adam_beta2": 0.95} and cfg.batch_size == TrainConfig().batch_size
@@ -102,8 +143,23 @@ def test_yaml_config_and_flags_override_it(tmp_path):
 
 
 def test_resume_reaches_the_same_weights(base_dir, data_file, tmp_path, capsys):
-    common = ["train", "--model", str(base_dir), "--data", str(data_file), "--max-steps", "4", "--batch-size", "2",
-              "--lr", "1e-3", "--save-steps", "2", "--save-total-limit", "5"]
+    common = [
+        "train",
+        "--model",
+        str(base_dir),
+        "--data",
+        str(data_file),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--save-steps",
+        "2",
+        "--save-total-limit",
+        "5",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
     assert run_cli(common + ["--output", str(full)], capsys)[0] == 0
     assert run_cli(common + ["--output", str(part)], capsys)[0] == 0
@@ -116,13 +172,35 @@ def test_resume_reaches_the_same_weights(base_dir, data_file, tmp_path, capsys):
     a, b = load_file(str(full / "model.safetensors")), load_file(str(part / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(load_file(str(full / "decision_maker.safetensors"))["weight"],
-                               load_file(str(part / "decision_maker.safetensors"))["weight"], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(
+        load_file(str(full / "decision_maker.safetensors"))["weight"],
+        load_file(str(part / "decision_maker.safetensors"))["weight"],
+        atol=1e-6,
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.slow
 def test_console_script_runs_as_a_process(base_dir, data_file, tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "cctuning.cli", "train", "--model", str(base_dir), "--data",
-                           str(tmp_path / "missing.jsonl"), "--output", str(tmp_path / "o")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "missing.jsonl: no such file" in proc.stderr and "Traceback" not in proc.stderr
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cctuning.cli",
+            "train",
+            "--model",
+            str(base_dir),
+            "--data",
+            str(tmp_path / "missing.jsonl"),
+            "--output",
+            str(tmp_path / "o"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert (
+        proc.returncode == 2
+        and "missing.jsonl: no such file" in proc.stderr
+        and "Traceback" not in proc.stderr
+    )

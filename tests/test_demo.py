@@ -7,9 +7,20 @@ import pytest
 import cctuning.training.run as run_module
 from cctuning.demo import DemoConfig, run_demo, sample_mix
 
-TINY = dict(train_per_lang=1, langs="sw,zh,ar,hi", max_steps=2, batch_size=2, matrix_samples=8,
-            benchmarks="XNLI,MKQA", eval_langs="en,sw,zh", eval_limit=1, xlsum_limit=1, max_new_tokens=3,
-            eval_batch_size=4, nll_per_lang=1)
+TINY = dict(
+    train_per_lang=1,
+    langs="sw,zh,ar,hi",
+    max_steps=2,
+    batch_size=2,
+    matrix_samples=8,
+    benchmarks="XNLI,MKQA",
+    eval_langs="en,sw,zh",
+    eval_limit=1,
+    xlsum_limit=1,
+    max_new_tokens=3,
+    eval_batch_size=4,
+    nll_per_lang=1,
+)
 
 
 def test_sample_mix_is_stratified_and_deterministic():
@@ -42,6 +53,7 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(base_dir, tmp_path, mon
     for module in (run_module, cctuning.training):
         monkeypatch.setattr(module, "train", lambda *a, **k: pytest.fail("trained again"))
     import cctuning.eval.runner as runner
+
     monkeypatch.setattr(runner, "_run_items", lambda *a, **k: pytest.fail("generated again"))
     table2, _ = run_demo(cfg)
     assert table2.split("\n")[:-1] == table.split("\n")[:-1]  # same numbers; only the timing line differs

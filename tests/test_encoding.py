@@ -9,7 +9,9 @@ from cctuning.testing import tiny_tokenizer
 
 def template_ids(tok, instruction):
     """The prompt as Hugging Face tokenises it, computed independently of our encoder."""
-    ids = tok.apply_chat_template([{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=True)
+    ids = tok.apply_chat_template(
+        [{"role": "user", "content": instruction}], add_generation_prompt=True, tokenize=True
+    )
     return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
 
@@ -80,11 +82,18 @@ def test_plain_fallback_for_tokenizers_without_chat_template():
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_collator_positions_follow_padding(tokenizer, side):
     enc = PromptEncoder(tokenizer)
-    exs = [enc.encode_example(q, a, e) for q, a, e in [
-        ("Habari?", "Nzuri sana sana.", "Hello?"),
-        ("请回答下面的问题。今天天气很好。", "好", "Please answer the question below, the weather is good today."),
-        ("ما هي عاصمة مصر؟", "القاهرة", "What is the capital of Egypt?"),
-    ]]
+    exs = [
+        enc.encode_example(q, a, e)
+        for q, a, e in [
+            ("Habari?", "Nzuri sana sana.", "Hello?"),
+            (
+                "请回答下面的问题。今天天气很好。",
+                "好",
+                "Please answer the question below, the weather is good today.",
+            ),
+            ("ما هي عاصمة مصر؟", "القاهرة", "What is the capital of Egypt?"),
+        ]
+    ]
     batch = CCCollator(tokenizer.pad_token_id, side)([e.features() for e in exs])
     for i, ex in enumerate(exs):
         assert batch["input_ids"][i, batch["cc_position"][i]] == ex.input_ids[ex.position]
@@ -97,5 +106,7 @@ def test_collator_positions_follow_padding(tokenizer, side):
         assert (batch["labels"][i, : batch["cc_position"][i] + 1] == IGNORE_INDEX).all()
         assert batch["labels"][i, batch["cc_position"][i] + 1] != IGNORE_INDEX
     lengths = torch.tensor([len(e.input_ids) for e in exs])
-    assert (batch["cc_position"] - torch.tensor([e.position for e in exs]) == (
-        (lengths.max() - lengths) if side == "left" else 0)).all()
+    assert (
+        batch["cc_position"] - torch.tensor([e.position for e in exs])
+        == ((lengths.max() - lengths) if side == "left" else 0)
+    ).all()

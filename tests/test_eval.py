@@ -26,21 +26,41 @@ def cc_dir(tmp_path_factory, tokenizer):
 
 def test_eval_end_to_end_two_benchmarks_and_resume(cc_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
-    args = ["eval", "--model", str(cc_dir), "--benchmarks", "xnli,MKQA", "--langs", "sw,zh,en", "--limit", "2",
-            "--max-new-tokens", "4", "--output", str(out)]
+    args = [
+        "eval",
+        "--model",
+        str(cc_dir),
+        "--benchmarks",
+        "xnli,MKQA",
+        "--langs",
+        "sw,zh,en",
+        "--limit",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--output",
+        str(out),
+    ]
     assert main(args) == 0
     printed = capsys.readouterr().out
     assert "**XNLI** (accuracy ×100)" in printed and "MKQA has no data for sw" in printed
     res = json.loads((out / "results.json").read_text())
-    assert res["connection"] == "transform" and res["limit"] == 2 and res["versions"]["torch"] == torch.__version__
+    assert (
+        res["connection"] == "transform"
+        and res["limit"] == 2
+        and res["versions"]["torch"] == torch.__version__
+    )
     assert set(res["benchmarks"]) == {"XNLI", "MKQA"}
     assert set(res["benchmarks"]["XNLI"]["per_language"]) == {"en", "sw", "zh"}
     assert all(v["n"] == 2 for v in res["benchmarks"]["XNLI"]["per_language"].values())
     # the cached generations are what was scored: rescoring them by hand gives the same numbers
     from cctuning.eval.scoring import score_item
+
     for lang in ("sw", "zh"):
-        rows = {str(json.loads(line)["id"]): json.loads(line)
-                for line in (out / "generations" / "XNLI" / f"{lang}.jsonl").read_text().splitlines()}
+        rows = {
+            str(json.loads(line)["id"]): json.loads(line)
+            for line in (out / "generations" / "XNLI" / f"{lang}.jsonl").read_text().splitlines()
+        }
         items = load_benchmark("XNLI", lang, limit=2)
         acc = sum(score_item(it, rows[str(it.id)]["output"])["accuracy"] for it in items) / 2
         assert res["benchmarks"]["XNLI"]["per_language"][lang]["accuracy"] == acc
@@ -65,8 +85,15 @@ def test_eval_end_to_end_two_benchmarks_and_resume(cc_dir, tmp_path, capsys, mon
 
 def test_likelihood_scoring_matches_a_hand_computation(cc_dir, tokenizer, tmp_path):
     model = CCModel.from_pretrained(cc_dir)
-    cfg = EvalConfig(model=str(cc_dir), benchmarks=["XStoryCloze"], langs=["sw"], limit=3, connection="none",
-                     scoring="likelihood", output=str(tmp_path / "lik"))
+    cfg = EvalConfig(
+        model=str(cc_dir),
+        benchmarks=["XStoryCloze"],
+        langs=["sw"],
+        limit=3,
+        connection="none",
+        scoring="likelihood",
+        output=str(tmp_path / "lik"),
+    )
     res = evaluate(cfg, model, tokenizer, progress=False)
     gen = CCGenerator(model, tokenizer)
     correct = 0
@@ -85,7 +112,10 @@ def test_plain_hf_folder_and_report(base_dir, cc_dir, tmp_path, capsys):
     common = ["--benchmarks", "XStoryCloze", "--langs", "en,sw", "--limit", "2", "--max-new-tokens", "3"]
     assert main(["eval", "--model", str(base_dir), "--output", str(a), *common]) == 0
     assert json.loads((a / "results.json").read_text())["connection"] == "none"
-    assert main(["eval", "--model", str(base_dir), "--connection", "transform", "--output", str(b), *common]) == 2
+    assert (
+        main(["eval", "--model", str(base_dir), "--connection", "transform", "--output", str(b), *common])
+        == 2
+    )
     assert "needs a CC-Tuning model" in capsys.readouterr().err
     assert main(["eval", "--model", str(cc_dir), "--output", str(b), *common]) == 0
     capsys.readouterr()

@@ -48,16 +48,43 @@ def assert_same_weights(a: Path, b: Path) -> None:
 
 # -- kill and resume -----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_sigkill_while_saving_a_checkpoint_then_resume_reaches_the_same_weights(base_dir, data_file, tmp_path,
-                                                                                 capsys):
-    common = ["train", "--model", str(base_dir), "--data", str(data_file), "--max-steps", "4", "--batch-size", "2",
-              "--lr", "1e-3", "--save-steps", "1", "--save-total-limit", "5", "--warmup-ratio", "0"]
+def test_sigkill_while_saving_a_checkpoint_then_resume_reaches_the_same_weights(
+    base_dir, data_file, tmp_path, capsys
+):
+    common = [
+        "train",
+        "--model",
+        str(base_dir),
+        "--data",
+        str(data_file),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-3",
+        "--save-steps",
+        "1",
+        "--save-total-limit",
+        "5",
+        "--warmup-ratio",
+        "0",
+    ]
     full, part = tmp_path / "full", tmp_path / "part"
-    env = {**os.environ, "CCT_TEST_PAUSE_AT": "2", "CCT_TEST_THREADS": str(torch.get_num_threads()),
-           "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "CCT_TEST_PAUSE_AT": "2",
+        "CCT_TEST_THREADS": str(torch.get_num_threads()),
+        "PYTHONPATH": str(ROOT),
+    }
     # the run to kill: it stops (sleeps) half-way through writing checkpoint-2, after checkpoint-1
-    proc = subprocess.Popen([sys.executable, str(WORKER), *common, "--output", str(part)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), *common, "--output", str(part)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert main(common + ["--output", str(full)]) == 0  # the uninterrupted run, meanwhile
         deadline = time.time() + 240
@@ -82,19 +109,35 @@ def test_sigkill_while_saving_a_checkpoint_then_resume_reaches_the_same_weights(
     assert main(common + ["--output", str(part), "--resume", "last"]) == 0
     assert_same_weights(full, part)
     assert json.loads((part / "train_results.json").read_text())["global_step"] == 4
-    assert not (part / INCOMPLETE_MARKER).exists() and not (part / "checkpoint-2" / INCOMPLETE_MARKER).exists()
+    assert (
+        not (part / INCOMPLETE_MARKER).exists() and not (part / "checkpoint-2" / INCOMPLETE_MARKER).exists()
+    )
 
 
-def test_resume_from_a_folder_that_is_not_a_finished_checkpoint_is_a_clear_error(base_dir, data_file, tmp_path,
-                                                                                  capsys):
+def test_resume_from_a_folder_that_is_not_a_finished_checkpoint_is_a_clear_error(
+    base_dir, data_file, tmp_path, capsys
+):
     (tmp_path / "half").mkdir()
-    code = main(["train", "--model", str(base_dir), "--data", str(data_file), "--output", str(tmp_path / "o"),
-                 "--resume", str(tmp_path / "half")])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(base_dir),
+            "--data",
+            str(data_file),
+            "--output",
+            str(tmp_path / "o"),
+            "--resume",
+            str(tmp_path / "half"),
+        ]
+    )
     assert code == 2 and "not a finished checkpoint" in error_line(capsys.readouterr().err)
 
 
 # -- atomic writes ----------------------------------------------------------------------------------------
-def test_a_save_interrupted_at_any_rename_is_refused_and_a_good_save_repairs_it(tokenizer, tmp_path, monkeypatch):
+def test_a_save_interrupted_at_any_rename_is_refused_and_a_good_save_repairs_it(
+    tokenizer, tmp_path, monkeypatch
+):
     cc = CCModel.from_base(tiny_model("llama", tokenizer=tokenizer), CCConfig()).eval()
     folder = tmp_path / "m"
     cc.save_pretrained(folder, tokenizer=tokenizer)  # a good old version
@@ -140,11 +183,32 @@ def test_a_save_interrupted_at_any_rename_is_refused_and_a_good_save_repairs_it(
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no marker, stage or temp file left
 
 
-def test_training_leaves_no_temporary_files_and_checkpoints_with_a_marker_are_skipped(base_dir, data_file, tmp_path,
-                                                                                       capsys):
+def test_training_leaves_no_temporary_files_and_checkpoints_with_a_marker_are_skipped(
+    base_dir, data_file, tmp_path, capsys
+):
     out = tmp_path / "o"
-    assert main(["train", "--model", str(base_dir), "--data", str(data_file), "--output", str(out), "--max-steps",
-                 "2", "--batch-size", "4", "--save-steps", "1", "--save-total-limit", "5"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(base_dir),
+                "--data",
+                str(data_file),
+                "--output",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+                "--save-steps",
+                "1",
+                "--save-total-limit",
+                "5",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
     assert leftovers == []
@@ -179,8 +243,22 @@ def test_a_matrix_fitted_by_the_cli_is_tied_to_its_model(tokenizer, tmp_path, ca
     cc = CCModel.from_base(tiny_model("llama", tokenizer=tokenizer), CCConfig())
     cc.save_pretrained(tmp_path / "m", tokenizer=tokenizer)
     data = write_jsonl(tmp_path / "d.jsonl", make_records(12))
-    assert main(["fit-matrix", "--model", str(tmp_path / "m"), "--data", str(data), "--samples", "12",
-                 "--heldout", "0"]) == 0
+    assert (
+        main(
+            [
+                "fit-matrix",
+                "--model",
+                str(tmp_path / "m"),
+                "--data",
+                str(data),
+                "--samples",
+                "12",
+                "--heldout",
+                "0",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     loaded = CCModel.from_pretrained(tmp_path / "m")
     assert loaded.transform.meta[DECISION_MAKER_STAMP] == loaded.decision_maker_sha256
@@ -189,10 +267,23 @@ def test_a_matrix_fitted_by_the_cli_is_tied_to_its_model(tokenizer, tmp_path, ca
 
 def test_prompt_longer_than_the_models_context_names_file_line_and_field(base_dir, tmp_path, capsys):
     rows = make_records(3)
-    rows[1]["instruction"] = " ".join(f"neno{i}" for i in range(400))  # > 512 tokens, the tiny model's context
+    rows[1]["instruction"] = " ".join(
+        f"neno{i}" for i in range(400)
+    )  # > 512 tokens, the tiny model's context
     data = write_jsonl(tmp_path / "long.jsonl", rows)
-    args = ["train", "--model", str(base_dir), "--data", str(data), "--output", str(tmp_path / "o"),
-            "--max-steps", "1", "--batch-size", "2"]
+    args = [
+        "train",
+        "--model",
+        str(base_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "o"),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]
     code = main(args + ["--max-length", "4096"])
     err = error_line(capsys.readouterr().err)
     assert code == 2 and "long.jsonl:2: field 'instruction'" in err and "context of 512" in err
@@ -204,15 +295,37 @@ def test_chat_template_required_but_missing_is_one_line(tmp_path, capsys):
     tiny_model("llama", tokenizer=tok).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     data = write_jsonl(tmp_path / "d.jsonl", make_records(2))
-    code = main(["train", "--model", str(tmp_path / "base"), "--data", str(data), "--output", str(tmp_path / "o"),
-                 "--template", "chat"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(tmp_path / "base"),
+            "--data",
+            str(data),
+            "--output",
+            str(tmp_path / "o"),
+            "--template",
+            "chat",
+        ]
+    )
     err = error_line(capsys.readouterr().err)
     assert code == 2 and "no chat template" in err and "--template plain" in err
 
 
 def test_unrecognisable_layers_through_the_cli_is_one_line(base_dir, data_file, tmp_path, capsys):
-    code = main(["train", "--model", str(base_dir), "--data", str(data_file), "--output", str(tmp_path / "o"),
-                 "--layers-path", "model.nothing"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(base_dir),
+            "--data",
+            str(data_file),
+            "--output",
+            str(tmp_path / "o"),
+            "--layers-path",
+            "model.nothing",
+        ]
+    )
     assert code == 2 and "--layers-path 'model.nothing'" in error_line(capsys.readouterr().err)
 
 
@@ -242,7 +355,9 @@ def test_loading_a_folder_never_runs_code_from_it(tokenizer, tmp_path):
     folder = tmp_path / "evil"
     cc = CCModel.from_base(tiny_model("llama", tokenizer=tokenizer), CCConfig())
     cc.save_pretrained(folder, tokenizer=tokenizer)
-    (folder / "evil.py").write_text(f"from pathlib import Path\nPath({str(marker)!r}).write_text('import ran')\n")
+    (folder / "evil.py").write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).write_text('import ran')\n"
+    )
     config = json.loads((folder / "config.json").read_text())
     config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
     (folder / "config.json").write_text(json.dumps(config))

@@ -24,26 +24,44 @@ from cctuning.testing import tiny_model, tiny_tokenizer
 from cctuning.training.run import encode_records
 from tests.conftest import make_records, write_jsonl
 
-PROPERTY = settings(max_examples=120, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
-                                           HealthCheck.data_too_large])
+PROPERTY = settings(
+    max_examples=120,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[
+        HealthCheck.too_slow,
+        HealthCheck.function_scoped_fixture,
+        HealthCheck.data_too_large,
+    ],
+)
 FIELDS = ("instruction", "output", "instruction_en", "lang")
 LONE_SURROGATE = "bad \ud800 text"  # what the JSON escape "\ud800" decodes to
 
 # -- strategies -----------------------------------------------------------------------------------------
 good_text = st.one_of(
     st.text(min_size=1, max_size=40),
-    st.builds(lambda c, n: c * n, st.characters(exclude_categories=["Cs"]), st.integers(2000, 20000)),  # very long
-    st.sampled_from(["<|im_end|>", "{{ bos_token }}", "a\u2028b\u2029c\x85", "e\u0301\u200d\ufeff", "🙂" * 30]),
+    st.builds(
+        lambda c, n: c * n, st.characters(exclude_categories=["Cs"]), st.integers(2000, 20000)
+    ),  # very long
+    st.sampled_from(
+        ["<|im_end|>", "{{ bos_token }}", "a\u2028b\u2029c\x85", "e\u0301\u200d\ufeff", "🙂" * 30]
+    ),
 ).filter(lambda s: s.strip())
 bad_value = st.one_of(
     st.sampled_from(["", " ", "\t\r\n", "\u3000\u00a0", LONE_SURROGATE]),
-    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False),
-    st.lists(st.integers(), max_size=2), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=False),
+    st.lists(st.integers(), max_size=2),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
 )
-json_value = st.recursive(st.none() | st.booleans() | st.integers() | st.text(max_size=5),
-                          lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner,
-                                                                                      max_size=2), max_leaves=4)
+json_value = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=5),
+    lambda inner: st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=3), inner, max_size=2),
+    max_leaves=4,
+)
 
 
 @dataclass
@@ -80,8 +98,11 @@ def record_line(draw, require_english: bool, ensure_ascii: bool) -> Line:
         rec[name] = value
         if not _is_good(value, name in required):
             bad.add(name)
-    extras = draw(st.dictionaries(st.text(min_size=1, max_size=6).filter(lambda k: k not in FIELDS), json_value,
-                                  max_size=2))
+    extras = draw(
+        st.dictionaries(
+            st.text(min_size=1, max_size=6).filter(lambda k: k not in FIELDS), json_value, max_size=2
+        )
+    )
     items = list(rec.items()) + list(extras.items())
     items = draw(st.permutations(items))
     text = json.dumps(dict(items), ensure_ascii=ensure_ascii or LONE_SURROGATE in rec.values())
@@ -95,19 +116,27 @@ def record_line(draw, require_english: bool, ensure_ascii: bool) -> Line:
 
 @st.composite
 def broken_line(draw) -> Line:
-    kind = draw(st.sampled_from(["truncated", "not an object", "utf8", "duplicate", "deep", "huge int", "junk"]))
+    kind = draw(
+        st.sampled_from(["truncated", "not an object", "utf8", "duplicate", "deep", "huge int", "junk"])
+    )
     good = make_records(1)[0]
     if kind == "truncated":
         return Line(json.dumps(good).encode()[: draw(st.integers(1, 20))])
     if kind == "not an object":
-        return Line(json.dumps(draw(st.one_of(st.lists(st.integers(), max_size=2), st.integers(), st.text()))).encode())
+        return Line(
+            json.dumps(
+                draw(st.one_of(st.lists(st.integers(), max_size=2), st.integers(), st.text()))
+            ).encode()
+        )
     if kind == "utf8":
-        junk = draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\x80"]))
+        junk = draw(
+            st.sampled_from([b"\xff", b"\xc3\x28", b"\xed\xa0\x80", b"\xf8\x88\x80\x80\x80", b"\x80"])
+        )
         return Line(b'{"instruction": "a' + junk + b'", "output": "b", "instruction_en": "c"}')
     if kind == "duplicate":
         key = draw(st.sampled_from(list(FIELDS) + ["extra"]))
         good["extra"] = 1
-        return Line((json.dumps(good)[:-1] + f", {json.dumps(key)}: \"again\"}}").encode(), bad_fields={key})
+        return Line((json.dumps(good)[:-1] + f', {json.dumps(key)}: "again"}}').encode(), bad_fields={key})
     if kind == "deep":
         return Line(b"[" * 100_000 + b"]" * 100_000)
     if kind == "huge int":
@@ -118,11 +147,18 @@ def broken_line(draw) -> Line:
 @st.composite
 def jsonl_file(draw, require_english: bool):
     ensure_ascii = draw(st.booleans())
-    lines = draw(st.lists(st.one_of(
-        record_line(require_english, ensure_ascii), record_line(require_english, ensure_ascii),
-        broken_line(),
-        st.sampled_from([b"", b"   ", b"\t"]).map(lambda raw: Line(raw, blank=True)),
-    ), min_size=1, max_size=8))
+    lines = draw(
+        st.lists(
+            st.one_of(
+                record_line(require_english, ensure_ascii),
+                record_line(require_english, ensure_ascii),
+                broken_line(),
+                st.sampled_from([b"", b"   ", b"\t"]).map(lambda raw: Line(raw, blank=True)),
+            ),
+            min_size=1,
+            max_size=8,
+        )
+    )
     newline = draw(st.sampled_from([b"\n", b"\r\n", b"\r"]))
     bom = draw(st.sampled_from([b"", b"\xef\xbb\xbf"]))
     indent = draw(st.sampled_from([b"", b"  ", b"\t"]))
@@ -131,12 +167,22 @@ def jsonl_file(draw, require_english: bool):
 
 
 def _records_as_dicts(records) -> list[dict]:
-    return [{"instruction": r.instruction, "output": r.output, "instruction_en": r.instruction_en, "lang": r.lang,
-             "line": r.line} for r in records]
+    return [
+        {
+            "instruction": r.instruction,
+            "output": r.output,
+            "instruction_en": r.instruction_en,
+            "lang": r.lang,
+            "line": r.line,
+        }
+        for r in records
+    ]
 
 
 def _expected(lines: list[Line]) -> list[dict]:
-    return [{**ln.record, "line": number} for number, ln in enumerate(lines, start=1) if ln.record is not None]
+    return [
+        {**ln.record, "line": number} for number, ln in enumerate(lines, start=1) if ln.record is not None
+    ]
 
 
 def _check_error(err: DataError, path, lines: list[Line]) -> None:
@@ -152,7 +198,9 @@ def _check_error(err: DataError, path, lines: list[Line]) -> None:
 # -- the loader ---------------------------------------------------------------------------------------
 @PROPERTY
 @given(data=st.data(), require_english=st.booleans())
-def test_jsonl_loads_exactly_the_valid_records_or_names_the_first_bad_line(tmp_path_factory, data, require_english):
+def test_jsonl_loads_exactly_the_valid_records_or_names_the_first_bad_line(
+    tmp_path_factory, data, require_english
+):
     lines, raw = data.draw(jsonl_file(require_english))
     path = tmp_path_factory.mktemp("h") / "data.jsonl"
     path.write_bytes(raw)
@@ -218,8 +266,13 @@ example = st.tuples(good_text, good_text, good_text)
 
 
 @PROPERTY
-@given(ex=example, mode=st.sampled_from(["chat", "plain"]), max_length=st.integers(8, 400), offset=st.integers(0, 2),
-       system=st.one_of(st.none(), st.text(min_size=1, max_size=30).filter(str.strip), good_text))
+@given(
+    ex=example,
+    mode=st.sampled_from(["chat", "plain"]),
+    max_length=st.integers(8, 400),
+    offset=st.integers(0, 2),
+    system=st.one_of(st.none(), st.text(min_size=1, max_size=30).filter(str.strip), good_text),
+)
 def test_any_text_encodes_with_the_prompt_intact_or_fails_in_one_line(ex, mode, max_length, offset, system):
     tok = _tokenizer()
     instruction, output, english = ex
@@ -228,26 +281,35 @@ def test_any_text_encodes_with_the_prompt_intact_or_fails_in_one_line(ex, mode, 
         got = enc.encode_example(instruction, output, english)
     except CCError as err:
         event("refused")
-        assert "\n" not in str(err) and ("--max-length" in str(err) or "position_offset" in str(err)), str(err)
+        assert "\n" not in str(err) and ("--max-length" in str(err) or "position_offset" in str(err)), str(
+            err
+        )
         return
     event("encoded whole" if got.response_cut == got.instruction_cut == 0 else "encoded, truncated")
     k = got.position + 1 + offset  # prompt length
     assert len(got.input_ids) <= max_length and len(got.en_input_ids) <= max_length
-    assert got.labels[:k] == [IGNORE_INDEX] * k and got.labels[k:] == got.input_ids[k:] and len(got.labels) > k
+    assert (
+        got.labels[:k] == [IGNORE_INDEX] * k and got.labels[k:] == got.input_ids[k:] and len(got.labels) > k
+    )
     assert got.en_position == len(got.en_input_ids) - 1 - offset >= 0
     if got.response_cut == got.instruction_cut == 0:  # nothing cut: the text round-trips exactly
         if mode == "chat":
-            msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": instruction}]
+            msgs = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": instruction}
+            ]
             prompt = tok.apply_chat_template(msgs, add_generation_prompt=True, tokenize=False)
             full = tok.apply_chat_template(msgs + [{"role": "assistant", "content": output}], tokenize=False)
         else:
-            prompt = tok.bos_token + (f"{system}\n\n" if system else "") + PLAIN_HEAD + instruction + PLAIN_TAIL
+            prompt = (
+                tok.bos_token + (f"{system}\n\n" if system else "") + PLAIN_HEAD + instruction + PLAIN_TAIL
+            )
             full = prompt + output + tok.eos_token
         assert _decode(got.input_ids[:k]) == prompt
         assert _decode(got.input_ids) == full
     if got.en_instruction_cut == 0 and mode == "chat" and not system:
         assert _decode(got.en_input_ids) == tok.apply_chat_template(
-            [{"role": "user", "content": english}], add_generation_prompt=True, tokenize=False)
+            [{"role": "user", "content": english}], add_generation_prompt=True, tokenize=False
+        )
 
 
 @settings(PROPERTY, max_examples=25)
@@ -284,24 +346,49 @@ def test_an_encoding_error_names_the_records_file_line_and_field(tmp_path):
 # -- through the command line -------------------------------------------------------------------------
 HOSTILE_FILE = (
     b"\xef\xbb\xbf"
-    + json.dumps({"instruction": "Habari " * 400, "output": "\u2028ok\u0085", "instruction_en": "Hi",
-                  "lang": "sw", "extra": [1, {"x": None}]}, ensure_ascii=False).encode() + b"\r\n"
+    + json.dumps(
+        {
+            "instruction": "Habari " * 400,
+            "output": "\u2028ok\u0085",
+            "instruction_en": "Hi",
+            "lang": "sw",
+            "extra": [1, {"x": None}],
+        },
+        ensure_ascii=False,
+    ).encode()
+    + b"\r\n"
     + b"\r\n"
     + b'  {"instruction": "\\u8bf7\\u56de\\u7b54", "output": "\xe5\xa5\xbd", "instruction_en": "Answer"}\r\n'
     + b'{"instruction": "a", "output": "b", "instruction_en": "c", "output": "d"}\r\n'
     + b'{"instruction": "\xff", "output": "b", "instruction_en": "c"}\r\n'
     + b'{"instruction": "a", "output": 7, "instruction_en": "c"}\r\n'
     + b'{"instruction": "\\ud800", "output": "b", "instruction_en": "c"}\r\n'
-    + b"\xef\xbb\xbf" + json.dumps(make_records(1)[0]).encode() + b"\r\n"
+    + b"\xef\xbb\xbf"
+    + json.dumps(make_records(1)[0]).encode()
+    + b"\r\n"
 )
 
 
 def test_a_hostile_file_through_the_cli_stops_in_one_line_or_trains_with_skipped_records_counted(
-        base_dir, tmp_path, capsys):
+    base_dir, tmp_path, capsys
+):
     data = tmp_path / "hostile.jsonl"
     data.write_bytes(HOSTILE_FILE)
-    args = ["train", "--model", str(base_dir), "--data", str(data), "--output", str(tmp_path / "o"),
-            "--max-steps", "1", "--batch-size", "3", "--max-length", "128"]
+    args = [
+        "train",
+        "--model",
+        str(base_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(tmp_path / "o"),
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "3",
+        "--max-length",
+        "128",
+    ]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == f"cctuning: error: {data}:4: field 'output': duplicate key"

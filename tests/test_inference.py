@@ -21,8 +21,13 @@ PROMPTS = [
     "hi",
     "नमस्ते, आप कैसे हैं? मैं ठीक हूँ।",
 ]
-ENGLISH = ["Good morning, my friend? Please answer.", "Please answer the question below.",
-           "What is the capital of Egypt?", "hi", "Hello, how are you?"]
+ENGLISH = [
+    "Good morning, my friend? Please answer.",
+    "Please answer the question below.",
+    "What is the capital of Egypt?",
+    "hi",
+    "Hello, how are you?",
+]
 
 
 def connected_model(tokenizer, arch="llama", seed=0):
@@ -44,9 +49,12 @@ def test_fast_path_equals_naive_two_prefill_path(tokenizer, arch, connection):
     english = ENGLISH if connection == "english" else None
     fast = gen.generate(PROMPTS, connection, english, return_first_logits=True)
     naive = gen.generate(PROMPTS, connection, english, naive=True, return_first_logits=True)
-    single = [CCGenerator(cc, tokenizer, 6, 1).generate([p], connection, [e] if english else None, naive=True,
-                                                        return_first_logits=True)[0]
-              for p, e in zip(PROMPTS, ENGLISH)]
+    single = [
+        CCGenerator(cc, tokenizer, 6, 1).generate(
+            [p], connection, [e] if english else None, naive=True, return_first_logits=True
+        )[0]
+        for p, e in zip(PROMPTS, ENGLISH)
+    ]
     for f, n, s in zip(fast, naive, single):
         torch.testing.assert_close(f.first_logits, n.first_logits, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(f.first_logits, s.first_logits, atol=1e-5, rtol=1e-5)
@@ -94,10 +102,14 @@ def test_english_oracle_with_identical_prompts_and_identity_matrix_equals_transf
 def test_generation_stops_on_stop_ids_and_strips_special_tokens(tokenizer):
     cc = connected_model(tokenizer)
     gen = CCGenerator(cc, tokenizer, 12, batch_size=5)
-    assert stop_token_ids(tokenizer, cc, gen.encoder) >= {tokenizer.eos_token_id,
-                                                         tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    assert stop_token_ids(tokenizer, cc, gen.encoder) >= {
+        tokenizer.eos_token_id,
+        tokenizer.convert_tokens_to_ids("<|im_end|>"),
+    }
     free = gen.generate(PROMPTS, "none")
-    assert all(len(o.token_ids) == 12 for o in free), "the random tiny model never emits a stop id by chance here"
+    assert all(len(o.token_ids) == 12 for o in free), (
+        "the random tiny model never emits a stop id by chance here"
+    )
     stop_at = free[0].token_ids[3]
     gen.stop_ids = gen.stop_ids | {stop_at}
     cut = gen.generate(PROMPTS, "none")
@@ -141,8 +153,9 @@ def test_streaming_fit_recovers_a_known_map_and_matches_lstsq():
     ridge = torch.linalg.solve(S.T @ S + lam * torch.eye(d, dtype=torch.float64), S.T @ T)
     torch.testing.assert_close(acc.solve(lam), ridge, atol=1e-9, rtol=1e-9)
     m = acc.solve()
-    torch.testing.assert_close(torch.tensor(acc.mse(m), dtype=torch.float64), ((S @ m - T) ** 2).mean(),
-                               atol=1e-9, rtol=1e-6)
+    torch.testing.assert_close(
+        torch.tensor(acc.mse(m), dtype=torch.float64), ((S @ m - T) ** 2).mean(), atol=1e-9, rtol=1e-6
+    )
 
 
 def test_per_layer_fit_and_underdetermined_min_norm():
@@ -154,8 +167,10 @@ def test_per_layer_fit_and_underdetermined_min_norm():
     acc.add(src, apply_matrix(maps, src))
     torch.testing.assert_close(acc.solve(), maps, atol=1e-9, rtol=1e-9)
     # fewer rows than d (the official 10 prompts vs d=4096): minimum-norm solution, as lstsq/pinv
-    few_s, few_t = torch.randn(1, 2, 8, generator=g, dtype=torch.float64), torch.randn(1, 2, 8, generator=g,
-                                                                                       dtype=torch.float64)
+    few_s, few_t = (
+        torch.randn(1, 2, 8, generator=g, dtype=torch.float64),
+        torch.randn(1, 2, 8, generator=g, dtype=torch.float64),
+    )
     acc = NormalEquations(8, 2)
     acc.add(few_s, few_t)
     S, T = few_s.reshape(-1, 8), few_t.reshape(-1, 8)
@@ -172,11 +187,13 @@ def test_fit_transform_matrix_on_a_model_and_mismatch_error(tokenizer, tmp_path)
     # the same normal equations, built by hand from the fit pairs' activations
     gen = CCGenerator(cc, tokenizer)
     import random
+
     rng = random.Random(1)
     chosen = sorted(rng.sample(range(20), 20))
     order = chosen[:]
     rng.shuffle(order)
     fit_idx = sorted(order[2:])
+
     def acts(texts):
         out = []
         for t in texts:
@@ -184,6 +201,7 @@ def test_fit_transform_matrix_on_a_model_and_mismatch_error(tokenizer, tmp_path)
             ids = torch.tensor([enc.ids])
             out.append(cc.collect_activations(ids, torch.ones_like(ids), torch.tensor([enc.position])))
         return torch.cat(out).double().reshape(-1, cc.arch.hidden_size)
+
     S = acts([records[i].instruction for i in fit_idx])
     T = acts([records[i].instruction_en for i in fit_idx])
     by_hand = torch.linalg.pinv(S.T @ S, hermitian=True) @ (S.T @ T)
@@ -199,8 +217,24 @@ def test_fit_transform_matrix_on_a_model_and_mismatch_error(tokenizer, tmp_path)
 @pytest.mark.slow
 def test_fit_matrix_and_generate_cli_on_a_trained_model(base_dir, data_file, tmp_path, capsys):
     out = tmp_path / "cc"
-    assert main(["train", "--model", str(base_dir), "--data", str(data_file), "--output", str(out),
-                 "--max-steps", "2", "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(base_dir),
+                "--data",
+                str(data_file),
+                "--output",
+                str(out),
+                "--max-steps",
+                "2",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert main(["generate", "--model", str(out), "--prompt", "Habari?", "--connection", "transform"]) == 2
     assert "fit-matrix" in capsys.readouterr().err  # no matrix yet
     assert main(["generate", "--model", str(out), "--prompt", "Habari?", "--max-new-tokens", "3"]) == 0
@@ -211,14 +245,33 @@ def test_fit_matrix_and_generate_cli_on_a_trained_model(base_dir, data_file, tmp
     meta = json.loads((out / "transform_matrix.json").read_text())
     assert meta["pairs"] == 10 and meta["hidden_size"] == 32
     gens = tmp_path / "gens.jsonl"
-    assert main(["generate", "--model", str(out), "--input", str(data_file), "--output", str(gens),
-                 "--max-new-tokens", "4", "--connection", "english"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--model",
+                str(out),
+                "--input",
+                str(data_file),
+                "--output",
+                str(gens),
+                "--max-new-tokens",
+                "4",
+                "--connection",
+                "english",
+            ]
+        )
+        == 0
+    )
     rows = [json.loads(line) for line in gens.read_text().splitlines()]
     assert len(rows) == 12 and all(r["connection"] == "english" and isinstance(r["layer"], int) for r in rows)
     # the Python API gives the same texts
     model = CCModel.from_pretrained(out)
-    api = CCGenerator(model, tokenizer=__import__("transformers").AutoTokenizer.from_pretrained(out),
-                      max_new_tokens=4).generate([r["instruction"] for r in rows], "english",
-                                                 english=[json.loads(line)["instruction_en"]
-                                                          for line in data_file.read_text().splitlines()])
+    api = CCGenerator(
+        model, tokenizer=__import__("transformers").AutoTokenizer.from_pretrained(out), max_new_tokens=4
+    ).generate(
+        [r["instruction"] for r in rows],
+        "english",
+        english=[json.loads(line)["instruction_en"] for line in data_file.read_text().splitlines()],
+    )
     assert [a.text for a in api] == [r["generation"] for r in rows]

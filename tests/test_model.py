@@ -36,9 +36,16 @@ def test_captured_activation_is_the_ffn_output_at_p(tokenizer, arch):
     resid, outs, mlp_in = {}, {}, {}
     handles = []
     for i, layer in enumerate(layers):
-        handles.append(residual_before_ffn(layer, arch).register_forward_pre_hook(
-            lambda m, a, i=i: resid.__setitem__(i, a[0])))
-        handles.append(layer.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o)))
+        handles.append(
+            residual_before_ffn(layer, arch).register_forward_pre_hook(
+                lambda m, a, i=i: resid.__setitem__(i, a[0])
+            )
+        )
+        handles.append(
+            layer.register_forward_hook(
+                lambda m, a, o, i=i: outs.__setitem__(i, o[0] if isinstance(o, tuple) else o)
+            )
+        )
         handles.append(layer.mlp.register_forward_pre_hook(lambda m, a, i=i: mlp_in.__setitem__(i, a[0])))
     acts = cc.collect_activations(b["input_ids"], b["attention_mask"], b["cc_position"])
     for h in handles:
@@ -53,8 +60,11 @@ def test_captured_activation_is_the_ffn_output_at_p(tokenizer, arch):
         # and the MLP recomputed by hand from its weights
         x = mlp_in[i][rows, p]
         mlp = layer.mlp
-        act = F.gelu(x @ mlp.gate_proj.weight.T, approximate="tanh") if arch == "gemma3_text" else F.silu(
-            x @ mlp.gate_proj.weight.T)
+        act = (
+            F.gelu(x @ mlp.gate_proj.weight.T, approximate="tanh")
+            if arch == "gemma3_text"
+            else F.silu(x @ mlp.gate_proj.weight.T)
+        )
         by_hand = (act * (x @ mlp.up_proj.weight.T)) @ mlp.down_proj.weight.T
         if arch == "gemma3_text":
             by_hand = layer.post_feedforward_layernorm(by_hand)
@@ -104,10 +114,16 @@ def test_training_forward_equals_hand_computation(tokenizer, arch):
     rows = torch.arange(3)
     # 1. English pass with our own hooks on the FFN modules
     store = {}
-    hs = [m.register_forward_hook(lambda mod, a, o, i=i: store.__setitem__(i, o)) for i, m in enumerate(arch_info.ffn)]
+    hs = [
+        m.register_forward_hook(lambda mod, a, o, i=i: store.__setitem__(i, o))
+        for i, m in enumerate(arch_info.ffn)
+    ]
     with torch.no_grad():
-        model(input_ids=b["en_input_ids"], attention_mask=b["en_attention_mask"],
-              position_ids=positions_from_mask(b["en_attention_mask"]))
+        model(
+            input_ids=b["en_input_ids"],
+            attention_mask=b["en_attention_mask"],
+            position_ids=positions_from_mask(b["en_attention_mask"]),
+        )
     for h in hs:
         h.remove()
     acts = torch.stack([store[i][rows, b["en_cc_position"]] for i in range(len(store))], 1)
@@ -117,23 +133,31 @@ def test_training_forward_equals_hand_computation(tokenizer, arch):
     chosen = logits.argmax(-1)
     assert torch.equal(chosen, cc.last_layer_choice)
     c = acts[rows, chosen]
+
     # 3. fused pass: add c after decoder layer 1 at p
     def add(mod, a, o):
         h = (o[0] if isinstance(o, tuple) else o).clone()
         h[rows, b["cc_position"]] += c
         return (h,) + tuple(o[1:]) if isinstance(o, tuple) else h
+
     handle = arch_info.layers[1].register_forward_hook(add)
     with torch.no_grad():
-        lm = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                   position_ids=positions_from_mask(b["attention_mask"])).logits
+        lm = model(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            position_ids=positions_from_mask(b["attention_mask"]),
+        ).logits
     handle.remove()
     labels = b["labels"][:, 1:]
     ce = F.cross_entropy(lm[:, :-1].reshape(-1, lm.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX)
     torch.testing.assert_close(out.loss, ce, atol=1e-5, rtol=1e-5)
     # and the connection matters: a plain forward gives other logits
     with torch.no_grad():
-        plain = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
-                      position_ids=positions_from_mask(b["attention_mask"])).logits
+        plain = model(
+            input_ids=b["input_ids"],
+            attention_mask=b["attention_mask"],
+            position_ids=positions_from_mask(b["attention_mask"]),
+        ).logits
     assert (plain - out.logits).abs().max() > 1e-5
 
 
@@ -148,7 +172,9 @@ def _english_only_token_rows(tokenizer, b):
 @pytest.mark.parametrize("english_grad", [False, True])
 def test_gradients_decision_maker_and_english_pass(tokenizer, english_grad):
     torch.manual_seed(0)
-    cc = CCModel.from_base(tiny_model("llama", tokenizer=tokenizer), CCConfig(english_grad=english_grad)).train()
+    cc = CCModel.from_base(
+        tiny_model("llama", tokenizer=tokenizer), CCConfig(english_grad=english_grad)
+    ).train()
     b = batch_for(tokenizer)
     out = cc(**b)
     out.loss.backward()
@@ -195,7 +221,9 @@ def test_save_and_load_give_identical_logits_and_decision_maker(tokenizer, tmp_p
     assert torch.equal(a.logits, c.logits)
     plain = AutoModelForCausalLM.from_pretrained(tmp_path)  # a normal HF folder for plain use
     with torch.no_grad():
-        torch.testing.assert_close(plain(input_ids=b["input_ids"]).logits, cc.base(input_ids=b["input_ids"]).logits)
+        torch.testing.assert_close(
+            plain(input_ids=b["input_ids"]).logits, cc.base(input_ids=b["input_ids"]).logits
+        )
     assert not any(p.name.endswith(".tmp") or p.name.startswith(".stage") for p in tmp_path.iterdir())
 
 

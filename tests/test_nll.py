@@ -25,7 +25,10 @@ def hand_nll(model, tokenizer, rec, connection):
     if connection == "transform":
         arch = locate(model.base)
         store = {}
-        hs = [m.register_forward_hook(lambda mod, a, o, i=i: store.__setitem__(i, o)) for i, m in enumerate(arch.ffn)]
+        hs = [
+            m.register_forward_hook(lambda mod, a, o, i=i: store.__setitem__(i, o))
+            for i, m in enumerate(arch.ffn)
+        ]
         p_ids = torch.tensor([ex.input_ids[: ex.position + 1]])
         with torch.no_grad():
             model.base(input_ids=p_ids)
@@ -39,6 +42,7 @@ def hand_nll(model, tokenizer, rec, connection):
             h = o.clone()
             h[0, ex.position] += c
             return h
+
         handles.append(arch.layers[0].register_forward_hook(add))
     with torch.no_grad():
         logits = model.base(input_ids=ids).logits
@@ -50,7 +54,9 @@ def hand_nll(model, tokenizer, rec, connection):
 
 def test_nll_equals_hand_computation(tokenizer, tmp_path):
     torch.manual_seed(0)
-    cc = CCModel.from_base(tiny_model("llama", tokenizer=tokenizer), CCConfig(prompt_format={"mode": "chat"})).eval()
+    cc = CCModel.from_base(
+        tiny_model("llama", tokenizer=tokenizer), CCConfig(prompt_format={"mode": "chat"})
+    ).eval()
     d = cc.arch.hidden_size
     with torch.no_grad():
         cc.decision_maker.proj.weight.normal_(0, 3.0)
@@ -58,7 +64,9 @@ def test_nll_equals_hand_computation(tokenizer, tmp_path):
     rows = make_records(6)
     data = write_jsonl(tmp_path / "held.jsonl", rows)
     for connection in ("none", "transform"):
-        rep = evaluate_nll(cc, tokenizer, data, connection, tmp_path / connection, batch_size=4, progress=False)
+        rep = evaluate_nll(
+            cc, tokenizer, data, connection, tmp_path / connection, batch_size=4, progress=False
+        )
         items = load_items(tmp_path / connection)
         assert [i["line"] for i in items] == list(range(1, 7))
         by_hand = [hand_nll(cc, tokenizer, rec, connection) for rec in rows]
@@ -69,14 +77,20 @@ def test_nll_equals_hand_computation(tokenizer, tmp_path):
         assert math.isclose(rep["nll"]["all"]["nll"], total / tokens, rel_tol=1e-5)
         assert math.isclose(rep["nll"]["all"]["ppl"], math.exp(total / tokens), rel_tol=1e-5)
         sw = [h for h, r in zip(by_hand, rows) if r["lang"] == "sw"]
-        assert math.isclose(rep["nll"]["sw"]["nll"], sum(s for s, _ in sw) / sum(n for _, n in sw), rel_tol=1e-5)
+        assert math.isclose(
+            rep["nll"]["sw"]["nll"], sum(s for s, _ in sw) / sum(n for _, n in sw), rel_tol=1e-5
+        )
         m = rep["nll"]["all"]
         assert m["ci_low"] <= m["nll"] <= m["ci_high"]
     # the connection changes the likelihood, and the paired difference says so
     diff = paired_difference(load_items(tmp_path / "transform"), load_items(tmp_path / "none"))
-    none, tr = json.loads((tmp_path / "none" / "nll.json").read_text()), json.loads(
-        (tmp_path / "transform" / "nll.json").read_text())
-    assert math.isclose(diff["all"]["diff"], tr["nll"]["all"]["nll"] - none["nll"]["all"]["nll"], rel_tol=1e-6)
+    none, tr = (
+        json.loads((tmp_path / "none" / "nll.json").read_text()),
+        json.loads((tmp_path / "transform" / "nll.json").read_text()),
+    )
+    assert math.isclose(
+        diff["all"]["diff"], tr["nll"]["all"]["nll"] - none["nll"]["all"]["nll"], rel_tol=1e-6
+    )
     assert diff["all"]["diff"] != 0
     same = paired_difference(load_items(tmp_path / "none"), load_items(tmp_path / "none"))
     assert same["all"] == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "items": 6}
@@ -94,7 +108,9 @@ def test_eval_nll_cli_and_report(base_dir, tmp_path, capsys):
     assert main(["eval", "--model", str(base_dir), "--nll", str(data), "--output", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "connection none" in printed and "all" in printed
-    assert main(["eval", "--model", str(base_dir), "--nll", str(data), "--output", str(tmp_path / "nll2")]) == 0
+    assert (
+        main(["eval", "--model", str(base_dir), "--nll", str(data), "--output", str(tmp_path / "nll2")]) == 0
+    )
     capsys.readouterr()
     assert main(["report", str(out), str(tmp_path / "nll2"), "--output", str(tmp_path / "rep")]) == 0
     table = capsys.readouterr().out

@@ -11,7 +11,9 @@ def test_jsonl_and_json_array_give_same_records_with_lines(tmp_path):
     rows = make_records(3)
     jl = write_jsonl(tmp_path / "a.jsonl", rows)
     arr = tmp_path / "a.json"
-    arr.write_text("[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n", encoding="utf-8")
+    arr.write_text(
+        "[\n" + ",\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n]\n", encoding="utf-8"
+    )
     a, b = load_records(jl), load_records(arr)
     assert [r.instruction for r in a] == [r["instruction"] for r in rows] == [r.instruction for r in b]
     assert [r.line for r in a] == [1, 2, 3]
@@ -36,7 +38,12 @@ BAD = [
     ('{"instruction": "a", "output": "b"}', 2, "instruction_en", "missing"),
     ('{"instruction": "a", "output": "b", "instruction_en": "c", "lang": 3}', 2, "lang", "must be a string"),
     ('["a", "b"]', 2, None, "JSON object"),
-    ('{"instruction": "a", "instruction": "x", "output": "b", "instruction_en": "c"}', 2, "instruction", "duplicate"),
+    (
+        '{"instruction": "a", "instruction": "x", "output": "b", "instruction_en": "c"}',
+        2,
+        "instruction",
+        "duplicate",
+    ),
 ]
 
 
@@ -67,7 +74,9 @@ def test_sft_does_not_need_english(tmp_path):
 
 def test_skip_invalid_counts_every_skipped_record(tmp_path):
     rows = make_records(3)
-    path = write_jsonl(tmp_path / "mixed.jsonl", [rows[0], '{"instruction": 1}', rows[1], '{"output": "x"}', rows[2]])
+    path = write_jsonl(
+        tmp_path / "mixed.jsonl", [rows[0], '{"instruction": 1}', rows[1], '{"output": "x"}', rows[2]]
+    )
     report = LoadReport()
     recs = load_records(path, skip_invalid=True, report=report)
     assert [r.line for r in recs] == [1, 3, 5]

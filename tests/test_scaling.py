@@ -76,8 +76,13 @@ def test_lora_folder_saves_adapter_and_decision_maker_and_reloads_identically(to
                 p.normal_(0, 0.3)
     cc.save_pretrained(tmp_path / "m", tokenizer=tokenizer)
     files = {p.name for p in (tmp_path / "m").iterdir()}
-    assert {"adapter_model.safetensors", "adapter_config.json", "decision_maker.safetensors",
-            "cctuning_config.json", "tokenizer.json"} <= files
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "decision_maker.safetensors",
+        "cctuning_config.json",
+        "tokenizer.json",
+    } <= files
     assert "model.safetensors" not in files  # the base weights are not copied
     saved = load_file(str(tmp_path / "m" / "adapter_model.safetensors"))
     assert saved and all("lora_" in k for k in saved)
@@ -103,7 +108,9 @@ def test_generation_with_adapters_equals_generation_with_them_merged(tokenizer, 
     english = ["Good morning?", "Please answer."] if connection == "english" else None
     a = CCGenerator(cc, tokenizer, max_new_tokens=5).generate(prompts, connection, english)
     b = CCGenerator(merged, tokenizer, max_new_tokens=5).generate(prompts, connection, english)
-    assert [x.token_ids for x in a] == [x.token_ids for x in b] and [x.layer for x in a] == [x.layer for x in b]
+    assert [x.token_ids for x in a] == [x.token_ids for x in b] and [x.layer for x in a] == [
+        x.layer for x in b
+    ]
 
 
 def _params(model: CCModel) -> dict[str, torch.Tensor]:
@@ -112,17 +119,43 @@ def _params(model: CCModel) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_lora_training_changes_only_adapters_and_decision_maker_and_resumes(base_dir, data_file, tmp_path, capsys):
+def test_lora_training_changes_only_adapters_and_decision_maker_and_resumes(
+    base_dir, data_file, tmp_path, capsys
+):
     from cctuning.training.run import prepare
 
-    common = ["train", "--model", str(base_dir), "--data", str(data_file), "--max-steps", "4", "--batch-size", "2",
-              "--lr", "1e-2", "--save-steps", "2", "--save-total-limit", "5", "--warmup-ratio", "0",
-              "--lora-r", "4", "--lora-target", "q_proj,v_proj,down_proj"]
+    common = [
+        "train",
+        "--model",
+        str(base_dir),
+        "--data",
+        str(data_file),
+        "--max-steps",
+        "4",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--save-steps",
+        "2",
+        "--save-total-limit",
+        "5",
+        "--warmup-ratio",
+        "0",
+        "--lora-r",
+        "4",
+        "--lora-target",
+        "q_proj,v_proj,down_proj",
+    ]
     full = tmp_path / "full"
     assert main(common + ["--output", str(full)]) == 0
     # the starting point, rebuilt the way `train` builds it (same seed: same LoRA and DM init)
-    cfg = build_config(TrainConfig, None, {k.lstrip("-").replace("-", "_"): v for k, v in
-                                           zip(common[1::2], common[2::2])} | {"output": str(tmp_path / "x")})
+    cfg = build_config(
+        TrainConfig,
+        None,
+        {k.lstrip("-").replace("-", "_"): v for k, v in zip(common[1::2], common[2::2])}
+        | {"output": str(tmp_path / "x")},
+    )
     start = _params(prepare(cfg)[0])
     trained = CCModel.from_pretrained(full)
     end = _params(trained)
@@ -172,9 +205,13 @@ def _loss_and_grads(tokenizer, english_grad: bool, lora: bool, checkpointing: di
 @pytest.mark.parametrize("lora", [False, True])
 @pytest.mark.parametrize("reentrant", [True, False])
 @pytest.mark.parametrize("english_grad", [False, True])
-def test_gradient_checkpointing_gives_the_same_loss_and_every_gradient(tokenizer, english_grad, reentrant, lora):
+def test_gradient_checkpointing_gives_the_same_loss_and_every_gradient(
+    tokenizer, english_grad, reentrant, lora
+):
     loss, grads, calls = _loss_and_grads(tokenizer, english_grad, lora, None)
-    loss_ckpt, grads_ckpt, calls_ckpt = _loss_and_grads(tokenizer, english_grad, lora, {"use_reentrant": reentrant})
+    loss_ckpt, grads_ckpt, calls_ckpt = _loss_and_grads(
+        tokenizer, english_grad, lora, {"use_reentrant": reentrant}
+    )
     torch.testing.assert_close(loss_ckpt, loss, atol=1e-6, rtol=1e-6)
     assert grads.keys() == grads_ckpt.keys()
     for name, g in grads.items():
@@ -197,8 +234,22 @@ def test_gradient_checkpointing_flag_reaches_the_model(base_dir, data_file, tmp_
         return original(self, **kwargs)
 
     monkeypatch.setattr(CCModel, "activation_checkpointing_enable", spy)
-    common = ["train", "--model", str(base_dir), "--data", str(data_file), "--max-steps", "2", "--batch-size", "4",
-              "--lr", "1e-3", "--warmup-ratio", "0", "--english-grad"]
+    common = [
+        "train",
+        "--model",
+        str(base_dir),
+        "--data",
+        str(data_file),
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--warmup-ratio",
+        "0",
+        "--english-grad",
+    ]
     assert main(common + ["--output", str(tmp_path / "plain")]) == 0
     assert not seen
     assert main(common + ["--output", str(tmp_path / "ckpt"), "--gradient-checkpointing"]) == 0
@@ -229,8 +280,19 @@ def test_mixed_precision_flags_reach_the_trainer(tokenizer, tmp_path, flag):
 
 
 def test_bf16_and_fp16_together_is_a_clear_error(base_dir, data_file, tmp_path, capsys):
-    code = main(["train", "--model", str(base_dir), "--data", str(data_file), "--output", str(tmp_path / "o"),
-                 "--bf16", "--fp16"])
+    code = main(
+        [
+            "train",
+            "--model",
+            str(base_dir),
+            "--data",
+            str(data_file),
+            "--output",
+            str(tmp_path / "o"),
+            "--bf16",
+            "--fp16",
+        ]
+    )
     assert code == 2 and "exclude each other" in capsys.readouterr().err
 
 
@@ -247,12 +309,39 @@ def test_two_processes_end_with_identical_weights_and_a_synchronised_decision_ma
 
     data = write_jsonl(tmp_path / "train.jsonl", make_records(16))
     out, dump = tmp_path / "out", tmp_path / "dump"
-    args = ["train", "--model", str(base_dir), "--data", str(data), "--output", str(out), "--max-steps", "3",
-            "--batch-size", "2", "--lr", "1e-2", "--warmup-ratio", "0", "--logging-steps", "1"]
+    args = [
+        "train",
+        "--model",
+        str(base_dir),
+        "--data",
+        str(data),
+        "--output",
+        str(out),
+        "--max-steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--lr",
+        "1e-2",
+        "--warmup-ratio",
+        "0",
+        "--logging-steps",
+        "1",
+    ]
     env = {**os.environ, "CCT_TEST_DUMP": str(dump), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-           str(EXAMPLES / "accelerate" / "multi_cpu.yaml"), "--main_process_port", str(_free_port()),
-           "--num_cpu_threads_per_process", "1", str(WORKER), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(EXAMPLES / "accelerate" / "multi_cpu.yaml"),
+        "--main_process_port",
+        str(_free_port()),
+        "--num_cpu_threads_per_process",
+        "1",
+        str(WORKER),
+        *args,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ranks = [json.loads((dump / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -265,7 +354,9 @@ def test_two_processes_end_with_identical_weights_and_a_synchronised_decision_ma
     assert ranks[0]["decision_maker"] == ranks[1]["decision_maker"]
     saved = load_file(str(out / "decision_maker.safetensors"))["weight"]
     assert torch.equal(saved, torch.tensor(ranks[0]["decision_maker"]))
-    cfg = build_config(TrainConfig, None, {k.lstrip("-").replace("-", "_"): v for k, v in zip(args[1::2], args[2::2])})
+    cfg = build_config(
+        TrainConfig, None, {k.lstrip("-").replace("-", "_"): v for k, v in zip(args[1::2], args[2::2])}
+    )
     initial = prepare(cfg)[0].decision_maker.proj.weight.detach()
     assert (saved - initial).abs().max() > 1e-4  # the Decision Maker did train
     # layer choices are counted over both processes: 3 steps × 2 ranks × 2 examples
@@ -288,7 +379,10 @@ def test_accelerate_example_configs_are_valid_accelerate_configs(name):
         assert ds["zero_stage"] == 3 and ds["zero3_save_16bit_model"] is True  # our _save gets full weights
     if name == "fsdp.yaml":
         fsdp = raw["fsdp_config"]
-        assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT" and fsdp["fsdp_cpu_ram_efficient_loading"] is False
+        assert (
+            fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"
+            and fsdp["fsdp_cpu_ram_efficient_loading"] is False
+        )
 
 
 def test_example_train_configs_parse(tmp_path):

@@ -56,8 +56,13 @@ class CCCollator:
         batch["cc_position"] = torch.tensor([f["cc_position"] for f in features], dtype=torch.long) + shift
         if "en_input_ids" in features[0]:
             en_ids, en_mask, en_shift = pad_rows(
-                [f["en_input_ids"] for f in features], self.pad_token_id, self.padding_side, self.pad_to_multiple_of
+                [f["en_input_ids"] for f in features],
+                self.pad_token_id,
+                self.padding_side,
+                self.pad_to_multiple_of,
             )
             batch["en_input_ids"], batch["en_attention_mask"] = en_ids, en_mask
-            batch["en_cc_position"] = torch.tensor([f["en_cc_position"] for f in features], dtype=torch.long) + en_shift
+            batch["en_cc_position"] = (
+                torch.tensor([f["en_cc_position"] for f in features], dtype=torch.long) + en_shift
+            )
         return batch

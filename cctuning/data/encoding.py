@@ -50,7 +50,11 @@ class PromptFormat:
     position_offset: int = 0
 
     def to_dict(self) -> dict:
-        return {"mode": self.mode, "system_prompt": self.system_prompt, "position_offset": self.position_offset}
+        return {
+            "mode": self.mode,
+            "system_prompt": self.system_prompt,
+            "position_offset": self.position_offset,
+        }
 
     @classmethod
     def from_dict(cls, data: dict) -> PromptFormat:
@@ -157,7 +161,9 @@ class PromptEncoder:
         """The prompt text and the character span of the instruction inside it (None if unknown)."""
         if self.mode == "plain":
             tok = self.tokenizer
-            head = (tok.bos_token or "") + (f"{self.format.system_prompt}\n\n" if self.format.system_prompt else "")
+            head = (tok.bos_token or "") + (
+                f"{self.format.system_prompt}\n\n" if self.format.system_prompt else ""
+            )
             head += PLAIN_HEAD
             return head + instruction + PLAIN_TAIL, (len(head), len(head) + len(instruction))
         text = self._chat(self._messages(instruction), True)
@@ -201,7 +207,9 @@ class PromptEncoder:
             excess = len(ids) - max_length
             inside = []
             if span is not None:
-                inside = [i for i, (s, e) in enumerate(enc["offset_mapping"]) if span[0] <= s < span[1] and e > s]
+                inside = [
+                    i for i, (s, e) in enumerate(enc["offset_mapping"]) if span[0] <= s < span[1] and e > s
+                ]
             if len(inside) < excess:
                 raise CCError(
                     f"the prompt template alone needs {len(ids) - len(inside)} tokens, more than "
@@ -212,10 +220,14 @@ class PromptEncoder:
             cut = excess
         position = len(ids) - 1 - self.format.position_offset
         if position < 0:
-            raise CCError(f"position_offset={self.format.position_offset} is beyond the start of a {len(ids)}-token prompt")
+            raise CCError(
+                f"position_offset={self.format.position_offset} is beyond the start of a {len(ids)}-token prompt"
+            )
         return EncodedPrompt(ids=ids, position=position, instruction_cut=cut)
 
-    def encode_example(self, instruction: str, output: str, instruction_en: str | None = None) -> EncodedExample:
+    def encode_example(
+        self, instruction: str, output: str, instruction_en: str | None = None
+    ) -> EncodedExample:
         """One training example: prompt + response with response-only labels, and the English prompt."""
         text, _ = self.render_prompt(instruction)
         full_prompt = list(self._tokenize(text)["input_ids"])
@@ -236,7 +248,9 @@ class PromptEncoder:
             completion = completion[:keep]
             prompt = self.encode_prompt(instruction, limit - keep)
         else:
-            prompt = EncodedPrompt(ids=full_prompt, position=len(full_prompt) - 1 - self.format.position_offset)
+            prompt = EncodedPrompt(
+                ids=full_prompt, position=len(full_prompt) - 1 - self.format.position_offset
+            )
             if prompt.position < 0:
                 prompt = self.encode_prompt(instruction)  # raises the clear error
         ex = EncodedExample(

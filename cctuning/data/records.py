@@ -91,8 +91,14 @@ def _parse_json_value(path: Path, text: str, start: int, line: int, line_base: i
         raise DataError(str(path), line, None, f"malformed JSON: {str(err).splitlines()[0]}") from None
 
 
-_JSON_TYPE_NAMES = {"dict": "object", "list": "array", "NoneType": "null", "bool": "boolean", "int": "number",
-                    "float": "number"}
+_JSON_TYPE_NAMES = {
+    "dict": "object",
+    "list": "array",
+    "NoneType": "null",
+    "bool": "boolean",
+    "int": "number",
+    "float": "number",
+}
 
 
 def _json_type(value: object) -> str:
@@ -166,7 +172,9 @@ def _iter_raw(path: Path):
             pos += 1
             break
         else:
-            raise DataError(str(path), line_at(pos), None, "malformed JSON: expected ',' or ']' between records")
+            raise DataError(
+                str(path), line_at(pos), None, "malformed JSON: expected ',' or ']' between records"
+            )
     if text[pos:].strip():
         raise DataError(str(path), line_at(pos), None, "extra data after the JSON array")
 
@@ -256,5 +264,7 @@ def load_records(
         raise DataError(str(path), None, None, "no valid records")
     report.loaded = len(records)
     if report.skipped:
-        logger.warning("%s: skipped %d invalid records (first: %s)", path, report.skipped, report.first_errors[0])
+        logger.warning(
+            "%s: skipped %d invalid records (first: %s)", path, report.skipped, report.first_errors[0]
+        )
     return records

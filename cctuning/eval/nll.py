@@ -38,15 +38,23 @@ NLL_ITEMS_NAME = "nll_items.jsonl"
 
 def item_nll(model, batch: dict, connection: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row summed response NLL, response token counts and chosen layers for one batch."""
-    ids, mask, labels, pos = batch["input_ids"], batch["attention_mask"], batch["labels"], batch["cc_position"]
+    ids, mask, labels, pos = (
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        batch["cc_position"],
+    )
     layers = None
     with torch.no_grad():
         if connection == "none":
-            logits = model.base(input_ids=ids, attention_mask=mask, position_ids=_pos(mask), use_cache=False).logits
+            logits = model.base(
+                input_ids=ids, attention_mask=mask, position_ids=_pos(mask), use_cache=False
+            ).logits
         else:
             if connection == "english":
-                acts = model.collect_activations(batch["en_input_ids"], batch["en_attention_mask"],
-                                                 batch["en_cc_position"])
+                acts = model.collect_activations(
+                    batch["en_input_ids"], batch["en_attention_mask"], batch["en_cc_position"]
+                )
             else:
                 acts = model.transform.apply(model.collect_activations(ids, mask, pos))
             out = model.forward_connected(ids, mask, pos, acts, position_ids=_pos(mask), use_cache=False)
@@ -65,7 +73,9 @@ def _pos(mask: torch.Tensor) -> torch.Tensor:
     return positions_from_mask(mask)
 
 
-def bootstrap_ratio(nll: list[float], tokens: list[int], reps: int = 1000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ratio(
+    nll: list[float], tokens: list[int], reps: int = 1000, seed: int = 0
+) -> tuple[float, float]:
     """95% percentile interval of ``Σ nll / Σ tokens`` under resampling of items."""
     if len(nll) < 2:
         value = sum(nll) / max(1, sum(tokens))
@@ -90,30 +100,52 @@ def summarize(items: list[dict], reps: int = 1000, seed: int = 0) -> dict:
         nll, tok = [r["nll_sum"] for r in rows], [r["tokens"] for r in rows]
         mean = sum(nll) / max(1, sum(tok))
         low, high = bootstrap_ratio(nll, tok, reps, seed)
-        out[name] = {"nll": mean, "ppl": math.exp(mean), "ci_low": low, "ci_high": high,
-                     "items": len(rows), "tokens": sum(tok)}
+        out[name] = {
+            "nll": mean,
+            "ppl": math.exp(mean),
+            "ci_low": low,
+            "ci_high": high,
+            "items": len(rows),
+            "tokens": sum(tok),
+        }
     return out
 
 
-def evaluate_nll(model, tokenizer, data: str | Path, connection: str | None = None, output: str | Path | None = None,
-                 batch_size: int = 8, max_length: int = 1024, seed: int = 0, reps: int = 1000,
-                 progress: bool = True, model_name: str | None = None) -> dict:
+def evaluate_nll(
+    model,
+    tokenizer,
+    data: str | Path,
+    connection: str | None = None,
+    output: str | Path | None = None,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    seed: int = 0,
+    reps: int = 1000,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> dict:
     """Score the gold responses of ``data`` (training-format records) and write ``nll.json``."""
     from tqdm.auto import tqdm
 
-    connection = connection or ("transform" if model.uses_connection and model.transform is not None else "none")
+    connection = connection or (
+        "transform" if model.uses_connection and model.transform is not None else "none"
+    )
     if connection not in ("transform", "none", "english"):
         raise CCError(f"unknown connection '{connection}'")
     if connection != "none" and not model.uses_connection:
         raise CCError(f"connection '{connection}' needs a CC-Tuning model (use --connection none)")
     if connection == "transform" and model.transform is None:
-        raise CCError("this model has no transform matrix: run `cctuning fit-matrix` first, or use --connection none")
+        raise CCError(
+            "this model has no transform matrix: run `cctuning fit-matrix` first, or use --connection none"
+        )
     records = load_records(data, require_english=connection == "english")
     encoder = PromptEncoder(tokenizer, PromptFormat.from_dict(model.cc_config.prompt_format), max_length)
     features = []
     for rec in records:
         try:
-            ex = encoder.encode_example(rec.instruction, rec.output, rec.instruction_en if connection == "english" else None)
+            ex = encoder.encode_example(
+                rec.instruction, rec.output, rec.instruction_en if connection == "english" else None
+            )
         except CCError as err:
             raise DataError(rec.path, rec.line, "instruction", str(err)) from None
         features.append(ex.features())
@@ -130,17 +162,29 @@ def evaluate_nll(model, tokenizer, data: str | Path, connection: str | None = No
             sums, counts, layers = item_nll(model, batch, connection)
             for j in range(len(sums)):
                 rec = records[start + j]
-                items.append({"line": rec.line, "lang": rec.lang, "nll_sum": float(sums[j]), "tokens": int(counts[j]),
-                              "layer": None if layers is None else int(layers[j])})
+                items.append(
+                    {
+                        "line": rec.line,
+                        "lang": rec.lang,
+                        "nll_sum": float(sums[j]),
+                        "tokens": int(counts[j]),
+                        "layer": None if layers is None else int(layers[j]),
+                    }
+                )
             bar.update(len(sums))
     finally:
         bar.close()
         model.train(was_training)
     report = {
-        "data": str(data), "connection": connection, "method": model.cc_config.method,
+        "data": str(data),
+        "connection": connection,
+        "method": model.cc_config.method,
         "model": model_name,
-        "seed": seed, "bootstrap_reps": reps, "nll": summarize(items, reps, seed),
-        "seconds": round(time.time() - started, 2), "versions": versions(),
+        "seed": seed,
+        "bootstrap_reps": reps,
+        "nll": summarize(items, reps, seed),
+        "seconds": round(time.time() - started, 2),
+        "versions": versions(),
     }
     if output is not None:
         out = Path(output)
@@ -170,8 +214,10 @@ def paired_difference(a: list[dict], b: list[dict], reps: int = 1000, seed: int 
     out = {}
     rng = random.Random(seed)
     for name, ks in sorted(groups.items()) + [("all", keys)]:
+
         def ratio(rows, idx):
             return sum(rows[i]["nll_sum"] for i in idx) / max(1, sum(rows[i]["tokens"] for i in idx))
+
         ra, rb = [key_a[k] for k in ks], [key_b[k] for k in ks]
         full = list(range(len(ks)))
         diff = ratio(ra, full) - ratio(rb, full)
@@ -180,6 +226,10 @@ def paired_difference(a: list[dict], b: list[dict], reps: int = 1000, seed: int 
             idx = [rng.randrange(len(ks)) for _ in ks]
             stats.append(ratio(ra, idx) - ratio(rb, idx))
         stats.sort()
-        out[name] = {"diff": diff, "ci_low": stats[int(0.025 * reps)], "ci_high": stats[min(reps - 1, int(0.975 * reps))],
-                     "items": len(ks)}
+        out[name] = {
+            "diff": diff,
+            "ci_low": stats[int(0.025 * reps)],
+            "ci_high": stats[min(reps - 1, int(0.975 * reps))],
+            "items": len(ks),
+        }
     return out

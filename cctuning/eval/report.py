@@ -53,7 +53,6 @@ def run_label(run: dict, path: str | Path) -> str:
     return f"{Path(path).name} ({run.get('method', '?')}, {run['connection']})"
 
 
-
 def comparison_rows(runs: list[tuple[str, dict]]) -> list[dict]:
     """One row per benchmark × language (and average) with the primary metric of every run."""
     benches: list[str] = []
@@ -102,7 +101,9 @@ def plot(rows: list[dict], labels: list[str], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(avg)), 4))
     top = 0.0
     for i, label in enumerate(labels):
-        present = [(j, r[label]) for j, r in enumerate(avg) if r[label] is not None]  # no bar when a run lacks it
+        present = [
+            (j, r[label]) for j, r in enumerate(avg) if r[label] is not None
+        ]  # no bar when a run lacks it
         xs = [j + (i - (len(labels) - 1) / 2) * width for j, _ in present]
         ys = [100 * v for _, v in present]
         bars = ax.bar(xs, ys, width, label=label)
@@ -130,10 +131,17 @@ def nll_markdown(runs: list[tuple[str, dict]]) -> str:
     base_label, base = runs[0]
     for label, run in runs[1:]:
         diff = paired_difference(load_items(run["path"]), load_items(base["path"]))
-        lines += ["", f"paired difference NLL({label}) − NLL({base_label}) (negative: {label} fits better)", "",
-                  "| lang | items | difference | 95% CI |", "|---|---|---|---|"]
+        lines += [
+            "",
+            f"paired difference NLL({label}) − NLL({base_label}) (negative: {label} fits better)",
+            "",
+            "| lang | items | difference | 95% CI |",
+            "|---|---|---|---|",
+        ]
         for lang, d in diff.items():
-            lines.append(f"| {lang} | {d['items']} | {d['diff']:+.4f} | [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |")
+            lines.append(
+                f"| {lang} | {d['items']} | {d['diff']:+.4f} | [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |"
+            )
     return "\n".join(lines)
 
 
@@ -159,13 +167,16 @@ def plot_layers(hists: dict[str, dict[str, dict[str, int]]], path: Path) -> None
     plt = _pyplot()
 
     heights = [0.9 + 0.28 * len(per_lang) for per_lang in hists.values()]
-    fig, axes = plt.subplots(len(hists), 1, figsize=(9, sum(heights) + 0.6), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        len(hists), 1, figsize=(9, sum(heights) + 0.6), squeeze=False, gridspec_kw={"height_ratios": heights}
+    )
     for ax, (label, per_lang) in zip(axes[:, 0], hists.items()):
         width = 1 + max(int(k) for counts in per_lang.values() for k in counts)
         langs = sorted(per_lang)
-        grid = [[per_lang[lang].get(str(k), 0) / sum(per_lang[lang].values()) for k in range(width)]
-                for lang in langs]
+        grid = [
+            [per_lang[lang].get(str(k), 0) / sum(per_lang[lang].values()) for k in range(width)]
+            for lang in langs
+        ]
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         ax.set_yticks(range(len(langs)), langs, fontsize=7)
         ax.set_xticks(range(width), [str(k) for k in range(width)], fontsize=6)

@@ -70,8 +70,14 @@ def stop_token_ids(tokenizer, model=None, encoder: PromptEncoder | None = None) 
 class CCGenerator:
     """Batched greedy generation for a :class:`CCModel` (any method; ``none`` works for all)."""
 
-    def __init__(self, model: CCModel, tokenizer, max_new_tokens: int = 40, batch_size: int = 8,
-                 max_length: int | None = None):
+    def __init__(
+        self,
+        model: CCModel,
+        tokenizer,
+        max_new_tokens: int = 40,
+        batch_size: int = 8,
+        max_length: int | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -103,7 +109,9 @@ class CCGenerator:
         connection = connection or self.default_connection()
         self._check(connection, prompts, english)
         encoded = [self.encoder.encode_prompt(p, self._prompt_budget()) for p in prompts]
-        en_encoded = [self.encoder.encode_prompt(e, self._prompt_budget()) for e in english] if english else None
+        en_encoded = (
+            [self.encoder.encode_prompt(e, self._prompt_budget()) for e in english] if english else None
+        )
         # longest first, so that batches hold prompts of similar length (less padding)
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i].ids))
         results: list[Generation | None] = [None] * len(prompts)
@@ -114,8 +122,9 @@ class CCGenerator:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
                 batch_en = [en_encoded[i] for i in idx] if en_encoded else None
-                outs = self._generate_batch([encoded[i] for i in idx], batch_en, connection, naive,
-                                            return_first_logits)
+                outs = self._generate_batch(
+                    [encoded[i] for i in idx], batch_en, connection, naive, return_first_logits
+                )
                 for i, out in zip(idx, outs):
                     results[i] = out
                 bar.update(len(idx))
@@ -138,14 +147,18 @@ class CCGenerator:
                 f"'{self.model.cc_config.method}' (use --connection none)"
             )
         if connection == "transform" and self.model.transform is None:
-            raise CCError("this model has no transform matrix: run `cctuning fit-matrix` first, or use --connection none")
+            raise CCError(
+                "this model has no transform matrix: run `cctuning fit-matrix` first, or use --connection none"
+            )
         if connection == "english" and (english is None or len(english) != len(prompts)):
             raise CCError("connection 'english' needs the English prompt (instruction_en) of every input")
 
     def _forward(self, ids, mask, positions, cache, inject=None, logits=True):
         """One chunk through the model with the cache; ``inject=(pos_in_chunk, vectors)``."""
         module = self.model.base if logits else self.model.arch.decoder
-        kwargs = dict(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        kwargs = dict(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
+        )
         if logits:
             kwargs["logits_to_keep"] = 1
         if inject is None:
@@ -182,7 +195,9 @@ class CCGenerator:
             out = self._forward(ids, mask, pos, cache)
         elif naive:
             if connection == "transform":
-                acts = self.model.collect_activations(ids, mask, torch.full((len(batch),), p, device=self.device))
+                acts = self.model.collect_activations(
+                    ids, mask, torch.full((len(batch),), p, device=self.device)
+                )
             else:
                 acts = self._english_acts(en_batch)
             fused, layers = self._connection_vectors(connection, ids[:, p:], acts)
@@ -216,13 +231,15 @@ class CCGenerator:
         tokens = self._decode(first_logits, cache, mask, pos[:, -1])
         results = []
         for i, toks in enumerate(tokens):
-            results.append(Generation(
-                text=self.tokenizer.decode(toks, skip_special_tokens=True),
-                token_ids=toks,
-                layer=None if layers is None else int(layers[i]),
-                prompt_tokens=len(batch[i].ids),
-                first_logits=first_logits[i].cpu() if return_first_logits else None,
-            ))
+            results.append(
+                Generation(
+                    text=self.tokenizer.decode(toks, skip_special_tokens=True),
+                    token_ids=toks,
+                    layer=None if layers is None else int(layers[i]),
+                    prompt_tokens=len(batch[i].ids),
+                    first_logits=first_logits[i].cpu() if return_first_logits else None,
+                )
+            )
         return results
 
     def _decode(self, logits, cache, mask, last_pos) -> list[list[int]]:
@@ -243,8 +260,13 @@ class CCGenerator:
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], dim=1)
             last_pos = last_pos + 1
-            res = self.model.base(input_ids=nxt[:, None], attention_mask=mask, position_ids=last_pos[:, None],
-                                  past_key_values=cache, use_cache=True)
+            res = self.model.base(
+                input_ids=nxt[:, None],
+                attention_mask=mask,
+                position_ids=last_pos[:, None],
+                past_key_values=cache,
+                use_cache=True,
+            )
             cache, logits = res.past_key_values, res.logits[:, -1].float()
         return out
 

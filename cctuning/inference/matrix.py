@@ -165,7 +165,9 @@ class FitReport:
         return asdict(self)
 
 
-def prompt_batches(encoder, texts: list[str], batch_size: int, pad_token_id: int, max_length: int | None = None):
+def prompt_batches(
+    encoder, texts: list[str], batch_size: int, pad_token_id: int, max_length: int | None = None
+):
     """Tokenise prompts and yield left-padded batches ``(ids, mask, positions)`` in input order."""
     from cctuning.data.collator import pad_rows
 
@@ -176,7 +178,9 @@ def prompt_batches(encoder, texts: list[str], batch_size: int, pad_token_id: int
         yield ids, mask, positions
 
 
-def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None = None) -> list[list[int]]:
+def length_batches(
+    lengths: list[int], batch_size: int, max_batch_tokens: int | None = None
+) -> list[list[int]]:
     """Indices grouped by length (shortest first): at most ``batch_size`` prompts and, unless one prompt
     alone is longer, at most ``max_batch_tokens`` padded tokens per batch."""
     batches: list[list[int]] = []
@@ -195,7 +199,12 @@ def length_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | 
 
 
 def prompt_activations(
-    model, encoder, texts: list[str], batch_size: int, pad_token_id: int, max_length: int | None = None,
+    model,
+    encoder,
+    texts: list[str],
+    batch_size: int,
+    pad_token_id: int,
+    max_length: int | None = None,
     max_batch_tokens: int | None = None,
 ) -> torch.Tensor:
     """``f_l[p]`` of every prompt as (len(texts), L, d) float32 on the CPU, in input order. Prompts are
@@ -249,7 +258,9 @@ def fit_transform_matrix(
         raise CCError("fitting a transform matrix needs at least 2 records with instruction_en")
     rng = random.Random(seed)
     chosen = sorted(rng.sample(range(len(pairs)), min(samples, len(pairs))))
-    n_held = min(max(1, round(len(chosen) * heldout_fraction)), len(chosen) - 1) if heldout_fraction > 0 else 0
+    n_held = (
+        min(max(1, round(len(chosen) * heldout_fraction)), len(chosen) - 1) if heldout_fraction > 0 else 0
+    )
     order = chosen[:]
     rng.shuffle(order)
     held = sorted(order[:n_held])
@@ -267,7 +278,10 @@ def fit_transform_matrix(
                 chunk = indices[start : start + window]
                 s, t = (
                     prompt_activations(model, encoder, texts, batch_size, pad, max_length, max_batch_tokens)
-                    for texts in ([pairs[i].instruction for i in chunk], [pairs[i].instruction_en for i in chunk])
+                    for texts in (
+                        [pairs[i].instruction for i in chunk],
+                        [pairs[i].instruction_en for i in chunk],
+                    )
                 )
                 if part == "fit":
                     acc.add(s, t)
@@ -289,7 +303,10 @@ def fit_transform_matrix(
     held_metrics = {}
     if held:
         held_s, held_t = torch.cat(stored["held"][0]), torch.cat(stored["held"][1])
-        held_metrics = {"before": transform_error(None, held_s, held_t), "after": transform_error(matrix, held_s, held_t)}
+        held_metrics = {
+            "before": transform_error(None, held_s, held_t),
+            "after": transform_error(matrix, held_s, held_t),
+        }
     report = FitReport(
         pairs=len(chosen),
         fit_pairs=len(fit),

@@ -5,4 +5,12 @@ from cctuning.model.ccmodel import CCConfig, CCModel
 from cctuning.model.decision import DecisionMaker, hard_gumbel_softmax
 from cctuning.model.hooks import ConnectionHooks
 
-__all__ = ["Architecture", "CCConfig", "CCModel", "ConnectionHooks", "DecisionMaker", "hard_gumbel_softmax", "locate"]
+__all__ = [
+    "Architecture",
+    "CCConfig",
+    "CCModel",
+    "ConnectionHooks",
+    "DecisionMaker",
+    "hard_gumbel_softmax",
+    "locate",
+]

@@ -87,7 +87,9 @@ def locate(model: nn.Module, layers_path: str | None = None, ffn_name: str | Non
             )
         found_path = next(n for n, m in named.items() if m is layers)
     model_type = getattr(config, "model_type", "")
-    candidates = [ffn_name] if ffn_name else [FFN_OUTPUT_BY_MODEL_TYPE.get(model_type, "")] + list(FFN_CANDIDATES)
+    candidates = (
+        [ffn_name] if ffn_name else [FFN_OUTPUT_BY_MODEL_TYPE.get(model_type, "")] + list(FFN_CANDIDATES)
+    )
     chosen = next((c for c in candidates if c and isinstance(getattr(layers[0], c, None), nn.Module)), None)
     if chosen is None:
         raise CCError(

@@ -141,8 +141,13 @@ class CCModel(nn.Module):
                 device=emb.device, dtype=emb.dtype
             )
         self.layer_rule = parse_layer_choice(cc_config.layer_choice)
-        if self.layer_rule[0] == "fixed" and not -self.arch.num_layers <= self.layer_rule[1] < self.arch.num_layers:
-            raise CCError(f"layer choice {cc_config.layer_choice}: this model has {self.arch.num_layers} layers")
+        if (
+            self.layer_rule[0] == "fixed"
+            and not -self.arch.num_layers <= self.layer_rule[1] < self.arch.num_layers
+        ):
+            raise CCError(
+                f"layer choice {cc_config.layer_choice}: this model has {self.arch.num_layers} layers"
+            )
         if self.decision_maker is not None and self.layer_rule[0] != "learned":
             self.decision_maker.requires_grad_(False)  # an ablation replaces it: no gradient, no DDP stall
         self.hooks = ConnectionHooks(self.arch, cc_config.inject_layer)
@@ -165,7 +170,9 @@ class CCModel(nn.Module):
             raise CCError(f"cannot load a causal LM from '{path}': {first}") from None
 
     @classmethod
-    def from_base(cls, model: nn.Module | str | Path, cc_config: CCConfig | None = None, **load_kwargs) -> CCModel:
+    def from_base(
+        cls, model: nn.Module | str | Path, cc_config: CCConfig | None = None, **load_kwargs
+    ) -> CCModel:
         """Wrap a base model (or load one from a folder) for CC-Tuning; the Decision Maker is new."""
         cc_config = cc_config or CCConfig()
         if not isinstance(model, nn.Module):
@@ -175,7 +182,12 @@ class CCModel(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, dtype=None, trust_remote_code: bool = False, base_model: str | None = None, **kwargs
+        cls,
+        path: str | Path,
+        dtype=None,
+        trust_remote_code: bool = False,
+        base_model: str | None = None,
+        **kwargs,
     ) -> CCModel:
         """Load a folder written by :meth:`save_pretrained` (or any plain HF folder, as method ``none``).
 
@@ -260,7 +272,9 @@ class CCModel(nn.Module):
             self.decision_maker.proj.weight.copy_(weight)
         self.decision_maker_sha256 = _sha256(file)
 
-    def save_pretrained(self, path: str | Path, state_dict: dict | None = None, is_main_process: bool = True, tokenizer=None):
+    def save_pretrained(
+        self, path: str | Path, state_dict: dict | None = None, is_main_process: bool = True, tokenizer=None
+    ):
         """Write the HF model folder and our files; each file lands atomically (staged, then renamed)."""
         if not is_main_process:
             return
@@ -324,7 +338,11 @@ class CCModel(nn.Module):
         return self.base.get_input_embeddings()
 
     def floating_point_ops(self, inputs: dict, exclude_embeddings: bool = True) -> int:
-        return self.base.floating_point_ops(inputs, exclude_embeddings) if hasattr(self.base, "floating_point_ops") else 0
+        return (
+            self.base.floating_point_ops(inputs, exclude_embeddings)
+            if hasattr(self.base, "floating_point_ops")
+            else 0
+        )
 
     # -- the mechanism -------------------------------------------------------------------------
     @property
@@ -341,7 +359,11 @@ class CCModel(nn.Module):
         """Run the decoder (no LM head) on a prompt batch; return ``f_l[p]`` as (batch, L, hidden)."""
         position_ids = positions_from_mask(attention_mask) if attention_mask is not None else None
         grad = grad and torch.is_grad_enabled()
-        with torch.set_grad_enabled(grad), self._english_pass_checkpointing(grad), self.hooks.capturing(positions):
+        with (
+            torch.set_grad_enabled(grad),
+            self._english_pass_checkpointing(grad),
+            self.hooks.capturing(positions),
+        ):
             self.arch.decoder(
                 input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
             )
@@ -352,7 +374,9 @@ class CCModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Decision Maker on (English or transformed) activations: ``(fused vector, one-hot weights)``."""
         if self.decision_maker is None:
-            raise CCError(f"this model was trained with method '{self.cc_config.method}': it has no connection")
+            raise CCError(
+                f"this model was trained with method '{self.cc_config.method}': it has no connection"
+            )
         kind, index = self.layer_rule
         if kind == "learned":
             rows = torch.arange(input_ids.shape[0], device=input_ids.device)
@@ -412,6 +436,8 @@ class CCModel(nn.Module):
             return self.base(input_ids=input_ids, **common)
         if cc_position is None or en_cc_position is None:
             raise ValueError("CC-Tuning needs cc_position and en_cc_position with en_input_ids")
-        acts = self.collect_activations(en_input_ids, en_attention_mask, en_cc_position, self.cc_config.english_grad)
+        acts = self.collect_activations(
+            en_input_ids, en_attention_mask, en_cc_position, self.cc_config.english_grad
+        )
         attention_mask = common.pop("attention_mask")
         return self.forward_connected(input_ids, attention_mask, cc_position, acts, **common)

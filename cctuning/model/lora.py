@@ -42,7 +42,11 @@ def _targets(target: str | None) -> str | list[str]:
 
 
 def add_lora(
-    model: nn.Module, r: int, alpha: float | None = None, dropout: float = 0.0, target: str | None = ALL_LINEAR
+    model: nn.Module,
+    r: int,
+    alpha: float | None = None,
+    dropout: float = 0.0,
+    target: str | None = ALL_LINEAR,
 ) -> nn.Module:
     """Wrap ``model`` in a trainable PEFT LoRA model (every base weight frozen).
 
@@ -69,8 +73,13 @@ def add_lora(
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CCError(f"--lora-target '{target}': {first}") from None
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    logger.info("LoRA r=%d alpha=%s on %s: %d trainable parameters", r, config.lora_alpha, config.target_modules,
-                trainable)
+    logger.info(
+        "LoRA r=%d alpha=%s on %s: %d trainable parameters",
+        r,
+        config.lora_alpha,
+        config.target_modules,
+        trainable,
+    )
     return peft_model
 
 

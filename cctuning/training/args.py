@@ -15,7 +15,9 @@ class TrainConfig:
     model: str | None = opt(None, "base model: a Hugging Face folder or a preset name")
     data: str | None = opt(None, "training records, .json or .jsonl")
     output: str | None = opt(None, "output folder (a Hugging Face model folder plus CC-Tuning files)")
-    method: str = opt("cc", "cc: CC-Tuning; sft: plain multilingual SFT on the same pipeline", choices=["cc", "sft"])
+    method: str = opt(
+        "cc", "cc: CC-Tuning; sft: plain multilingual SFT on the same pipeline", choices=["cc", "sft"]
+    )
     max_steps: int = opt(-1, "stop after this many optimizer steps (overrides --epochs when > 0)")
     epochs: float = opt(3.0, "number of training epochs")
     batch_size: int = opt(16, "per-device batch size")
@@ -32,31 +34,44 @@ class TrainConfig:
     inject_layer: int = opt(0, "decoder layer after which the English activation is added (0: the first)")
     position_offset: int = opt(0, "connection position counted back from the last prompt token")
     english_grad: bool = opt(False, "let gradients flow into the English pass (default: stop-gradient)")
-    layer_choice: str = opt("learned", "ablations: learned (the Decision Maker), random, mean or fixed:K",
-                            metavar="learned|random|mean|fixed:K")
-    layers_path: str | None = opt(None, "dotted path of the decoder-layer ModuleList, if not found automatically")
+    layer_choice: str = opt(
+        "learned",
+        "ablations: learned (the Decision Maker), random, mean or fixed:K",
+        metavar="learned|random|mean|fixed:K",
+    )
+    layers_path: str | None = opt(
+        None, "dotted path of the decoder-layer ModuleList, if not found automatically"
+    )
     ffn_module: str | None = opt(None, "attribute of a decoder layer whose output is the FFN activation")
     # LoRA (PEFT): adapters on the LLM, the Decision Maker still trains fully
     lora_r: int = opt(0, "LoRA rank; > 0 trains LoRA adapters instead of the whole LLM")
     lora_alpha: float | None = opt(None, "LoRA alpha (default: 2 × rank)")
     lora_dropout: float = opt(0.0, "dropout on the LoRA input")
-    lora_target: str = opt("all-linear", "modules that get adapters: all-linear or names such as q_proj,v_proj")
+    lora_target: str = opt(
+        "all-linear", "modules that get adapters: all-linear or names such as q_proj,v_proj"
+    )
     # prompts
-    template: str = opt("auto", "prompt rendering: chat (tokenizer template), plain (fallback) or auto",
-                        choices=["auto", "chat", "plain"])
+    template: str = opt(
+        "auto",
+        "prompt rendering: chat (tokenizer template), plain (fallback) or auto",
+        choices=["auto", "chat", "plain"],
+    )
     system_prompt: str | None = opt(None, "system message added to every prompt (chat templates)")
     padding_side: str = opt("right", "padding side of training batches", choices=["left", "right"])
     skip_invalid: bool = opt(False, "skip invalid records (counted and reported) instead of stopping")
     # engine
-    dtype: str = opt("float32", "dtype to load the model in", choices=["float32", "bfloat16", "float16", "auto"])
+    dtype: str = opt(
+        "float32", "dtype to load the model in", choices=["float32", "bfloat16", "float16", "auto"]
+    )
     bf16: bool = opt(False, "bf16 mixed precision (passed to the Trainer)")
     fp16: bool = opt(False, "fp16 mixed precision (passed to the Trainer)")
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
     logging_steps: int = opt(10, "log the loss every N steps")
     save_steps: int = opt(0, "save a checkpoint every N steps (0: once per epoch)")
     save_total_limit: int = opt(2, "keep at most this many checkpoints")
-    resume: str | None = opt(None, "resume from the last checkpoint in --output ('last') or from a folder",
-                             metavar="last|DIR")
+    resume: str | None = opt(
+        None, "resume from the last checkpoint in --output ('last') or from a folder", metavar="last|DIR"
+    )
     trust_remote_code: bool = opt(False, "allow code from the model folder to run (only if you trust it)")
     report_to: str = opt("none", "Trainer integrations to report to (none, tensorboard, wandb, ...)")
     trainer: dict = field(

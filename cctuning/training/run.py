@@ -43,7 +43,9 @@ def encode_records(records, encoder: PromptEncoder, with_english: bool) -> list[
     features = []
     for rec in records:
         try:
-            ex = encoder.encode_example(rec.instruction, rec.output, rec.instruction_en if with_english else None)
+            ex = encoder.encode_example(
+                rec.instruction, rec.output, rec.instruction_en if with_english else None
+            )
         except EncodingError as err:
             raise DataError(rec.path, rec.line, err.field, err.reason) from None
         except CCError as err:
@@ -58,14 +60,21 @@ def check_context(records, features: list[dict], context: int | None) -> None:
     if not context:
         return
     for rec, feat in zip(records, features):
-        prompt = next((i for i, label in enumerate(feat["labels"]) if label != IGNORE_INDEX), len(feat["labels"]))
-        checks = [("instruction", prompt, "prompt"), ("output", len(feat["input_ids"]), "prompt and response")]
+        prompt = next(
+            (i for i, label in enumerate(feat["labels"]) if label != IGNORE_INDEX), len(feat["labels"])
+        )
+        checks = [
+            ("instruction", prompt, "prompt"),
+            ("output", len(feat["input_ids"]), "prompt and response"),
+        ]
         if "en_input_ids" in feat:
             checks.append(("instruction_en", len(feat["en_input_ids"]), "English prompt"))
         for name, length, what in checks:
             if length > context:
                 raise DataError(
-                    rec.path, rec.line, name,
+                    rec.path,
+                    rec.line,
+                    name,
                     f"the {what} needs {length} tokens, more than the model's context of {context} "
                     f"(max_position_embeddings); set --max-length {context} or less to truncate",
                 )
@@ -139,7 +148,9 @@ def prepare(cfg: TrainConfig):
     check_required(cfg)
     model_path = resolve_model_path(cfg.model)
     report = LoadReport()
-    records = load_records(cfg.data, require_english=cfg.method == "cc", skip_invalid=cfg.skip_invalid, report=report)
+    records = load_records(
+        cfg.data, require_english=cfg.method == "cc", skip_invalid=cfg.skip_invalid, report=report
+    )
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     fmt = PromptFormat(cfg.template, cfg.system_prompt, cfg.position_offset)
     encoder = PromptEncoder(tokenizer, fmt, cfg.max_length)
@@ -240,7 +251,8 @@ def last_checkpoint(output: str | Path) -> str | None:
     if not folder.is_dir():
         return None
     done = [
-        p for p in folder.glob("checkpoint-*")
+        p
+        for p in folder.glob("checkpoint-*")
         if p.is_dir() and p.name.split("-")[-1].isdigit() and _finished_checkpoint(p)
     ]
     if not done:
