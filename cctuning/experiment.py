@@ -20,7 +20,7 @@ import logging
 import math
 import time
 import typing
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cctuning.errors import CCError
@@ -28,12 +28,42 @@ from cctuning.io import write_json, write_text
 
 logger = logging.getLogger(__name__)
 
+CONNECTIONS = ("transform", "none", "english")
 STAGES_NAME = "stages.json"  # wall-clock seconds of every finished stage, kept across resumed invocations
 
 # two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (then the normal value)
-_T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-         2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048,
-         2.045, 2.042]
+_T975 = [
+    12.706,
+    4.303,
+    3.182,
+    2.776,
+    2.571,
+    2.447,
+    2.365,
+    2.306,
+    2.262,
+    2.228,
+    2.201,
+    2.179,
+    2.160,
+    2.145,
+    2.131,
+    2.120,
+    2.110,
+    2.101,
+    2.093,
+    2.086,
+    2.080,
+    2.074,
+    2.069,
+    2.064,
+    2.060,
+    2.056,
+    2.052,
+    2.048,
+    2.045,
+    2.042,
+]
 
 
 def mean_interval(values: list[float]) -> dict:
@@ -63,17 +93,54 @@ class ExperimentConfig:
     eval_batch_size: int = 8
 
 
+BENCHMARK_KEYS = {"names": str, "langs": str, "limit": int, "scoring": str, "max_new_tokens": int}
+
+
+def _check_benchmarks(spec: dict, path) -> None:
+    from cctuning.config import coerce
+    from cctuning.eval.benchmarks import resolve_name
+
+    if not spec:
+        return
+    for key, value in spec.items():
+        if key not in BENCHMARK_KEYS:
+            raise CCError(f"{path}: benchmarks: unknown option '{key}' (known: {', '.join(BENCHMARK_KEYS)})")
+        coerce(value, BENCHMARK_KEYS[key], f"{path}: benchmarks: option '{key}'")
+    if not spec.get("names"):
+        raise CCError(f"{path}: benchmarks: 'names' is missing")
+    for name in str(spec["names"]).split(","):
+        try:
+            resolve_name(name.strip())
+        except CCError as err:
+            raise CCError(f"{path}: benchmarks: option 'names': {err}") from None
+    if spec.get("scoring", "generate") not in ("generate", "likelihood"):
+        raise CCError(
+            f"{path}: benchmarks: option 'scoring': expected generate or likelihood, got {spec['scoring']!r}"
+        )
+
+
 def load_config(path: str | Path) -> ExperimentConfig:
-    from cctuning.config import read_yaml
+    """Read and check an experiment YAML: every name and value is validated here, so that a typo
+    fails at once with a one-line error rather than after an hour of training."""
+    from cctuning.config import coerce, read_yaml
     from cctuning.training import TrainConfig
 
     data = read_yaml(path)
-    known = {f.name for f in fields(ExperimentConfig)}
-    for key in data:
-        if key not in known:
+    hints = typing.get_type_hints(ExperimentConfig)
+    for key, value in data.items():
+        if key not in hints:
             raise CCError(f"{path}: unknown option '{key}'")
+        if key == "seeds":
+            if not isinstance(value, list) or not value:
+                raise CCError(f"{path}: option 'seeds': expected a non-empty list of integers, got {value!r}")
+            data[key] = [coerce(v, int, f"{path}: option 'seeds'") for v in value]
+        elif key == "cells":
+            if not isinstance(value, list):
+                raise CCError(f"{path}: option 'cells': expected a list, got {value!r}")
+        else:
+            data[key] = coerce(value, hints[key], f"{path}: option '{key}'")
     cfg = ExperimentConfig(**data)
-    train_fields = {f.name for f in fields(TrainConfig)}
+    train_hints = typing.get_type_hints(TrainConfig)
     if not cfg.cells:
         raise CCError(f"{path}: 'cells' is empty")
     names = set()
@@ -83,14 +150,22 @@ def load_config(path: str | Path) -> ExperimentConfig:
         if cell["name"] in names:
             raise CCError(f"{path}: two cells are named '{cell['name']}'")
         names.add(cell["name"])
-        for key in cell:
-            if key not in train_fields | {"name", "connection"}:
-                raise CCError(f"{path}: cell '{cell['name']}': unknown option '{key}'")
-    for key in cfg.train:
-        if key not in train_fields:
+        for key, value in cell.items():
+            where = f"{path}: cell '{cell['name']}': option '{key}'"
+            if key == "connection":
+                if value not in CONNECTIONS:
+                    raise CCError(f"{where}: expected one of {', '.join(CONNECTIONS)}, got {value!r}")
+            elif key != "name":
+                if key not in train_hints:
+                    raise CCError(f"{path}: cell '{cell['name']}': unknown option '{key}'")
+                coerce(value, train_hints[key], where)
+    for key, value in cfg.train.items():
+        if key not in train_hints:
             raise CCError(f"{path}: train: unknown option '{key}'")
+        coerce(value, train_hints[key], f"{path}: train: option '{key}'")
     if cfg.baseline is not None and cfg.baseline not in names:
         raise CCError(f"{path}: baseline '{cfg.baseline}' is not a cell")
+    _check_benchmarks(cfg.benchmarks, path)
     return cfg
 
 
@@ -121,7 +196,9 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     cell_runs: dict[str, dict[int, dict]] = {}
     started = time.time()
     stages_file = root / STAGES_NAME
-    stages: dict[str, float] = json.loads(stages_file.read_text(encoding="utf-8")) if stages_file.is_file() else {}
+    stages: dict[str, float] = (
+        json.loads(stages_file.read_text(encoding="utf-8")) if stages_file.is_file() else {}
+    )
 
     @contextlib.contextmanager
     def stage(name: str):
@@ -141,53 +218,97 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
             _write_records(held_file, sample_mix("heldout", cfg.heldout_per_lang, langs, 0))
         for cell in cfg.cells:
             options = {**cfg.train, **{k: v for k, v in cell.items() if k not in ("name", "connection")}}
-            options = {k: coerce(v, hints[k], f"cell '{cell['name']}': option '{k}'") for k, v in options.items()}
+            options = {
+                k: coerce(v, hints[k], f"cell '{cell['name']}': option '{k}'") for k, v in options.items()
+            }
             tdir = root / "train" / f"{options.get('method', 'cc')}-{_train_key(options)}" / f"seed{seed}"
             if not (tdir / "train_results.json").is_file():
                 logger.info("training %s seed %d -> %s", cell["name"], seed, tdir)
                 from cctuning.training.run import last_checkpoint
 
-                tcfg = TrainConfig(**{**options, "model": model_path, "data": str(train_file), "output": str(tdir),
-                                      "seed": seed})
+                tcfg = TrainConfig(
+                    **{
+                        **options,
+                        "model": model_path,
+                        "data": str(train_file),
+                        "output": str(tdir),
+                        "seed": seed,
+                    }
+                )
                 if last_checkpoint(tdir):
                     tcfg.resume = "last"
                 with stage(f"train/{tdir.parent.name}/seed{seed}"):
                     train(tcfg)
-            connection = cell.get("connection") or ("transform" if options.get("method", "cc") == "cc" else "none")
+            connection = cell.get("connection") or (
+                "transform" if options.get("method", "cc") == "cc" else "none"
+            )
             if connection == "transform" and not (tdir / MATRIX_NAME).is_file():
                 with stage(f"matrix/{tdir.parent.name}/seed{seed}"):
                     model, tok, _ = load_for_inference(str(tdir))
-                    matrix, _ = fit_transform_matrix(model, tok, load_records(train_file), samples=cfg.matrix_samples,
-                                                     seed=seed, progress=progress)
+                    matrix, _ = fit_transform_matrix(
+                        model,
+                        tok,
+                        load_records(train_file),
+                        samples=cfg.matrix_samples,
+                        seed=seed,
+                        progress=progress,
+                    )
                     matrix.save(tdir)
             edir = root / "eval" / cell["name"] / f"seed{seed}"
             if not (edir / "nll" / NLL_NAME).is_file():
                 with stage(f"nll/{cell['name']}/seed{seed}"):
                     model, tok, _ = load_for_inference(str(tdir))
-                    evaluate_nll(model, tok, held_file, connection, edir / "nll", batch_size=cfg.eval_batch_size,
-                                 max_length=options.get("max_length", 1024), seed=seed, progress=progress,
-                                 model_name=str(tdir))
+                    evaluate_nll(
+                        model,
+                        tok,
+                        held_file,
+                        connection,
+                        edir / "nll",
+                        batch_size=cfg.eval_batch_size,
+                        max_length=options.get("max_length", 1024),
+                        seed=seed,
+                        progress=progress,
+                        model_name=str(tdir),
+                    )
             bench = None
             if cfg.benchmarks:
                 b = cfg.benchmarks
-                ecfg = EvalConfig(model=str(tdir), benchmarks=[x.strip() for x in str(b.get("names", "")).split(",")],
-                                  langs=[x.strip() for x in str(b["langs"]).split(",")] if b.get("langs") else None,
-                                  limit=b.get("limit"), connection=connection, scoring=b.get("scoring", "generate"),
-                                  max_new_tokens=b.get("max_new_tokens", 40), batch_size=cfg.eval_batch_size,
-                                  output=str(edir / "bench"), seed=seed)
+                ecfg = EvalConfig(
+                    model=str(tdir),
+                    benchmarks=[x.strip() for x in str(b.get("names", "")).split(",")],
+                    langs=[x.strip() for x in str(b["langs"]).split(",")] if b.get("langs") else None,
+                    limit=b.get("limit"),
+                    connection=connection,
+                    scoring=b.get("scoring", "generate"),
+                    max_new_tokens=b.get("max_new_tokens", 40),
+                    batch_size=cfg.eval_batch_size,
+                    output=str(edir / "bench"),
+                    seed=seed,
+                )
                 if not (edir / "bench" / RESULTS_NAME).is_file():
                     with stage(f"bench/{cell['name']}/seed{seed}"):
                         model, tok, _ = load_for_inference(str(tdir))
                         evaluate(ecfg, model, tok, progress=progress)
                 bench = json.loads((edir / "bench" / RESULTS_NAME).read_text(encoding="utf-8"))
             nll = json.loads((edir / "nll" / NLL_NAME).read_text(encoding="utf-8"))
-            cell_runs.setdefault(cell["name"], {})[seed] = {"nll": nll, "bench": bench, "nll_dir": edir / "nll"}
+            cell_runs.setdefault(cell["name"], {})[seed] = {
+                "nll": nll,
+                "bench": bench,
+                "nll_dir": edir / "nll",
+            }
     report = summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items)
     report["seconds_this_invocation"] = round(time.time() - started, 1)
     report["stage_seconds"] = stages
-    report["setup"] = {"model": cfg.model, "model_path": str(model_path), "train": cfg.train,
-                       "train_per_lang": cfg.train_per_lang, "heldout_per_lang": cfg.heldout_per_lang,
-                       "langs": cfg.langs, "matrix_samples": cfg.matrix_samples, "benchmarks": cfg.benchmarks}
+    report["setup"] = {
+        "model": cfg.model,
+        "model_path": str(model_path),
+        "train": cfg.train,
+        "train_per_lang": cfg.train_per_lang,
+        "heldout_per_lang": cfg.heldout_per_lang,
+        "langs": cfg.langs,
+        "matrix_samples": cfg.matrix_samples,
+        "benchmarks": cfg.benchmarks,
+    }
     report["date"] = time.strftime("%Y-%m-%d")
     report["versions"] = versions()
     write_json(root / "report.json", report)
@@ -200,13 +321,18 @@ def summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items
     out: dict = {"baseline": baseline, "seeds": cfg.seeds, "cells": {}}
     for name, per_seed in cell_runs.items():
         langs = list(next(iter(per_seed.values()))["nll"]["nll"])
-        cell: dict = {"nll": {lang: mean_interval([r["nll"]["nll"][lang]["nll"] for r in per_seed.values()])
-                              for lang in langs}}
+        cell: dict = {
+            "nll": {
+                lang: mean_interval([r["nll"]["nll"][lang]["nll"] for r in per_seed.values()])
+                for lang in langs
+            }
+        }
         if name != baseline:
             diffs: dict[str, list[float]] = {}
             for seed, run in per_seed.items():
-                d = paired_difference(load_items(run["nll_dir"]), load_items(cell_runs[baseline][seed]["nll_dir"]),
-                                      seed=seed)
+                d = paired_difference(
+                    load_items(run["nll_dir"]), load_items(cell_runs[baseline][seed]["nll_dir"]), seed=seed
+                )
                 for lang, v in d.items():
                     diffs.setdefault(lang, []).append(v["diff"])
             cell["nll_diff_to_baseline"] = {lang: mean_interval(v) for lang, v in diffs.items()}
@@ -217,11 +343,18 @@ def summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items
                 metric = first["primary_metric"][bench]
                 cell["benchmarks"][bench] = {
                     "metric": metric,
-                    "average": mean_interval([r["bench"]["benchmarks"][bench]["average"][metric]
-                                              for r in per_seed.values()]),
-                    "per_language": {lang: mean_interval([r["bench"]["benchmarks"][bench]["per_language"][lang][metric]
-                                                          for r in per_seed.values()])
-                                     for lang in data["per_language"]},
+                    "average": mean_interval(
+                        [r["bench"]["benchmarks"][bench]["average"][metric] for r in per_seed.values()]
+                    ),
+                    "per_language": {
+                        lang: mean_interval(
+                            [
+                                r["bench"]["benchmarks"][bench]["per_language"][lang][metric]
+                                for r in per_seed.values()
+                            ]
+                        )
+                        for lang in data["per_language"]
+                    },
                 }
         out["cells"][name] = cell
     return out
@@ -242,36 +375,66 @@ def experiment_markdown(report: dict) -> str:
     lines = []
     setup = report.get("setup")
     if setup:
-        budget = ", ".join(f"{k} {v}" for k, v in setup["train"].items() if k not in ("save_steps", "save_total_limit"))
-        lines += [f"Model `{setup['model']}`; {report.get('date', '')}; training: {setup['train_per_lang']} records per "
-                  f"language ({setup['langs']} languages of the bundled mix, resampled per seed), {budget}; "
-                  f"Transform Matrix on {setup['matrix_samples']} prompts; held-out NLL on {setup['heldout_per_lang']} "
-                  "records per language (the same for every seed).", ""]
+        budget = ", ".join(
+            f"{k} {v}" for k, v in setup["train"].items() if k not in ("save_steps", "save_total_limit")
+        )
+        lines += [
+            f"Model `{setup['model']}`; {report.get('date', '')}; training: {setup['train_per_lang']} records per "
+            f"language ({setup['langs']} languages of the bundled mix, resampled per seed), {budget}; "
+            f"Transform Matrix on {setup['matrix_samples']} prompts; held-out NLL on {setup['heldout_per_lang']} "
+            "records per language (the same for every seed).",
+            "",
+        ]
     stages = report.get("stage_seconds") or {}
     if stages:
         kinds: dict[str, float] = {}
         for name, sec in stages.items():
             kinds[name.split("/")[0]] = kinds.get(name.split("/")[0], 0.0) + sec
-        lines += ["Time (wall clock, summed over the stages of all invocations): "
-                  f"{sum(stages.values()) / 60:.1f} min ("
-                  + ", ".join(f"{k} {v / 60:.1f} min" for k, v in kinds.items()) + ").", ""]
-    lines += [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean [95% t-interval over seeds]", "",
-             "Held-out NLL per token (lower is better):", "",
-             "| lang | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [
+            "Time (wall clock, summed over the stages of all invocations): "
+            f"{sum(stages.values()) / 60:.1f} min ("
+            + ", ".join(f"{k} {v / 60:.1f} min" for k, v in kinds.items())
+            + ").",
+            "",
+        ]
+    lines += [
+        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean [95% t-interval over seeds]",
+        "",
+        "Held-out NLL per token (lower is better):",
+        "",
+        "| lang | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
     langs = list(cells[names[0]]["nll"])
     for lang in langs:
         lines.append(f"| {lang} | " + " | ".join(_fmt(cells[n]["nll"][lang]) for n in names) + " |")
     others = [n for n in names if n != report["baseline"]]
     if others:
-        lines += ["", f"Paired NLL difference to `{report['baseline']}` on the same items (negative: better):", "",
-                  "| lang | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+        lines += [
+            "",
+            f"Paired NLL difference to `{report['baseline']}` on the same items (negative: better):",
+            "",
+            "| lang | " + " | ".join(others) + " |",
+            "|---|" + "---|" * len(others),
+        ]
         for lang in langs:
-            lines.append(f"| {lang} | " + " | ".join(_fmt(cells[n]["nll_diff_to_baseline"][lang], sign=True)
-                                                      for n in others) + " |")
+            lines.append(
+                f"| {lang} | "
+                + " | ".join(_fmt(cells[n]["nll_diff_to_baseline"][lang], sign=True) for n in others)
+                + " |"
+            )
     if "benchmarks" in cells[names[0]]:
-        lines += ["", "Benchmarks (×100, average over languages):", "",
-                  "| benchmark | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        lines += [
+            "",
+            "Benchmarks (×100, average over languages):",
+            "",
+            "| benchmark | " + " | ".join(names) + " |",
+            "|---|" + "---|" * len(names),
+        ]
         for bench, data in cells[names[0]]["benchmarks"].items():
-            lines.append(f"| {bench} ({data['metric']}) | "
-                         + " | ".join(_fmt(cells[n]["benchmarks"][bench]["average"], 1, 100) for n in names) + " |")
+            lines.append(
+                f"| {bench} ({data['metric']}) | "
+                + " | ".join(_fmt(cells[n]["benchmarks"][bench]["average"], 1, 100) for n in names)
+                + " |"
+            )
     return "\n".join(lines)

@@ -2,11 +2,12 @@
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from cctuning.errors import CCError
-from cctuning.experiment import load_config, mean_interval, run_experiment
+from cctuning.experiment import _train_key, load_config, mean_interval, run_experiment
 
 
 def test_mean_interval_by_hand():
@@ -26,12 +27,78 @@ def test_config_errors_name_the_file_and_option(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("seeds: [1, x]\ncells: [{name: a}]\n", "option 'seeds': expected int, got 'x'"),
+        ("seeds: 3\ncells: [{name: a}]\n", "option 'seeds': expected a non-empty list"),
+        ("train_per_lang: many\ncells: [{name: a}]\n", "option 'train_per_lang': expected int"),
+        ("train: {max_steps: ten}\ncells: [{name: a}]\n", "train: option 'max_steps': expected int"),
+        ("cells: [{name: a, lr: fast}]\n", "cell 'a': option 'lr': expected float"),
+        ("cells: [{name: a, connection: french}]\n", "cell 'a': option 'connection': expected one of"),
+        ("cells: [{name: a}]\nbenchmarks: {names: XNLI, limt: 3}\n", "benchmarks: unknown option 'limt'"),
+        ("cells: [{name: a}]\nbenchmarks: {names: 'XNLI,GSM8K'}\n", "unknown benchmark 'GSM8K'"),
+        (
+            "cells: [{name: a}]\nbenchmarks: {names: XNLI, scoring: exact}\n",
+            "expected generate or likelihood",
+        ),
+        ("cells: [{name: a}]\nbenchmarks: {names: XNLI, limit: 2.5}\n", "option 'limit': expected int"),
+    ],
+)
+def test_bad_values_fail_at_load_time(tmp_path, text, message):
+    path = tmp_path / "e.yaml"
+    path.write_text(text)
+    with pytest.raises(CCError, match=message) as err:
+        load_config(path)
+    assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXAMPLES.glob("experiment_*.yaml")))
+def test_shipped_experiment_configs_load(name):
+    cfg = load_config(EXAMPLES / name)
+    assert cfg.cells and len(cfg.seeds) >= 1
+
+
+def test_oracle_config_reuses_the_main_experiment():
+    """experiment_smollm2_oracle.yaml claims to reuse every training and evaluation of
+    experiment_smollm2.yaml: same output, data, budget and seeds, and the same cells plus one."""
+    main = load_config(EXAMPLES / "experiment_smollm2.yaml")
+    oracle = load_config(EXAMPLES / "experiment_smollm2_oracle.yaml")
+    for key in (
+        "output",
+        "seeds",
+        "train_per_lang",
+        "heldout_per_lang",
+        "langs",
+        "matrix_samples",
+        "benchmarks",
+    ):
+        assert getattr(main, key) == getattr(oracle, key), key
+    assert _train_key(main.train) == _train_key(oracle.train)
+    assert oracle.cells[: len(main.cells)] == main.cells
+    assert [c["connection"] for c in oracle.cells[len(main.cells) :]] == ["english"]
+
+
+def test_shipped_train_and_demo_configs_load():
+    from cctuning.config import build_config
+    from cctuning.demo import DemoConfig
+    from cctuning.training import TrainConfig
+
+    lora = build_config(TrainConfig, str(EXAMPLES / "train_lora.yaml"), {})
+    assert lora.lora_r == 16 and lora.method == "cc"
+    demo = build_config(DemoConfig, str(EXAMPLES / "demo_full.yaml"), {})
+    assert demo.max_steps == 200
+
+
 @pytest.mark.slow
 def test_two_cell_one_seed_experiment_end_to_end(base_dir, tmp_path, monkeypatch):
     path = tmp_path / "exp.yaml"
     path.write_text(f"""
 model: {base_dir}
-output: {tmp_path / 'exp'}
+output: {tmp_path / "exp"}
 seeds: [7]
 train_per_lang: 1
 heldout_per_lang: 1
@@ -50,15 +117,23 @@ benchmarks: {{names: XStoryCloze, langs: "sw,en", limit: 2, scoring: likelihood}
     assert len(trainings) == 2  # cc and cc-none share one training
     assert set(report["cells"]) == {"sft", "cc", "cc-none"}
     # the report's numbers are the runs' numbers
-    sft_nll = json.loads((root / "eval" / "sft" / "seed7" / "nll" / "nll.json").read_text())["nll"]["all"]["nll"]
-    cc_nll = json.loads((root / "eval" / "cc" / "seed7" / "nll" / "nll.json").read_text())["nll"]["all"]["nll"]
+    sft_nll = json.loads((root / "eval" / "sft" / "seed7" / "nll" / "nll.json").read_text())["nll"]["all"][
+        "nll"
+    ]
+    cc_nll = json.loads((root / "eval" / "cc" / "seed7" / "nll" / "nll.json").read_text())["nll"]["all"][
+        "nll"
+    ]
     assert report["cells"]["sft"]["nll"]["all"]["mean"] == sft_nll
-    assert math.isclose(report["cells"]["cc"]["nll_diff_to_baseline"]["all"]["mean"], cc_nll - sft_nll, rel_tol=1e-9)
+    assert math.isclose(
+        report["cells"]["cc"]["nll_diff_to_baseline"]["all"]["mean"], cc_nll - sft_nll, rel_tol=1e-9
+    )
     assert "XStoryCloze" in report["cells"]["cc"]["benchmarks"]
     assert "| all |" in (root / "report.md").read_text()
     # every stage that ran has its time recorded, once
     stages = json.loads((root / "stages.json").read_text())
-    assert sorted(k.split("/")[0] for k in stages) == sorted(["train"] * 2 + ["matrix"] + ["nll"] * 3 + ["bench"] * 3)
+    assert sorted(k.split("/")[0] for k in stages) == sorted(
+        ["train"] * 2 + ["matrix"] + ["nll"] * 3 + ["bench"] * 3
+    )
     assert f"{sum(stages.values()) / 60:.1f} min" in (root / "report.md").read_text()
     # resumable: nothing is trained or evaluated again
     import cctuning.training
