@@ -116,3 +116,46 @@ def test_eval_nll_cli_and_report(base_dir, tmp_path, capsys):
     table = capsys.readouterr().out
     assert "paired difference" in table and "| all | 8 | +0.0000 |" in table
     assert (tmp_path / "rep" / "report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_layer_histogram_counts_every_choice_and_spans_all_layers(tokenizer, tmp_path):
+    from collections import Counter
+
+    from cctuning.eval.report import build_report, layer_grid, layer_histograms, load_run
+
+    torch.manual_seed(1)
+    cc = CCModel.from_base(
+        tiny_model("llama", tokenizer=tokenizer), CCConfig(prompt_format={"mode": "chat"})
+    ).eval()
+    d, num_layers = cc.arch.hidden_size, cc.arch.num_layers
+    with torch.no_grad():
+        cc.decision_maker.proj.weight.zero_()
+        cc.decision_maker.proj.weight[0].normal_(0, 3.0)  # only layers 0 and 1 can win the argmax
+        cc.decision_maker.proj.weight[1].normal_(0, 3.0)
+    cc.set_transform(TransformMatrix(torch.eye(d) + 0.1 * torch.randn(d, d)))
+    evaluate_nll(cc, tokenizer, write_jsonl(tmp_path / "h.jsonl", make_records(12)), "transform",
+                 tmp_path / "run", batch_size=4, progress=False)  # fmt: skip
+    items = load_items(tmp_path / "run")
+    by_hand: dict[str, Counter] = {}
+    for item in items:
+        by_hand.setdefault(item["lang"], Counter())[str(item["layer"])] += 1
+    hist = layer_histograms([("run", load_run(tmp_path / "run"))])["run"]
+    assert hist["num_layers"] == num_layers
+    assert hist["counts"] == {lang: dict(c) for lang, c in by_hand.items()}
+    langs, grid = layer_grid(hist)
+    assert langs == sorted(by_hand)
+    for lang, row in zip(langs, grid):
+        assert len(row) == num_layers  # every layer has a column, chosen or not
+        total = sum(by_hand[lang].values())
+        assert row == [by_hand[lang][str(k)] / total for k in range(num_layers)]
+    # without a recorded depth, the columns stop at the highest layer chosen
+    highest = max(int(k) for c in by_hand.values() for k in c)
+    assert highest + 1 < num_layers  # so the test tells the two widths apart
+    assert len(layer_grid({"num_layers": None, "counts": hist["counts"]})[1][0]) == highest + 1
+    # an older run without num_layers: the depth comes from the evaluated CC-Tuning folder
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "cctuning_config.json").write_text('{"num_layers": 7}')
+    old = {"kind": "benchmarks", "layer_choice": {"sw": {"1": 2}}, "model": str(tmp_path / "model")}
+    assert layer_histograms([("old", old)])["old"]["num_layers"] == 7
+    build_report([str(tmp_path / "run")], tmp_path / "rep")
+    assert (tmp_path / "rep" / "layers.png").read_bytes()[:4] == b"\x89PNG"

@@ -182,6 +182,7 @@ def evaluate_nll(
         "model": model_name,
         "seed": seed,
         "bootstrap_reps": reps,
+        "num_layers": model.arch.num_layers,
         "nll": summarize(items, reps, seed),
         "seconds": round(time.time() - started, 2),
         "versions": versions(),

@@ -145,9 +145,10 @@ def nll_markdown(runs: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def layer_histograms(runs: list[tuple[str, dict]]) -> dict[str, dict[str, dict[str, int]]]:
-    """Decision Maker layer choices per run and language, from benchmark or NLL runs."""
-    out: dict[str, dict[str, dict[str, int]]] = {}
+def layer_histograms(runs: list[tuple[str, dict]]) -> dict[str, dict]:
+    """Decision Maker layer choices per run and language, from benchmark or NLL runs:
+    ``{label: {"num_layers": L or None, "counts": {lang: {layer: count}}}}``."""
+    out: dict[str, dict] = {}
     for label, run in runs:
         if run["kind"] == "benchmarks":
             counts = run.get("layer_choice") or {}
@@ -158,25 +159,46 @@ def layer_histograms(runs: list[tuple[str, dict]]) -> dict[str, dict[str, dict[s
                     per = counts.setdefault(item["lang"] or "?", {})
                     per[str(item["layer"])] = per.get(str(item["layer"]), 0) + 1
         if counts:
-            out[label] = counts
+            out[label] = {
+                "num_layers": run.get("num_layers") or _model_depth(run.get("model")),
+                "counts": counts,
+            }
     return out
 
 
-def plot_layers(hists: dict[str, dict[str, dict[str, int]]], path: Path) -> None:
+def _model_depth(model: str | None) -> int | None:
+    """The evaluated CC-Tuning folder's layer count, for runs written before ``num_layers`` was recorded."""
+    try:
+        config = json.loads((Path(model) / "cctuning_config.json").read_text(encoding="utf-8"))
+        return int(config["num_layers"])
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
+
+
+def layer_grid(hist: dict) -> tuple[list[str], list[list[float]]]:
+    """Rows: languages (sorted); columns: every layer of the model (up to the highest chosen when the
+    run does not record the model's depth); cells: the share of that language's choices."""
+    per_lang = hist["counts"]
+    highest = max(int(k) for counts in per_lang.values() for k in counts)
+    width = max(hist.get("num_layers") or 0, highest + 1)
+    langs = sorted(per_lang)
+    grid = [
+        [per_lang[lang].get(str(k), 0) / sum(per_lang[lang].values()) for k in range(width)] for lang in langs
+    ]
+    return langs, grid
+
+
+def plot_layers(hists: dict[str, dict], path: Path) -> None:
     """One heatmap per run: share of each layer (columns) chosen per language (rows)."""
     plt = _pyplot()
 
-    heights = [0.9 + 0.28 * len(per_lang) for per_lang in hists.values()]
+    heights = [0.9 + 0.28 * len(hist["counts"]) for hist in hists.values()]
     fig, axes = plt.subplots(
         len(hists), 1, figsize=(9, sum(heights) + 0.6), squeeze=False, gridspec_kw={"height_ratios": heights}
     )
-    for ax, (label, per_lang) in zip(axes[:, 0], hists.items()):
-        width = 1 + max(int(k) for counts in per_lang.values() for k in counts)
-        langs = sorted(per_lang)
-        grid = [
-            [per_lang[lang].get(str(k), 0) / sum(per_lang[lang].values()) for k in range(width)]
-            for lang in langs
-        ]
+    for ax, (label, hist) in zip(axes[:, 0], hists.items()):
+        langs, grid = layer_grid(hist)
+        width = len(grid[0])
         image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
         ax.set_yticks(range(len(langs)), langs, fontsize=7)
         ax.set_xticks(range(width), [str(k) for k in range(width)], fontsize=6)

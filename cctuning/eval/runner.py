@@ -217,6 +217,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
         "benchmarks": summary,
         "missing_languages": missing_langs,
         "layer_choice": layer_counts,
+        "num_layers": model.arch.num_layers,
         "seconds": round(time.time() - started, 2),
         "versions": versions(),
     }
