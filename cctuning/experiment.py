@@ -336,6 +336,12 @@ def summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items
                 for lang, v in d.items():
                     diffs.setdefault(lang, []).append(v["diff"])
             cell["nll_diff_to_baseline"] = {lang: mean_interval(v) for lang, v in diffs.items()}
+            if len(per_seed) == 1:
+                # one seed has no spread over seeds: give the bootstrap interval over items instead
+                for lang, v in d.items():
+                    cell["nll_diff_to_baseline"][lang].update(
+                        ci_low=v["ci_low"], ci_high=v["ci_high"], interval="bootstrap over items"
+                    )
         first = next(iter(per_seed.values()))["bench"]
         if first is not None:
             cell["benchmarks"] = {}
@@ -398,7 +404,8 @@ def experiment_markdown(report: dict) -> str:
             "",
         ]
     lines += [
-        f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); mean [95% t-interval over seeds]",
+        f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}); "
+        + ("mean [95% t-interval over seeds]" if len(seeds) > 1 else "no interval over seeds with one seed"),
         "",
         "Held-out NLL per token (lower is better):",
         "",
@@ -412,7 +419,8 @@ def experiment_markdown(report: dict) -> str:
     if others:
         lines += [
             "",
-            f"Paired NLL difference to `{report['baseline']}` on the same items (negative: better):",
+            f"Paired NLL difference to `{report['baseline']}` on the same items (negative: better)"
+            + ("; one seed, so the interval is a 95% bootstrap over items:" if len(seeds) == 1 else ":"),
             "",
             "| lang | " + " | ".join(others) + " |",
             "|---|" + "---|" * len(others),

@@ -127,6 +127,18 @@ benchmarks: {{names: XStoryCloze, langs: "sw,en", limit: 2, scoring: likelihood}
     assert math.isclose(
         report["cells"]["cc"]["nll_diff_to_baseline"]["all"]["mean"], cc_nll - sft_nll, rel_tol=1e-9
     )
+    # one seed: the interval of the paired difference is the bootstrap over items of that seed's runs
+    from cctuning.eval.nll import load_items, paired_difference
+
+    by_items = paired_difference(
+        load_items(root / "eval" / "cc" / "seed7" / "nll"),
+        load_items(root / "eval" / "sft" / "seed7" / "nll"),
+        seed=7,
+    )["all"]
+    diff = report["cells"]["cc"]["nll_diff_to_baseline"]["all"]
+    assert (diff["ci_low"], diff["ci_high"]) == (by_items["ci_low"], by_items["ci_high"])
+    assert diff["ci_low"] <= diff["mean"] <= diff["ci_high"]
+    assert "bootstrap over items" in (root / "report.md").read_text()
     assert "XStoryCloze" in report["cells"]["cc"]["benchmarks"]
     assert "| all |" in (root / "report.md").read_text()
     # every stage that ran has its time recorded, once
