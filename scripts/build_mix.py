@@ -32,11 +32,8 @@ from cctuning.data.mix import (  # noqa: E402
 )
 from cctuning.errors import CCError  # noqa: E402
 
-DEFAULT_SOURCES = REPO.parent / "shared" / "data" / "parallel"
-DEFAULT_BENCHMARKS = (
-    REPO / "cctuning" / "resources" / "benchmarks",
-    REPO.parent / "shared" / "data" / "benchmarks",
-)
+DEFAULT_SOURCES = REPO / "data" / "parallel"  # the parallel sources, gzipped (see data/parallel/README.md)
+DEFAULT_BENCHMARKS = REPO / "cctuning" / "resources" / "benchmarks"
 # Licence and readme files shipped with the mix, as named under <sources>/licenses/.
 LICENSE_FILES = (
     "mgsm-LICENSE",
@@ -64,14 +61,14 @@ def _update_readme(readme: Path, table: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sources", type=Path, default=DEFAULT_SOURCES, help="folder of *_parallel.jsonl")
+    parser.add_argument(
+        "--sources", type=Path, default=DEFAULT_SOURCES, help="folder of *_parallel.jsonl[.gz]"
+    )
     parser.add_argument(
         "--benchmarks",
         type=Path,
         action="append",
-        help="benchmark folder to check leaks against (repeatable; default: every one of "
-        + ", ".join(str(p) for p in DEFAULT_BENCHMARKS)
-        + " that exists)",
+        help=f"benchmark folder to check leaks against (repeatable; default: {DEFAULT_BENCHMARKS})",
     )
     parser.add_argument("--out", type=Path, default=MIX_DIR, help="where train.jsonl / heldout.jsonl go")
     parser.add_argument("--per-language", type=int, default=MixConfig.per_language)
@@ -82,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    benchmarks = args.benchmarks or [p for p in DEFAULT_BENCHMARKS if p.is_dir()]
+    benchmarks = args.benchmarks or [DEFAULT_BENCHMARKS]
     config = MixConfig(per_language=args.per_language, seed=args.seed)
     try:
         records = build_mix(args.sources, benchmarks, config)

@@ -1,5 +1,5 @@
 """The bundled training mix: well-formed, balanced, split by source item, free of benchmark text,
-and reproducible from the sources (those tests run only where ../shared/data/parallel exists)."""
+and reproducible from the sources shipped in data/parallel/."""
 
 from __future__ import annotations
 
@@ -17,13 +17,8 @@ from cctuning.data import mix
 from cctuning.data.records import load_records
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data"
-SOURCES = SHARED / "parallel"
-HAVE_SOURCES = all((SOURCES / name).is_file() for name in mix.SOURCE_FILES.values())
-_VENDORED = REPO / "cctuning" / "resources" / "benchmarks"
-BENCHMARKS = _VENDORED if _VENDORED.is_dir() else SHARED / "benchmarks"
-needs_sources = pytest.mark.skipif(not HAVE_SOURCES, reason="parallel sources not available (fresh clone)")
-needs_benchmarks = pytest.mark.skipif(not BENCHMARKS.is_dir(), reason="benchmark data not available")
+SOURCES = REPO / "data" / "parallel"
+BENCHMARKS = REPO / "cctuning" / "resources" / "benchmarks"
 STRING_FIELDS = ("id", "lang", "task", "source", "item", "split", "instruction", "instruction_en", "output")
 
 
@@ -35,8 +30,6 @@ def shipped() -> list[dict]:
 @pytest.fixture(scope="module")
 def builds(tmp_path_factory) -> tuple[Path, Path]:
     """Two independent builds: one through the CLI with another hash seed, one in this process."""
-    if not HAVE_SOURCES:
-        pytest.skip("parallel sources not available (fresh clone)")
     cli_out, lib_out = tmp_path_factory.mktemp("cli"), tmp_path_factory.mktemp("lib")
     cmd = [
         sys.executable,
@@ -189,12 +182,10 @@ def test_contamination_check_catches_planted_text_and_ignores_templates(tmp_path
         mix.check_contamination([clean], [tmp_path / "missing"])
 
 
-@needs_benchmarks
 def test_shipped_mix_holds_no_benchmark_text(shipped):
     assert mix.find_contamination(shipped, [BENCHMARKS]) == []
 
 
-@needs_sources
 def test_build_is_deterministic_and_the_shipped_files_are_fresh(builds):
     cli_out, lib_out = builds
     for split, shipped_path in mix.mix_files().items():
@@ -211,9 +202,9 @@ def test_build_is_deterministic_and_the_shipped_files_are_fresh(builds):
 def test_loading_the_mix_never_touches_the_sources():
     code = (
         "import sys\n"
-        f"shared = {str(REPO.parent / 'shared')!r}\n"
+        f"sources = {str(SOURCES)!r}\n"
         "def hook(event, args):\n"
-        "    if event == 'open' and str(args[0]).startswith(shared):\n"
+        "    if event == 'open' and str(args[0]).startswith(sources):\n"
         "        raise RuntimeError(f'opened {args[0]}')\n"
         "sys.addaudithook(hook)\n"
         "from cctuning.data.mix import load_mix\n"

@@ -270,12 +270,21 @@ def _clean(text: object) -> str:
     return text.replace("\r\n", "\n").replace("\r", "\n").strip()
 
 
+def source_path(source_dir: str | Path, name: str) -> Path:
+    """The file of source ``name`` under ``source_dir``: ``X.jsonl``, or ``X.jsonl.gz`` as shipped in
+    ``data/parallel/``."""
+    plain = Path(source_dir) / SOURCE_FILES[name]
+    packed = plain.with_name(plain.name + ".gz")
+    return packed if packed.is_file() and not plain.is_file() else plain
+
+
 def _read_jsonl(path: Path, required: Sequence[str]) -> list[dict]:
-    """Every row of one source file; a missing field names the file and line, so a bad source is loud."""
+    """Every row of one source file (plain or gzip); a missing field names the file and line."""
     if not path.is_file():
         raise DataError(str(path), None, None, "source file missing (see cctuning/resources/mix/README.md)")
     rows = []
-    with open(path, encoding="utf-8") as fh:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -400,7 +409,8 @@ def _udhr(rows: Iterable[dict]) -> Iterator[_Candidate]:
 
 
 def load_candidates(source_dir: str | Path, config: MixConfig | None = None) -> list[_Candidate]:
-    """Every record the sources allow, sorted by id; reads the five files under ``source_dir``."""
+    """Every record the sources allow, sorted by id; reads the five files under ``source_dir``
+    (``data/parallel/`` in the repository)."""
     config = config or MixConfig()
     source_dir = Path(source_dir)
     required = {
@@ -411,7 +421,7 @@ def load_candidates(source_dir: str | Path, config: MixConfig | None = None) -> 
         "tatoeba": ("lang", "idx", "text", "text_en"),
         "udhr": ("lang", "article", "text", "text_en"),
     }
-    rows = {name: _read_jsonl(source_dir / SOURCE_FILES[name], required[name]) for name in SOURCE_FILES}
+    rows = {name: _read_jsonl(source_path(source_dir, name), required[name]) for name in SOURCE_FILES}
     candidates = [
         *_mgsm(rows["mgsm"]),
         *_xcopa(rows["xcopa"]),
