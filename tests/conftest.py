@@ -51,6 +51,17 @@ def make_records(n: int = 12) -> list[dict]:
     return out
 
 
+def flags(**options) -> list[str]:
+    """Command-line flags from keyword arguments: ``flags(max_steps=4, english_grad=True)`` gives
+    ``["--max-steps", "4", "--english-grad"]``; values are passed through ``str``."""
+    out: list[str] = []
+    for name, value in options.items():
+        out.append("--" + name.replace("_", "-"))
+        if value is not True:
+            out.append(str(value))
+    return out
+
+
 def write_jsonl(path: Path, rows) -> Path:
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:

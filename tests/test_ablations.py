@@ -9,6 +9,7 @@ from cctuning.cli import main
 from cctuning.errors import CCError
 from cctuning.model import CCConfig, CCModel
 from cctuning.testing import tiny_model
+from tests.conftest import flags
 
 
 def model_with(tokenizer, **kw):
@@ -84,18 +85,14 @@ def test_train_with_fixed_layer_logs_that_layer(base_dir, data_file, tmp_path, c
         main(
             [
                 "train",
-                "--model",
-                str(base_dir),
-                "--data",
-                str(data_file),
-                "--output",
-                str(out),
-                "--max-steps",
-                "2",
-                "--batch-size",
-                "4",
-                "--layer-choice",
-                "fixed:1",
+                *flags(
+                    model=base_dir,
+                    data=data_file,
+                    output=out,
+                    max_steps="2",
+                    batch_size="4",
+                    layer_choice="fixed:1",
+                ),
             ]
         )
         == 0
@@ -105,19 +102,7 @@ def test_train_with_fixed_layer_logs_that_layer(base_dir, data_file, tmp_path, c
     loaded = CCModel.from_pretrained(out)
     assert loaded.layer_rule == ("fixed", 1)
     assert (
-        main(
-            [
-                "train",
-                "--model",
-                str(base_dir),
-                "--data",
-                str(data_file),
-                "--output",
-                str(tmp_path / "x"),
-                "--layer-choice",
-                "fixed:x",
-            ]
-        )
+        main(["train", *flags(model=base_dir, data=data_file, output=tmp_path / "x", layer_choice="fixed:x")])
         == 2
     )
     assert "unknown layer choice" in capsys.readouterr().err

@@ -14,7 +14,7 @@ from cctuning.config import build_config
 from cctuning.errors import CCError
 from cctuning.model import CCModel
 from cctuning.training import TrainConfig
-from tests.conftest import make_records, write_jsonl
+from tests.conftest import flags, make_records, write_jsonl
 
 FAST = [
     "--max-steps",
@@ -40,18 +40,7 @@ def run_cli(args, capsys):
 def test_train_end_to_end(base_dir, data_file, tmp_path, capsys, method):
     out = tmp_path / "out"
     code, stdout, _ = run_cli(
-        [
-            "train",
-            "--model",
-            str(base_dir),
-            "--data",
-            str(data_file),
-            "--output",
-            str(out),
-            "--method",
-            method,
-            *FAST,
-        ],
+        ["train", *flags(model=base_dir, data=data_file, output=out, method=method), *FAST],
         capsys,
     )
     assert code == 0 and f"saved {method} model" in stdout
@@ -74,7 +63,7 @@ def test_train_end_to_end(base_dir, data_file, tmp_path, capsys, method):
 def test_sft_trains_on_records_without_english(base_dir, tmp_path, capsys):
     rows = [{k: v for k, v in r.items() if k != "instruction_en"} for r in make_records(4)]
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
-    args = ["train", "--model", str(base_dir), "--data", str(data), "--output", str(tmp_path / "o"), *FAST]
+    args = ["train", *flags(model=base_dir, data=data, output=tmp_path / "o"), *FAST]
     code, _, err = run_cli(args + ["--method", "sft"], capsys)
     assert code == 0
     code, _, err = run_cli(args + ["--method", "cc"], capsys)
@@ -96,7 +85,7 @@ def test_bad_data_is_one_line_error_without_traceback(base_dir, tmp_path, capsys
     rows = make_records(4)
     data = write_jsonl(tmp_path / "bad.jsonl", rows[:2] + [line] + rows[2:])
     code, _, err = run_cli(
-        ["train", "--model", str(base_dir), "--data", str(data), "--output", str(tmp_path / "o"), *FAST],
+        ["train", *flags(model=base_dir, data=data, output=tmp_path / "o"), *FAST],
         capsys,
     )
     assert code == 2
@@ -107,19 +96,11 @@ def test_bad_data_is_one_line_error_without_traceback(base_dir, tmp_path, capsys
 
 def test_user_errors_are_reported_in_one_line(base_dir, data_file, tmp_path, capsys):
     code, _, err = run_cli(
-        [
-            "train",
-            "--model",
-            str(tmp_path / "nope"),
-            "--data",
-            str(data_file),
-            "--output",
-            str(tmp_path / "o"),
-        ],
+        ["train", *flags(model=tmp_path / "nope", data=data_file, output=tmp_path / "o")],
         capsys,
     )
     assert code == 2 and "nope" in err and err.count("\n") == 1
-    code, _, err = run_cli(["train", "--data", str(data_file), "--output", str(tmp_path / "o")], capsys)
+    code, _, err = run_cli(["train", *flags(data=data_file, output=tmp_path / "o")], capsys)
     assert code == 2 and "--model is required" in err
     yaml_file = tmp_path / "c.yaml"
     yaml_file.write_text("lr: 1e-4\nbatchsize: 3\n")
@@ -145,20 +126,15 @@ def test_yaml_config_and_flags_override_it(tmp_path):
 def test_resume_reaches_the_same_weights(base_dir, data_file, tmp_path, capsys):
     common = [
         "train",
-        "--model",
-        str(base_dir),
-        "--data",
-        str(data_file),
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--lr",
-        "1e-3",
-        "--save-steps",
-        "2",
-        "--save-total-limit",
-        "5",
+        *flags(
+            model=base_dir,
+            data=data_file,
+            max_steps="4",
+            batch_size="2",
+            lr="1e-3",
+            save_steps="2",
+            save_total_limit="5",
+        ),
     ]
     full, part = tmp_path / "full", tmp_path / "part"
     assert run_cli(common + ["--output", str(full)], capsys)[0] == 0

@@ -25,7 +25,7 @@ from cctuning.loading import load_tokenizer
 from cctuning.model import CCConfig, CCModel
 from cctuning.testing import tiny_model, tiny_tokenizer
 from cctuning.training.run import last_checkpoint
-from tests.conftest import make_records, write_jsonl
+from tests.conftest import flags, make_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "cli_worker.py"
@@ -53,22 +53,16 @@ def test_sigkill_while_saving_a_checkpoint_then_resume_reaches_the_same_weights(
 ):
     common = [
         "train",
-        "--model",
-        str(base_dir),
-        "--data",
-        str(data_file),
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--lr",
-        "1e-3",
-        "--save-steps",
-        "1",
-        "--save-total-limit",
-        "5",
-        "--warmup-ratio",
-        "0",
+        *flags(
+            model=base_dir,
+            data=data_file,
+            max_steps="4",
+            batch_size="2",
+            lr="1e-3",
+            save_steps="1",
+            save_total_limit="5",
+            warmup_ratio="0",
+        ),
     ]
     full, part = tmp_path / "full", tmp_path / "part"
     env = {
@@ -119,17 +113,7 @@ def test_resume_from_a_folder_that_is_not_a_finished_checkpoint_is_a_clear_error
 ):
     (tmp_path / "half").mkdir()
     code = main(
-        [
-            "train",
-            "--model",
-            str(base_dir),
-            "--data",
-            str(data_file),
-            "--output",
-            str(tmp_path / "o"),
-            "--resume",
-            str(tmp_path / "half"),
-        ]
+        ["train", *flags(model=base_dir, data=data_file, output=tmp_path / "o", resume=tmp_path / "half")]
     )
     assert code == 2 and "not a finished checkpoint" in error_line(capsys.readouterr().err)
 
@@ -191,20 +175,15 @@ def test_training_leaves_no_temporary_files_and_checkpoints_with_a_marker_are_sk
         main(
             [
                 "train",
-                "--model",
-                str(base_dir),
-                "--data",
-                str(data_file),
-                "--output",
-                str(out),
-                "--max-steps",
-                "2",
-                "--batch-size",
-                "4",
-                "--save-steps",
-                "1",
-                "--save-total-limit",
-                "5",
+                *flags(
+                    model=base_dir,
+                    data=data_file,
+                    output=out,
+                    max_steps="2",
+                    batch_size="4",
+                    save_steps="1",
+                    save_total_limit="5",
+                ),
             ]
         )
         == 0
@@ -271,19 +250,7 @@ def test_prompt_longer_than_the_models_context_names_file_line_and_field(base_di
         f"neno{i}" for i in range(400)
     )  # > 512 tokens, the tiny model's context
     data = write_jsonl(tmp_path / "long.jsonl", rows)
-    args = [
-        "train",
-        "--model",
-        str(base_dir),
-        "--data",
-        str(data),
-        "--output",
-        str(tmp_path / "o"),
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "2",
-    ]
+    args = ["train", *flags(model=base_dir, data=data, output=tmp_path / "o", max_steps="1", batch_size="2")]
     code = main(args + ["--max-length", "4096"])
     err = error_line(capsys.readouterr().err)
     assert code == 2 and "long.jsonl:2: field 'instruction'" in err and "context of 512" in err
@@ -295,36 +262,14 @@ def test_chat_template_required_but_missing_is_one_line(tmp_path, capsys):
     tiny_model("llama", tokenizer=tok).save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
     data = write_jsonl(tmp_path / "d.jsonl", make_records(2))
-    code = main(
-        [
-            "train",
-            "--model",
-            str(tmp_path / "base"),
-            "--data",
-            str(data),
-            "--output",
-            str(tmp_path / "o"),
-            "--template",
-            "chat",
-        ]
-    )
+    code = main(["train", *flags(model=tmp_path / "base", data=data, output=tmp_path / "o", template="chat")])
     err = error_line(capsys.readouterr().err)
     assert code == 2 and "no chat template" in err and "--template plain" in err
 
 
 def test_unrecognisable_layers_through_the_cli_is_one_line(base_dir, data_file, tmp_path, capsys):
     code = main(
-        [
-            "train",
-            "--model",
-            str(base_dir),
-            "--data",
-            str(data_file),
-            "--output",
-            str(tmp_path / "o"),
-            "--layers-path",
-            "model.nothing",
-        ]
+        ["train", *flags(model=base_dir, data=data_file, output=tmp_path / "o", layers_path="model.nothing")]
     )
     assert code == 2 and "--layers-path 'model.nothing'" in error_line(capsys.readouterr().err)
 

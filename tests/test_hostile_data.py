@@ -22,7 +22,7 @@ from cctuning.errors import CCError, DataError
 from cctuning.model import CCConfig, CCModel
 from cctuning.testing import tiny_model, tiny_tokenizer
 from cctuning.training.run import encode_records
-from tests.conftest import make_records, write_jsonl
+from tests.conftest import flags, make_records, write_jsonl
 
 PROPERTY = settings(
     max_examples=120,
@@ -376,18 +376,9 @@ def test_a_hostile_file_through_the_cli_stops_in_one_line_or_trains_with_skipped
     data.write_bytes(HOSTILE_FILE)
     args = [
         "train",
-        "--model",
-        str(base_dir),
-        "--data",
-        str(data),
-        "--output",
-        str(tmp_path / "o"),
-        "--max-steps",
-        "1",
-        "--batch-size",
-        "3",
-        "--max-length",
-        "128",
+        *flags(
+            model=base_dir, data=data, output=tmp_path / "o", max_steps="1", batch_size="3", max_length="128"
+        ),
     ]
     assert main(args) == 2
     err = capsys.readouterr().err

@@ -13,6 +13,7 @@ from cctuning.inference.generate import stop_token_ids
 from cctuning.inference.matrix import apply_matrix
 from cctuning.model import CCConfig, CCModel
 from cctuning.testing import tiny_model
+from tests.conftest import flags
 
 PROMPTS = [
     "Habari ya asubuhi, rafiki yangu? Tafadhali jibu swali hili.",
@@ -218,21 +219,7 @@ def test_fit_transform_matrix_on_a_model_and_mismatch_error(tokenizer, tmp_path)
 def test_fit_matrix_and_generate_cli_on_a_trained_model(base_dir, data_file, tmp_path, capsys):
     out = tmp_path / "cc"
     assert (
-        main(
-            [
-                "train",
-                "--model",
-                str(base_dir),
-                "--data",
-                str(data_file),
-                "--output",
-                str(out),
-                "--max-steps",
-                "2",
-                "--batch-size",
-                "4",
-            ]
-        )
+        main(["train", *flags(model=base_dir, data=data_file, output=out, max_steps="2", batch_size="4")])
         == 0
     )
     assert main(["generate", "--model", str(out), "--prompt", "Habari?", "--connection", "transform"]) == 2

@@ -21,7 +21,7 @@ from cctuning.model.lora import add_lora
 from cctuning.testing import tiny_model
 from cctuning.training import TrainConfig
 from cctuning.training.run import build_training_arguments
-from tests.conftest import make_records, write_jsonl
+from tests.conftest import flags, make_records, write_jsonl
 from tests.test_model import batch_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,26 +126,18 @@ def test_lora_training_changes_only_adapters_and_decision_maker_and_resumes(
 
     common = [
         "train",
-        "--model",
-        str(base_dir),
-        "--data",
-        str(data_file),
-        "--max-steps",
-        "4",
-        "--batch-size",
-        "2",
-        "--lr",
-        "1e-2",
-        "--save-steps",
-        "2",
-        "--save-total-limit",
-        "5",
-        "--warmup-ratio",
-        "0",
-        "--lora-r",
-        "4",
-        "--lora-target",
-        "q_proj,v_proj,down_proj",
+        *flags(
+            model=base_dir,
+            data=data_file,
+            max_steps="4",
+            batch_size="2",
+            lr="1e-2",
+            save_steps="2",
+            save_total_limit="5",
+            warmup_ratio="0",
+            lora_r="4",
+            lora_target="q_proj,v_proj,down_proj",
+        ),
     ]
     full = tmp_path / "full"
     assert main(common + ["--output", str(full)]) == 0
@@ -236,19 +228,15 @@ def test_gradient_checkpointing_flag_reaches_the_model(base_dir, data_file, tmp_
     monkeypatch.setattr(CCModel, "activation_checkpointing_enable", spy)
     common = [
         "train",
-        "--model",
-        str(base_dir),
-        "--data",
-        str(data_file),
-        "--max-steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--lr",
-        "1e-3",
-        "--warmup-ratio",
-        "0",
-        "--english-grad",
+        *flags(
+            model=base_dir,
+            data=data_file,
+            max_steps="2",
+            batch_size="4",
+            lr="1e-3",
+            warmup_ratio="0",
+            english_grad=True,
+        ),
     ]
     assert main(common + ["--output", str(tmp_path / "plain")]) == 0
     assert not seen
@@ -281,17 +269,7 @@ def test_mixed_precision_flags_reach_the_trainer(tokenizer, tmp_path, flag):
 
 def test_bf16_and_fp16_together_is_a_clear_error(base_dir, data_file, tmp_path, capsys):
     code = main(
-        [
-            "train",
-            "--model",
-            str(base_dir),
-            "--data",
-            str(data_file),
-            "--output",
-            str(tmp_path / "o"),
-            "--bf16",
-            "--fp16",
-        ]
+        ["train", *flags(model=base_dir, data=data_file, output=tmp_path / "o", bf16=True, fp16=True)]
     )
     assert code == 2 and "exclude each other" in capsys.readouterr().err
 
@@ -311,22 +289,16 @@ def test_two_processes_end_with_identical_weights_and_a_synchronised_decision_ma
     out, dump = tmp_path / "out", tmp_path / "dump"
     args = [
         "train",
-        "--model",
-        str(base_dir),
-        "--data",
-        str(data),
-        "--output",
-        str(out),
-        "--max-steps",
-        "3",
-        "--batch-size",
-        "2",
-        "--lr",
-        "1e-2",
-        "--warmup-ratio",
-        "0",
-        "--logging-steps",
-        "1",
+        *flags(
+            model=base_dir,
+            data=data,
+            output=out,
+            max_steps="3",
+            batch_size="2",
+            lr="1e-2",
+            warmup_ratio="0",
+            logging_steps="1",
+        ),
     ]
     env = {**os.environ, "CCT_TEST_DUMP": str(dump), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
