@@ -56,19 +56,19 @@ def _load(model: str, trust_remote_code: bool = False, seed: int | None = None, 
 
 
 def _cmd_fit_matrix(args: argparse.Namespace) -> int:
-    from cctuning.data.records import load_records
-    from cctuning.inference.matrix import fit_transform_matrix
+    from cctuning.inference.matrix import fit_matrix_from_file
 
     model, tok, path = _load(args.model, args.trust_remote_code)
     if not model.uses_connection:
         raise CCError(
             f"'{args.model}' is not a CC-Tuning model (method '{model.cc_config.method}'): it has no connection"
         )
-    records = load_records(args.data, require_english=True, skip_invalid=args.skip_invalid)
-    matrix, report = fit_transform_matrix(
+    report = fit_matrix_from_file(
         model,
         tok,
-        records,
+        args.data,
+        path,
+        skip_invalid=args.skip_invalid,
         samples=args.samples,
         ridge=args.ridge,
         per_layer=args.per_layer,
@@ -77,8 +77,6 @@ def _cmd_fit_matrix(args: argparse.Namespace) -> int:
         heldout_fraction=args.heldout,
         progress=True,
     )
-    matrix.meta["data"] = str(args.data)
-    matrix.save(path)
     print(
         f"transform matrix ({'per layer' if report.per_layer else 'pooled'}, ridge {report.ridge}) "
         f"fitted on {report.fit_pairs} pairs, {report.heldout_pairs} held out; saved to {path}"

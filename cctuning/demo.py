@@ -79,8 +79,8 @@ def _write_records(path: Path, records: list[dict]) -> None:
 
 
 def _train(cfg: DemoConfig, model_path: str, data: Path, method: str, out: Path) -> None:
-    from cctuning.training import TrainConfig, train
-    from cctuning.training.run import last_checkpoint
+    from cctuning.training import TrainConfig
+    from cctuning.training.run import train_or_reuse
 
     tcfg = TrainConfig(
         model=model_path,
@@ -96,27 +96,15 @@ def _train(cfg: DemoConfig, model_path: str, data: Path, method: str, out: Path)
         save_steps=12,
         save_total_limit=1,
     )
-    done = out / "train_results.json"
-    if done.is_file():
-        previous = json.loads(done.read_text(encoding="utf-8"))["config"]
-        defaults = asdict(TrainConfig())
-        # options added in later versions count as unchanged while they keep their defaults
-        if all(previous.get(k, defaults[k]) == v for k, v in asdict(tcfg).items()):
-            logger.info("%s: already trained, reusing %s", method, out)
-            return
-        raise CCError(f"{out} holds a run with other settings; delete it or choose another --output")
-    if last_checkpoint(out):
-        tcfg.resume = "last"
-    train(tcfg)
+    train_or_reuse(tcfg)
 
 
 def run_demo(cfg: DemoConfig) -> tuple[str, Path]:
     """Run every stage; returns the report's Markdown and the folder it is in."""
-    from cctuning.data.records import load_records
     from cctuning.eval.nll import NLL_NAME, evaluate_nll
     from cctuning.eval.report import build_report
     from cctuning.eval.runner import EvalConfig, evaluate
-    from cctuning.inference.matrix import MATRIX_NAME, fit_transform_matrix
+    from cctuning.inference.matrix import MATRIX_NAME, fit_matrix_from_file
     from cctuning.loading import load_for_inference, resolve_model_path
     from cctuning.versions import versions
 
@@ -138,11 +126,9 @@ def run_demo(cfg: DemoConfig) -> tuple[str, Path]:
     t = time.time()
     if not (cc_dir / MATRIX_NAME).is_file():
         model, tok, _ = load_for_inference(str(cc_dir))
-        matrix, report = fit_transform_matrix(
-            model, tok, load_records(train_file), samples=cfg.matrix_samples, seed=cfg.seed, progress=True
+        report = fit_matrix_from_file(
+            model, tok, train_file, cc_dir, samples=cfg.matrix_samples, seed=cfg.seed, progress=True
         )
-        matrix.meta["data"] = str(train_file)
-        matrix.save(cc_dir)
         logger.info(
             "transform matrix: held-out cosine %.4f -> %.4f",
             report.heldout["before"]["cosine"],

@@ -177,13 +177,13 @@ def _train_key(options: dict) -> str:
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     """Run (or resume) every cell × seed and write ``report.json`` / ``report.md``."""
     from cctuning.config import coerce
-    from cctuning.data.records import load_records
     from cctuning.demo import _write_records, sample_mix
     from cctuning.eval.nll import NLL_NAME, evaluate_nll, load_items, paired_difference
     from cctuning.eval.runner import RESULTS_NAME, EvalConfig, evaluate
-    from cctuning.inference.matrix import MATRIX_NAME, fit_transform_matrix
+    from cctuning.inference.matrix import MATRIX_NAME, fit_matrix_from_file
     from cctuning.loading import load_for_inference, resolve_model_path
-    from cctuning.training import TrainConfig, train
+    from cctuning.training import TrainConfig
+    from cctuning.training.run import TRAIN_RESULTS_NAME, train_or_reuse
     from cctuning.versions import versions
 
     root = Path(cfg.output)
@@ -222,10 +222,8 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
                 k: coerce(v, hints[k], f"cell '{cell['name']}': option '{k}'") for k, v in options.items()
             }
             tdir = root / "train" / f"{options.get('method', 'cc')}-{_train_key(options)}" / f"seed{seed}"
-            if not (tdir / "train_results.json").is_file():
+            if not (tdir / TRAIN_RESULTS_NAME).is_file():
                 logger.info("training %s seed %d -> %s", cell["name"], seed, tdir)
-                from cctuning.training.run import last_checkpoint
-
                 tcfg = TrainConfig(
                     **{
                         **options,
@@ -235,25 +233,17 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
                         "seed": seed,
                     }
                 )
-                if last_checkpoint(tdir):
-                    tcfg.resume = "last"
                 with stage(f"train/{tdir.parent.name}/seed{seed}"):
-                    train(tcfg)
+                    train_or_reuse(tcfg)  # resumes an interrupted training
             connection = cell.get("connection") or (
                 "transform" if options.get("method", "cc") == "cc" else "none"
             )
             if connection == "transform" and not (tdir / MATRIX_NAME).is_file():
                 with stage(f"matrix/{tdir.parent.name}/seed{seed}"):
                     model, tok, _ = load_for_inference(str(tdir))
-                    matrix, _ = fit_transform_matrix(
-                        model,
-                        tok,
-                        load_records(train_file),
-                        samples=cfg.matrix_samples,
-                        seed=seed,
-                        progress=progress,
+                    fit_matrix_from_file(
+                        model, tok, train_file, tdir, samples=cfg.matrix_samples, seed=seed, progress=progress
                     )
-                    matrix.save(tdir)
             edir = root / "eval" / cell["name"] / f"seed{seed}"
             if not (edir / "nll" / NLL_NAME).is_file():
                 with stage(f"nll/{cell['name']}/seed{seed}"):

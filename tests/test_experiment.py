@@ -148,9 +148,9 @@ benchmarks: {{names: XStoryCloze, langs: "sw,en", limit: 2, scoring: likelihood}
     )
     assert f"{sum(stages.values()) / 60:.1f} min" in (root / "report.md").read_text()
     # resumable: nothing is trained or evaluated again
-    import cctuning.training
+    import cctuning.training.run
 
-    monkeypatch.setattr(cctuning.training, "train", lambda *a, **k: pytest.fail("trained again"))
+    monkeypatch.setattr(cctuning.training.run, "train", lambda *a, **k: pytest.fail("trained again"))
     again = run_experiment(load_config(path), progress=False)
     assert again["cells"] == report["cells"]
     assert again["stage_seconds"] == stages  # nothing ran again, so no stage was re-timed

@@ -322,3 +322,29 @@ def test_loading_a_folder_never_runs_code_from_it(tokenizer, tmp_path):
     with pytest.raises(CCError):
         CCModel.from_pretrained(folder)
     assert not marker.exists()
+
+
+def test_train_or_reuse_reuses_a_finished_run_and_refuses_other_settings(
+    base_dir, data_file, tmp_path, monkeypatch
+):
+    import json
+
+    from cctuning.training import TrainConfig
+    from cctuning.training import run as run_module
+
+    def cfg(**kw):
+        options = dict(
+            model=str(base_dir), data=str(data_file), output=str(tmp_path / "o"), max_steps=2, batch_size=2
+        )
+        return TrainConfig(**{**options, **kw})
+
+    assert run_module.train_or_reuse(cfg()) is True
+    results = tmp_path / "o" / run_module.TRAIN_RESULTS_NAME
+    # a run that was itself resumed records resume='last'; it is still the same training
+    data = json.loads(results.read_text())
+    data["config"]["resume"] = "last"
+    results.write_text(json.dumps(data))
+    monkeypatch.setattr(run_module, "train", lambda *a, **k: pytest.fail("trained again"))
+    assert run_module.train_or_reuse(cfg()) is False
+    with pytest.raises(CCError, match="holds a run with other settings"):
+        run_module.train_or_reuse(cfg(lr=0.5))

@@ -326,3 +326,18 @@ def fit_transform_matrix(
 
         meta[DECISION_MAKER_STAMP] = stamp
     return TransformMatrix(matrix=matrix, meta=meta), report
+
+
+def fit_matrix_from_file(
+    model, tokenizer, data: str | Path, folder: str | Path, skip_invalid: bool = False, **options
+) -> FitReport:
+    """Fit the Transform Matrix on the records of ``data`` (a CC-Tuning JSONL file with English
+    counterparts), record that file in its metadata and save it into ``folder`` beside the model.
+    ``options`` are :func:`fit_transform_matrix`'s."""
+    from cctuning.data.records import load_records
+
+    records = load_records(data, require_english=True, skip_invalid=skip_invalid)
+    matrix, report = fit_transform_matrix(model, tokenizer, records, **options)
+    matrix.meta["data"] = str(data)
+    matrix.save(folder)
+    return report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -21,6 +22,8 @@ from cctuning.model.ccmodel import CCConfig, CCModel
 from cctuning.model.lora import add_lora
 from cctuning.training.args import TrainConfig
 from cctuning.versions import versions
+
+TRAIN_RESULTS_NAME = "train_results.json"
 
 logger = logging.getLogger(__name__)
 
@@ -228,7 +231,7 @@ def train(cfg: TrainConfig) -> Path:
     if not trainer.is_world_process_zero():
         return out
     write_json(
-        out / "train_results.json",
+        out / TRAIN_RESULTS_NAME,
         {
             "config": asdict(cfg),
             "records": report.loaded,
@@ -242,6 +245,26 @@ def train(cfg: TrainConfig) -> Path:
         },
     )
     return out
+
+
+def train_or_reuse(cfg: TrainConfig) -> bool:
+    """Train into ``cfg.output`` unless it already holds a finished run with the same settings, which
+    is reused; an interrupted run resumes from its last complete checkpoint. A finished run with
+    other settings is refused. Returns whether it trained."""
+    done = Path(cfg.output) / TRAIN_RESULTS_NAME
+    if done.is_file():
+        previous = json.loads(done.read_text(encoding="utf-8"))["config"]
+        defaults = asdict(TrainConfig())
+        # options added in later versions count as unchanged while they keep their defaults;
+        # `resume` says how a run was started, not what it trains
+        if all(previous.get(k, defaults[k]) == v for k, v in asdict(cfg).items() if k != "resume"):
+            logger.info("%s: already trained with these settings, reusing it", cfg.output)
+            return False
+        raise CCError(f"{cfg.output} holds a run with other settings; delete it or choose another --output")
+    if last_checkpoint(cfg.output):
+        cfg.resume = "last"
+    train(cfg)
+    return True
 
 
 def last_checkpoint(output: str | Path) -> str | None:
