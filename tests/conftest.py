@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -6,7 +7,8 @@ import torch
 
 from cctuning.testing import ARCHITECTURES, tiny_model, tiny_tokenizer
 
-torch.set_num_threads(2)
+# CCTUNING_TEST_THREADS lets several test runs share the 2 cores without oversubscribing them
+torch.set_num_threads(int(os.environ.get("CCTUNING_TEST_THREADS", "2")))
 
 
 @pytest.fixture(scope="session")
