@@ -19,12 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cctuning.errors import CCError
+from cctuning.data.mix import sample_mix
 from cctuning.io import write_json, write_text
 from cctuning.training.args import opt
 
@@ -54,24 +53,6 @@ class DemoConfig:
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
-
-
-def sample_mix(split: str, per_lang: int, langs: list[str] | None, seed: int) -> list[dict]:
-    """``per_lang`` records per language of the bundled mix, drawn with ``seed`` (stratified)."""
-    from cctuning.data.mix import load_mix
-
-    by_lang: dict[str, list[dict]] = {}
-    for rec in load_mix(split):
-        if langs is None or rec["lang"] in langs:
-            by_lang.setdefault(rec["lang"], []).append(rec)
-    if not by_lang:
-        raise CCError(f"the mix has no {split} records for languages {langs}")
-    rng = random.Random(seed)
-    out = []
-    for lang in sorted(by_lang):
-        rows = sorted(by_lang[lang], key=lambda r: r["id"])
-        out += rng.sample(rows, min(per_lang, len(rows)))
-    return out
 
 
 def _write_records(path: Path, records: list[dict]) -> None:

@@ -177,7 +177,8 @@ def _train_key(options: dict) -> str:
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     """Run (or resume) every cell × seed and write ``report.json`` / ``report.md``."""
     from cctuning.config import coerce
-    from cctuning.demo import _write_records, sample_mix
+    from cctuning.data.mix import sample_mix
+    from cctuning.demo import _write_records
     from cctuning.eval.nll import NLL_NAME, evaluate_nll, load_items, paired_difference
     from cctuning.eval.runner import RESULTS_NAME, EvalConfig, evaluate
     from cctuning.inference.matrix import MATRIX_NAME, fit_matrix_from_file

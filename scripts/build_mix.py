@@ -4,9 +4,9 @@
     .venv/bin/python scripts/build_mix.py                 # rebuild the shipped files
     .venv/bin/python scripts/build_mix.py --check         # rebuild in memory, compare, write nothing
 
-Only this script reads the sources; the package itself only reads the shipped files. The build
-fails (exit 2) when benchmark text is found in the mix, and --check exits 1 when the shipped
-files differ from a fresh build.
+Only this script reads the sources (the builder is scripts/mixbuild.py, beside it); the package
+itself only reads the shipped files. The build fails (exit 2) when benchmark text is found in the
+mix, and --check exits 1 when the shipped files differ from a fresh build.
 """
 
 from __future__ import annotations
@@ -22,14 +22,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # so that the script runs from a clone without `pip install -e .`
 
-from cctuning.data.mix import (  # noqa: E402
-    MIX_DIR,
-    MixConfig,
-    build_mix,
-    composition_markdown,
-    mix_files,
-    write_mix,
-)
+# the builder, beside this script (a script's own folder is first on sys.path)
+from mixbuild import MixConfig, build_mix, composition_markdown, write_mix  # noqa: E402
+
+from cctuning.data.mix import MIX_DIR, mix_files  # noqa: E402
 from cctuning.errors import CCError  # noqa: E402
 
 DEFAULT_SOURCES = REPO / "data" / "parallel"  # the parallel sources, gzipped (see data/parallel/README.md)

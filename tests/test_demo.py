@@ -5,7 +5,8 @@ import json
 import pytest
 
 import cctuning.training.run as run_module
-from cctuning.demo import DemoConfig, run_demo, sample_mix
+from cctuning.data.mix import sample_mix
+from cctuning.demo import DemoConfig, run_demo
 
 TINY = dict(
     train_per_lang=1,

@@ -15,8 +15,12 @@ import pytest
 
 from cctuning.data import mix
 from cctuning.data.records import load_records
+from cctuning.errors import CCError
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))  # the builder lives beside scripts/build_mix.py
+import mixbuild  # noqa: E402
+
 SOURCES = REPO / "data" / "parallel"
 BENCHMARKS = REPO / "cctuning" / "resources" / "benchmarks"
 STRING_FIELDS = ("id", "lang", "task", "source", "item", "split", "instruction", "instruction_en", "output")
@@ -43,7 +47,7 @@ def builds(tmp_path_factory) -> tuple[Path, Path]:
     proc = subprocess.Popen(
         cmd + ["--benchmarks", str(BENCHMARKS)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    mix.write_mix(mix.build_mix(SOURCES, [BENCHMARKS]), lib_out)
+    mixbuild.write_mix(mixbuild.build_mix(SOURCES, [BENCHMARKS]), lib_out)
     output = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 0, output
     return cli_out, lib_out
@@ -54,11 +58,11 @@ def test_shipped_records_are_complete_strings(shipped):
     for rec in shipped:
         for field in STRING_FIELDS:
             assert isinstance(rec[field], str) and rec[field].strip(), (rec.get("id"), field)
-        assert rec["lang"] in mix.LANGUAGES and rec["task"] in mix.TASKS
-        assert rec["source"] in mix.TASK_SOURCES[rec["task"]]
+        assert rec["lang"] in mixbuild.LANGUAGES and rec["task"] in mixbuild.TASKS
+        assert rec["source"] in mixbuild.TASK_SOURCES[rec["task"]]
         assert rec["instruction"] != rec["instruction_en"], rec["id"]
     assert len({r["id"] for r in shipped}) == len(shipped)
-    mix.validate_mix(shipped)
+    mixbuild.validate_mix(shipped)
 
 
 def test_split_files_hold_their_split_and_load_as_cc_records():
@@ -74,12 +78,12 @@ def test_split_files_hold_their_split_and_load_as_cc_records():
 def test_every_language_is_covered_and_balanced(shipped):
     per = Counter((r["split"], r["lang"]) for r in shipped)
     for split in mix.SPLITS:
-        counts = {per[(split, lang)] for lang in mix.LANGUAGES}
+        counts = {per[(split, lang)] for lang in mixbuild.LANGUAGES}
         assert len(counts) == 1 and counts.pop() > 0, split
-    assert {r["lang"] for r in shipped} == set(mix.LANGUAGES)
+    assert {r["lang"] for r in shipped} == set(mixbuild.LANGUAGES)
     tasks = Counter(r["task"] for r in shipped)
-    assert set(tasks) == set(mix.TASKS)
-    for lang in mix.LANGUAGES:
+    assert set(tasks) == set(mixbuild.TASKS)
+    for lang in mixbuild.LANGUAGES:
         cell = Counter(r["task"] for r in shipped if r["lang"] == lang and r["split"] == "train")
         assert len(cell) >= 2 and max(cell.values()) - min(cell.values()) <= 1, (lang, cell)
     held = sum(r["split"] == "heldout" for r in shipped) / len(shipped)
@@ -95,18 +99,18 @@ def test_heldout_shares_no_source_item_or_text_with_train(shipped):
             assert rec["item"] == f"{rec['source']}:{rec['id'].rsplit('/', 1)[1]}", rec["id"]
     # And no content line of 30+ characters (templates aside) is on both sides, in any field or
     # language. (Shorter lines can coincide: XCOPA's English MT gives "The fire goes out" twice.)
-    english = mix.TEMPLATES["en"]["translate"]
+    english = mixbuild.TEMPLATES["en"]["translate"]
     templates = {
-        unicodedata.normalize("NFC", t) for by_key in mix.TEMPLATES.values() for t in by_key.values()
+        unicodedata.normalize("NFC", t) for by_key in mixbuild.TEMPLATES.values() for t in by_key.values()
     }
-    templates |= {english.format(language=name) for name in mix.ENGLISH_NAMES.values()}
+    templates |= {english.format(language=name) for name in mixbuild.ENGLISH_NAMES.values()}
 
     def content(split: str) -> set[str]:
         return {
             line
             for r in shipped
             if r["split"] == split
-            for f in mix.RECORD_FIELDS
+            for f in mixbuild.RECORD_FIELDS
             for line in r[f].split("\n")
             if len(line) >= 30 and line not in templates
         }
@@ -115,14 +119,14 @@ def test_heldout_shares_no_source_item_or_text_with_train(shipped):
 
 
 def test_templates_cover_each_language_and_task():
-    for lang in mix.LANGUAGES:
-        assert {"translate", "continue"} <= set(mix.TEMPLATES[lang]), lang
-        assert lang in mix.ENGLISH_NAMES
+    for lang in mixbuild.LANGUAGES:
+        assert {"translate", "continue"} <= set(mixbuild.TEMPLATES[lang]), lang
+        assert lang in mixbuild.ENGLISH_NAMES
     for lang in ("bn", "de", "es", "fr", "ja", "ru", "sw", "te", "th", "zh"):
-        assert "math" in mix.TEMPLATES[lang]
+        assert "math" in mixbuild.TEMPLATES[lang]
     for lang in ("id", "sw", "th", "tr", "vi", "zh"):
-        assert {"premise", "cause", "effect", "choose"} <= set(mix.TEMPLATES[lang])
-    assert set(mix.TEMPLATES["en"]) == {
+        assert {"premise", "cause", "effect", "choose"} <= set(mixbuild.TEMPLATES[lang])
+    assert set(mixbuild.TEMPLATES["en"]) == {
         "translate",
         "continue",
         "math",
@@ -134,9 +138,9 @@ def test_templates_cover_each_language_and_task():
 
 
 def test_allocate_shares_evenly_under_caps():
-    assert mix._allocate(10, {"a": 100, "b": 100}) == {"a": 5, "b": 5}
-    assert mix._allocate(10, {"a": 2, "b": 100, "c": 100}) == {"a": 2, "b": 4, "c": 4}
-    assert mix._allocate(10, {"a": 1, "b": 2}) == {"a": 1, "b": 2}
+    assert mixbuild._allocate(10, {"a": 100, "b": 100}) == {"a": 5, "b": 5}
+    assert mixbuild._allocate(10, {"a": 2, "b": 100, "c": 100}) == {"a": 2, "b": 4, "c": 4}
+    assert mixbuild._allocate(10, {"a": 1, "b": 2}) == {"a": 1, "b": 2}
 
 
 def _bench_file(folder: Path, name: str, rows: list[dict]) -> None:
@@ -163,27 +167,27 @@ def test_contamination_check_catches_planted_text_and_ignores_templates(tmp_path
         "instruction_en": "Please answer.",
         "output": "Nein.",
     }
-    mix.check_contamination([clean], [tmp_path])  # the shared template line is not a leak
+    mixbuild.check_contamination([clean], [tmp_path])  # the shared template line is not a leak
     planted = {**clean, "id": "t/1", "output": "Vorher " + questions[2].upper() + " nachher"}
-    with pytest.raises(mix.ContaminationError, match="t/1"):
-        mix.check_contamination([clean, planted], [tmp_path])
+    with pytest.raises(mixbuild.ContaminationError, match="t/1"):
+        mixbuild.check_contamination([clean, planted], [tmp_path])
     story = (
         "Liv jumped as she was startled by a loud pop.She realized the light bulb in her kitchen burnt out."
     )
     rows[3]["prompt_en"] = story  # sentences run together without a space, as in XStoryCloze
     _bench_file(tmp_path, "Toy", rows)
     planted = {**clean, "id": "t/3", "output": "Then she realized the light bulb in her kitchen burnt out."}
-    with pytest.raises(mix.ContaminationError, match="t/3"):
-        mix.check_contamination([planted], [tmp_path])
+    with pytest.raises(mixbuild.ContaminationError, match="t/3"):
+        mixbuild.check_contamination([planted], [tmp_path])
     short = {**clean, "id": "t/2", "instruction_en": "Translate:\n" + questions[1]}
-    with pytest.raises(mix.ContaminationError, match="t/2"):
-        mix.check_contamination([short], [tmp_path])
-    with pytest.raises(mix.CCError):
-        mix.check_contamination([clean], [tmp_path / "missing"])
+    with pytest.raises(mixbuild.ContaminationError, match="t/2"):
+        mixbuild.check_contamination([short], [tmp_path])
+    with pytest.raises(CCError):
+        mixbuild.check_contamination([clean], [tmp_path / "missing"])
 
 
 def test_shipped_mix_holds_no_benchmark_text(shipped):
-    assert mix.find_contamination(shipped, [BENCHMARKS]) == []
+    assert mixbuild.find_contamination(shipped, [BENCHMARKS]) == []
 
 
 def test_build_is_deterministic_and_the_shipped_files_are_fresh(builds):
@@ -192,7 +196,7 @@ def test_build_is_deterministic_and_the_shipped_files_are_fresh(builds):
         cli = (cli_out / f"{split}.jsonl").read_bytes()
         assert cli == (lib_out / f"{split}.jsonl").read_bytes(), f"two builds of {split} differ"
         assert cli == shipped_path.read_bytes(), f"shipped {split}.jsonl is stale: run scripts/build_mix.py"
-    table = mix.composition_markdown(mix.load_mix("all"))
+    table = mixbuild.composition_markdown(mix.load_mix("all"))
     readme = (mix.MIX_DIR / "README.md").read_text(encoding="utf-8")
     assert f"<!-- composition:begin -->\n{table}<!-- composition:end -->" in readme
     for name in os.listdir(cli_out / "licenses"):
