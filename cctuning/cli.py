@@ -1,14 +1,22 @@
-"""The ``cctuning`` command line. Only this module prints; the library logs."""
+"""The ``cctuning`` command line. Only this module prints; the library logs.
+
+Each command imports the package modules it runs inside its own function (the one module of the
+package that does so on purpose): ``cctuning --help`` and every command load only what they use,
+not the benchmark runner, the plots, the experiment runner and the rest of every other command.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
+from pathlib import Path
 
-from cctuning.config import add_dataclass_arguments, build_config
+from cctuning.config import add_dataclass_arguments, build_config, split_list
 from cctuning.errors import CCError
+from cctuning.model.connection import CONNECTIONS, resolve_connection
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -22,15 +30,17 @@ def _setup_logging(verbose: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _given_flags(args: argparse.Namespace) -> dict:
+    """The options of a config-file command (train, demo) as parsed, without the parser's own entries."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "config", "verbose", "func")}
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from cctuning.training import TrainConfig, train
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "verbose", "func")}
-    cfg = build_config(TrainConfig, args.config, flags)
+    cfg = build_config(TrainConfig, args.config, _given_flags(args))
     out = train(cfg)
     if int(os.environ.get("RANK", "0") or 0) == 0:  # one line per run, not per process
-        import json
-
         results = out / "train_results.json"
         skipped = (
             json.loads(results.read_text(encoding="utf-8")).get("skipped_records", 0)
@@ -91,33 +101,19 @@ def _cmd_fit_matrix(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_generate(args: argparse.Namespace) -> int:
-    import json
-
+def _generate_records(args: argparse.Namespace) -> list[dict]:
+    """The prompts of ``generate``: the one of --prompt (and --prompt-en), or the records of --input."""
     from cctuning.data.records import load_prompts
-    from cctuning.inference.generate import CCGenerator
-    from cctuning.io import write_text
 
-    if (args.prompt is None) == (args.input is None):
-        raise CCError("give exactly one of --prompt TEXT or --input FILE.jsonl")
-    model, tok, _ = _load(args.model, args.trust_remote_code, args.seed, args.sample_layer)
-    gen = CCGenerator(model, tok, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     if args.prompt is not None:
         if args.connection == "english" and not args.prompt_en:
             raise CCError("--connection english with --prompt needs --prompt-en (the English prompt)")
-        records = [{"instruction": args.prompt, "instruction_en": args.prompt_en}]
-    else:
-        records = [r.__dict__ for r in load_prompts(args.input, require_english=args.connection == "english")]
-    connection = args.connection or gen.default_connection()
-    outs = gen.generate(
-        [r["instruction"] for r in records],
-        connection,
-        english=[r["instruction_en"] for r in records] if connection == "english" else None,
-        progress=args.input is not None,
-    )
-    if args.prompt is not None and not args.output:
-        print(outs[0].text)
-        return 0
+        return [{"instruction": args.prompt, "instruction_en": args.prompt_en}]
+    return [r.__dict__ for r in load_prompts(args.input, require_english=args.connection == "english")]
+
+
+def _generation_rows(records: list[dict], outs, connection: str) -> list[str]:
+    """One JSON line per generation: the instruction, the text, the chosen layer (and the language)."""
     rows = []
     for rec, out in zip(records, outs):
         row = {
@@ -129,6 +125,29 @@ def _cmd_generate(args: argparse.Namespace) -> int:
         if rec.get("lang"):
             row["lang"] = rec["lang"]
         rows.append(json.dumps(row, ensure_ascii=False))
+    return rows
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from cctuning.inference.generate import CCGenerator
+    from cctuning.io import write_text
+
+    if (args.prompt is None) == (args.input is None):
+        raise CCError("give exactly one of --prompt TEXT or --input FILE.jsonl")
+    model, tok, _ = _load(args.model, args.trust_remote_code, args.seed, args.sample_layer)
+    gen = CCGenerator(model, tok, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    records = _generate_records(args)
+    connection = resolve_connection(model, args.connection)
+    outs = gen.generate(
+        [r["instruction"] for r in records],
+        connection,
+        english=[r["instruction_en"] for r in records] if connection == "english" else None,
+        progress=args.input is not None,
+    )
+    if args.prompt is not None and not args.output:
+        print(outs[0].text)
+        return 0
+    rows = _generation_rows(records, outs, connection)
     text = "\n".join(rows) + "\n"
     if args.output:
         write_text(args.output, text)
@@ -136,10 +155,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(text)
     return 0
-
-
-def _split(text: str | None) -> list[str] | None:
-    return [t.strip() for t in text.split(",") if t.strip()] if text else None
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -150,8 +165,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         return _cmd_eval_nll(args)
     cfg = EvalConfig(
         model=args.model,
-        benchmarks=_split(args.benchmarks) or list(BENCHMARKS),
-        langs=_split(args.langs),
+        benchmarks=split_list(args.benchmarks) or list(BENCHMARKS),
+        langs=split_list(args.langs) or None,
         limit=args.limit,
         connection=args.connection,
         scoring=args.scoring,
@@ -170,8 +185,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_nll(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from cctuning.eval.nll import evaluate_nll
     from cctuning.loading import load_for_inference
 
@@ -209,8 +222,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from cctuning.demo import DemoConfig, run_demo
 
-    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "verbose", "func")}
-    cfg = build_config(DemoConfig, args.config, flags)
+    cfg = build_config(DemoConfig, args.config, _given_flags(args))
     table, report_dir = run_demo(cfg)
     print()
     print(table)
@@ -230,21 +242,51 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _cmd_transfer_task(args: argparse.Namespace) -> int:
+    from cctuning.transfer import config_from_args, run_transfer_task, summary_markdown
+
+    cfg = config_from_args(args)
+    print(summary_markdown(run_transfer_task(cfg)))
+    print(f"summary: {cfg.output}/summary.json")
+    return 0
+
+
+# -- the parser: one function per command ----------------------------------------------------------
+
+_MODEL_HELP = "a model folder (CC-Tuning, SFT or plain Hugging Face)"
+_CONFIG_HELP = "YAML file with any of the options below (flags override it)"
+
+
+def _add_connection(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--connection",
+        choices=CONNECTIONS,
+        help="default: transform when the model has a matrix, else none",
+    )
+
+
+def _add_generation_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=40)
+    p.add_argument("--batch-size", type=int, default=8)
+
+
+def _add_config_command(sub, name: str, help: str, cls, func) -> None:
+    """A command whose options are the fields of the dataclass ``cls``, from flags or ``--config``."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("--config", help=_CONFIG_HELP)
+    add_dataclass_arguments(p, cls)
+    p.set_defaults(func=func)
+
+
+def _add_train(sub) -> None:
     from cctuning.training import TrainConfig
 
-    parser = argparse.ArgumentParser(
-        prog="cctuning",
-        description="CC-Tuning: cross-lingual connection for multilingual supervised fine-tuning.",
+    _add_config_command(
+        sub, "train", "fine-tune with CC-Tuning (or plain SFT with --method sft)", TrainConfig, _cmd_train
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="fine-tune with CC-Tuning (or plain SFT with --method sft)")
-    p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    add_dataclass_arguments(p, TrainConfig)
-    p.set_defaults(func=_cmd_train)
 
+def _add_fit_matrix(sub) -> None:
     p = sub.add_parser("fit-matrix", help="fit the Transform Matrix (non-English → English activations)")
     p.add_argument("--model", required=True, help="a folder trained with --method cc")
     p.add_argument(
@@ -264,19 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_cmd_fit_matrix)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="greedy generation with the simulated connection")
-    p.add_argument("--model", required=True, help="a model folder (CC-Tuning, SFT or plain Hugging Face)")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument("--prompt", help="one instruction")
     p.add_argument("--prompt-en", help="its English translation (for --connection english)")
     p.add_argument("--input", help="JSON/JSONL records with instruction (and instruction_en for english)")
     p.add_argument("--output", help="write JSONL here (atomically) instead of stdout")
-    p.add_argument(
-        "--connection",
-        choices=["transform", "none", "english"],
-        help="default: transform when the model has a matrix, else none",
-    )
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=8)
+    _add_connection(p)
+    _add_generation_options(p)
     p.add_argument(
         "--sample-layer",
         action="store_true",
@@ -286,8 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_cmd_generate)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="score a model on the benchmarks, per language")
-    p.add_argument("--model", required=True, help="a model folder (CC-Tuning, SFT or plain Hugging Face)")
+    p.add_argument("--model", required=True, help=_MODEL_HELP)
     p.add_argument(
         "--benchmarks", help="comma-separated: XNLI,XStoryCloze,MMMLU,XQuAD,MKQA,XLSum (default: all)"
     )
@@ -295,19 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--langs", help="comma-separated language codes (default: every language of each benchmark)"
     )
     p.add_argument("--limit", type=int, help="first N items per benchmark and language")
-    p.add_argument(
-        "--connection",
-        choices=["transform", "none", "english"],
-        help="default: transform when the model has a matrix, else none",
-    )
+    _add_connection(p)
     p.add_argument(
         "--scoring",
         choices=["generate", "likelihood"],
         default="generate",
         help="likelihood: compare the option labels' next-token log-probabilities (multiple choice)",
     )
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--batch-size", type=int, default=8)
+    _add_generation_options(p)
     p.add_argument(
         "--data-dir", help="benchmark folder <Benchmark>/<lang>.jsonl (default: the bundled split)"
     )
@@ -323,13 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
+
+def _add_demo(sub) -> None:
     from cctuning.demo import DemoConfig
 
-    p = sub.add_parser("demo", help="CC-Tuning vs SFT on a real small model, end to end (make demo)")
-    p.add_argument("--config", help="YAML file with any of the options below (flags override it)")
-    add_dataclass_arguments(p, DemoConfig)
-    p.set_defaults(func=_cmd_demo)
+    _add_config_command(
+        sub, "demo", "CC-Tuning vs SFT on a real small model, end to end (make demo)", DemoConfig, _cmd_demo
+    )
 
+
+def _add_experiment(sub) -> None:
     p = sub.add_parser(
         "experiment", help="a resumable grid of methods × ablations × seeds with NLL and benchmarks"
     )
@@ -337,10 +376,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="override the config's output folder")
     p.set_defaults(func=_cmd_experiment)
 
+
+def _add_report(sub) -> None:
     p = sub.add_parser("report", help="put evaluation runs side by side (table + grouped bar chart)")
     p.add_argument("runs", nargs="+", help="evaluation run folders (each with results.json)")
     p.add_argument("--output", default="report", help="folder for report.md, report.csv and report.png")
     p.set_defaults(func=_cmd_report)
+
+
+def _add_transfer_task(sub) -> None:
+    from cctuning.transfer import add_arguments
+
+    p = sub.add_parser("transfer-task", help="a synthetic task where the connection must help")
+    add_arguments(p)
+    p.set_defaults(func=_cmd_transfer_task)
+
+
+COMMANDS = (
+    _add_train,
+    _add_fit_matrix,
+    _add_generate,
+    _add_eval,
+    _add_demo,
+    _add_experiment,
+    _add_report,
+    _add_transfer_task,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cctuning",
+        description="CC-Tuning: cross-lingual connection for multilingual supervised fine-tuning.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add_command in COMMANDS:
+        add_command(sub)
     return parser
 
 

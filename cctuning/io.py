@@ -39,6 +39,11 @@ def write_json(path: str | Path, data) -> None:
     write_text(path, json.dumps(data, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
+def write_jsonl(path: str | Path, rows) -> None:
+    """One JSON object a line (UTF-8, not ASCII-escaped), written atomically."""
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 

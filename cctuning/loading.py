@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cctuning.errors import CCError
+from cctuning.errors import CCError, first_line
+from cctuning.model.ccmodel import CONFIG_NAME, CCConfig, CCModel, adapter_base
+from cctuning.model.lora import ADAPTER_CONFIG_NAME
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -25,7 +27,7 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CCError(f"cannot load a tokenizer from '{path}': {first}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
@@ -34,10 +36,25 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
+def lora_base_path(folder: str | Path) -> str | None:
+    """The resolved base model folder of a LoRA run (None for a folder with full weights): the
+    model records its base as a folder or a preset name, which only this layer can resolve."""
+    folder = Path(folder)
+    if not (folder / ADAPTER_CONFIG_NAME).is_file():
+        return None
+    config = (
+        CCConfig.load(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else CCConfig(method="none")
+    )
+    try:
+        return resolve_model_path(adapter_base(folder, config))
+    except CCError as err:
+        raise CCError(f"{folder}: base model of the LoRA adapter: {err}") from None
+
+
 def load_for_inference(model: str, trust_remote_code: bool = False, dtype=None):
     """``(CCModel in eval mode, tokenizer, folder)`` for a trained, SFT or plain HF model folder."""
-    from cctuning.model import CCModel
-
     path = resolve_model_path(model)
-    cc = CCModel.from_pretrained(path, dtype=dtype, trust_remote_code=trust_remote_code)
+    cc = CCModel.from_pretrained(
+        path, dtype=dtype, trust_remote_code=trust_remote_code, base_model=lora_base_path(path)
+    )
     return cc, load_tokenizer(path, trust_remote_code), path

@@ -16,12 +16,18 @@ from hypothesis import strategies as st
 
 from cctuning.cli import main
 from cctuning.data.collator import CCCollator
-from cctuning.data.encoding import IGNORE_INDEX, PLAIN_HEAD, PLAIN_TAIL, PromptEncoder, PromptFormat
+from cctuning.data.encoding import (
+    IGNORE_INDEX,
+    PLAIN_HEAD,
+    PLAIN_TAIL,
+    PromptEncoder,
+    PromptFormat,
+    encode_records,
+)
 from cctuning.data.records import LoadReport, load_records
 from cctuning.errors import CCError, DataError
 from cctuning.model import CCConfig, CCModel
 from cctuning.testing import tiny_model, tiny_tokenizer
-from cctuning.training.run import encode_records
 from tests.conftest import flags, make_records, write_jsonl
 
 PROPERTY = settings(

@@ -9,6 +9,11 @@ import torch
 from cctuning.data.encoding import IGNORE_INDEX
 
 
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or its eos id when it has none (never a new token)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def pad_rows(
     rows: list[list[int]], pad_value: int, side: str = "right", multiple_of: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

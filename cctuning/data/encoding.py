@@ -1,6 +1,6 @@
 """Render a record through the chat template, tokenise it and find the connection position p.
 
-Rules (method.md §2.2-2.3, with the official code's bugs fixed):
+Rules (docs/method.md §2.2-2.3, with the official code's bugs fixed):
 
 * The prompt is rendered by the tokenizer's own chat template with ``add_generation_prompt=True``
   (mode ``chat``), or by a documented plain format for base models without one (mode ``plain``):
@@ -21,9 +21,9 @@ Rules (method.md §2.2-2.3, with the official code's bugs fixed):
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from cctuning.errors import CCError
+from cctuning.errors import CCError, DataError
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +97,6 @@ class TruncationStats:
     en_instruction_cut_examples: int = 0
     en_instruction_cut_tokens: int = 0
     boundary_merges: int = 0
-    extra: dict = field(default_factory=dict)
 
     def add(self, ex: EncodedExample) -> None:
         self.examples += 1
@@ -268,3 +267,19 @@ class PromptEncoder:
             ex.en_input_ids, ex.en_position, ex.en_instruction_cut = en.ids, en.position, en.instruction_cut
         self.stats.add(ex)
         return ex
+
+
+def encode_records(records, encoder: PromptEncoder, with_english: bool) -> list[dict]:
+    """Tokenise every record; an encoding problem is reported with the record's file, line and field."""
+    features = []
+    for rec in records:
+        try:
+            ex = encoder.encode_example(
+                rec.instruction, rec.output, rec.instruction_en if with_english else None
+            )
+        except EncodingError as err:
+            raise DataError(rec.path, rec.line, err.field, err.reason) from None
+        except CCError as err:
+            raise DataError(rec.path, rec.line, "instruction", str(err)) from None
+        features.append(ex.features())
+    return features

@@ -1,6 +1,6 @@
 """Load and validate CC-Tuning training records.
 
-The official format (method.md §3.2): JSON or JSONL records with ``instruction`` (non-English),
+The official format (docs/method.md §3.2): JSON or JSONL records with ``instruction`` (non-English),
 ``output`` (its non-English response), ``instruction_en`` (the English translation of the
 instruction only) and an optional ``lang``. Every record is checked before any training starts;
 the first bad one stops the run with ``file:line: field 'x': what is wrong``. With

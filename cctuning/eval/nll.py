@@ -22,12 +22,15 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
-from cctuning.data.collator import CCCollator
-from cctuning.data.encoding import PromptEncoder, PromptFormat
+from cctuning.data.collator import CCCollator, pad_token_id
+from cctuning.data.encoding import PromptEncoder, encode_records
 from cctuning.data.records import load_records
-from cctuning.errors import CCError, DataError
+from cctuning.errors import CCError
 from cctuning.io import write_json, write_text
+from cctuning.model.ccmodel import positions_from_mask
+from cctuning.model.connection import connected_forward, resolve_connection
 from cctuning.versions import versions
 
 logger = logging.getLogger(__name__)
@@ -38,39 +41,27 @@ NLL_ITEMS_NAME = "nll_items.jsonl"
 
 def item_nll(model, batch: dict, connection: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Per-row summed response NLL, response token counts and chosen layers for one batch."""
-    ids, mask, labels, pos = (
-        batch["input_ids"],
-        batch["attention_mask"],
-        batch["labels"],
-        batch["cc_position"],
-    )
-    layers = None
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     with torch.no_grad():
-        if connection == "none":
-            logits = model.base(
-                input_ids=ids, attention_mask=mask, position_ids=_pos(mask), use_cache=False
-            ).logits
-        else:
-            if connection == "english":
-                acts = model.collect_activations(
-                    batch["en_input_ids"], batch["en_attention_mask"], batch["en_cc_position"]
-                )
-            else:
-                acts = model.transform.apply(model.collect_activations(ids, mask, pos))
-            out = model.forward_connected(ids, mask, pos, acts, position_ids=_pos(mask), use_cache=False)
-            logits, layers = out.logits, model.last_layer_choice
+        out = connected_forward(
+            model,
+            connection,
+            ids,
+            mask,
+            batch["cc_position"],
+            batch.get("en_input_ids"),
+            batch.get("en_attention_mask"),
+            batch.get("en_cc_position"),
+            position_ids=positions_from_mask(mask),
+            use_cache=False,
+        )
+    logits, layers = out.logits, model.last_layer_choice
     shifted, target = logits[:, :-1].float(), labels[:, 1:]
     valid = target != -100
     nll = torch.nn.functional.cross_entropy(
         shifted.reshape(-1, shifted.shape[-1]), target.clamp(min=0).reshape(-1), reduction="none"
     ).view(target.shape)
     return (nll * valid).sum(1), valid.sum(1), layers
-
-
-def _pos(mask: torch.Tensor) -> torch.Tensor:
-    from cctuning.model.ccmodel import positions_from_mask
-
-    return positions_from_mask(mask)
 
 
 def bootstrap_ratio(
@@ -111,49 +102,22 @@ def summarize(items: list[dict], reps: int = 1000, seed: int = 0) -> dict:
     return out
 
 
-def evaluate_nll(
-    model,
-    tokenizer,
-    data: str | Path,
-    connection: str | None = None,
-    output: str | Path | None = None,
-    batch_size: int = 8,
-    max_length: int = 1024,
-    seed: int = 0,
-    reps: int = 1000,
-    progress: bool = True,
-    model_name: str | None = None,
-) -> dict:
-    """Score the gold responses of ``data`` (training-format records) and write ``nll.json``."""
-    from tqdm.auto import tqdm
-
-    connection = connection or (
-        "transform" if model.uses_connection and model.transform is not None else "none"
-    )
-    if connection not in ("transform", "none", "english"):
-        raise CCError(f"unknown connection '{connection}'")
-    if connection != "none" and not model.uses_connection:
-        raise CCError(f"connection '{connection}' needs a CC-Tuning model (use --connection none)")
-    if connection == "transform" and model.transform is None:
-        raise CCError(
-            "this model has no transform matrix: run `cctuning fit-matrix` first, or use --connection none"
-        )
+def encode_nll_records(model, tokenizer, data: str | Path, connection: str, max_length: int):
+    """The records of ``data`` and their features (with the English prompts for ``english``)."""
     records = load_records(data, require_english=connection == "english")
-    encoder = PromptEncoder(tokenizer, PromptFormat.from_dict(model.cc_config.prompt_format), max_length)
-    features = []
-    for rec in records:
-        try:
-            ex = encoder.encode_example(
-                rec.instruction, rec.output, rec.instruction_en if connection == "english" else None
-            )
-        except CCError as err:
-            raise DataError(rec.path, rec.line, "instruction", str(err)) from None
-        features.append(ex.features())
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    collate = CCCollator(pad, "right")
+    encoder = PromptEncoder(tokenizer, model.cc_config.prompt_format, max_length)
+    return records, encode_records(records, encoder, with_english=connection == "english")
+
+
+def score_records(
+    model, records, features: list[dict], connection: str, pad_id: int, batch_size: int, progress: bool
+) -> list[dict]:
+    """One item per record (file line, language, summed response NLL, response tokens, chosen layer),
+    scored ``batch_size`` records at a time in eval mode."""
+    collate = CCCollator(pad_id, "right")
     was_training = model.training
     model.eval()
-    items, started = [], time.time()
+    items = []
     device = model.arch.embeddings.weight.device
     bar = tqdm(total=len(records), desc=f"nll ({connection})", unit="item", disable=not progress)
     try:
@@ -175,6 +139,34 @@ def evaluate_nll(
     finally:
         bar.close()
         model.train(was_training)
+    return items
+
+
+def write_nll(output: str | Path, report: dict, items: list[dict]) -> None:
+    """``nll.json`` (the report) and ``nll_items.jsonl`` (the per-item sums) in ``output``."""
+    out = Path(output)
+    write_json(out / NLL_NAME, report)
+    write_text(out / NLL_ITEMS_NAME, "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
+
+
+def evaluate_nll(
+    model,
+    tokenizer,
+    data: str | Path,
+    connection: str | None = None,
+    output: str | Path | None = None,
+    batch_size: int = 8,
+    max_length: int = 1024,
+    seed: int = 0,
+    reps: int = 1000,
+    progress: bool = True,
+    model_name: str | None = None,
+) -> dict:
+    """Score the gold responses of ``data`` (training-format records) and write ``nll.json``."""
+    connection = resolve_connection(model, connection)
+    records, features = encode_nll_records(model, tokenizer, data, connection, max_length)
+    started = time.time()
+    items = score_records(model, records, features, connection, pad_token_id(tokenizer), batch_size, progress)
     report = {
         "data": str(data),
         "connection": connection,
@@ -188,9 +180,7 @@ def evaluate_nll(
         "versions": versions(),
     }
     if output is not None:
-        out = Path(output)
-        write_json(out / NLL_NAME, report)
-        write_text(out / NLL_ITEMS_NAME, "".join(json.dumps(i, ensure_ascii=False) + "\n" for i in items))
+        write_nll(output, report, items)
     return report
 
 

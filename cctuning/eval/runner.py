@@ -22,11 +22,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from cctuning.errors import CCError
-from cctuning.eval.benchmarks import BENCHMARKS, Item, available_languages, get_spec, load_benchmark
+from cctuning.eval.benchmarks import (
+    BENCHMARKS,
+    Item,
+    available_languages,
+    get_spec,
+    load_benchmark,
+    resolve_name,
+)
 from cctuning.eval.scoring import aggregate, score_choice_logprobs, score_item
+from cctuning.inference.generate import CCGenerator
 from cctuning.io import write_json, write_text
+from cctuning.loading import load_for_inference
+from cctuning.model.connection import resolve_connection
 from cctuning.versions import versions
 
 logger = logging.getLogger(__name__)
@@ -45,6 +56,7 @@ class EvalConfig:
     benchmarks: list[str] = field(default_factory=lambda: list(BENCHMARKS))
     langs: list[str] | None = None  # None: every language of each benchmark
     limit: int | None = None
+    limits: dict[str, int] = field(default_factory=dict)  # per-benchmark item limits overriding limit
     connection: str | None = None  # None: transform when the model has a matrix, else none
     scoring: str = "generate"
     max_new_tokens: int = 40
@@ -53,6 +65,14 @@ class EvalConfig:
     output: str | None = None
     seed: int = 0
     trust_remote_code: bool = False
+
+    def limit_for(self, benchmark: str) -> int | None:
+        """Items per language for ``benchmark``: its entry in ``limits`` (any spelling of the name), else ``limit``."""
+        name = resolve_name(benchmark)
+        for key, value in self.limits.items():
+            if resolve_name(key) == name:
+                return value
+        return self.limit
 
     def fingerprint(self, connection: str) -> dict:
         """What must match for cached generations to be reused."""
@@ -111,11 +131,7 @@ def _run_items(
     prompts = [it.prompt for it in items]
     if scoring == "likelihood":
         label_ids = _label_token_ids(generator.tokenizer, labels)
-        saved, generator.max_new_tokens = generator.max_new_tokens, 1
-        try:
-            outs = generator.generate(prompts, connection, english, return_first_logits=True)
-        finally:
-            generator.max_new_tokens = saved
+        outs = generator.generate(prompts, connection, english, return_first_logits=True, max_new_tokens=1)
         rows = []
         for it, out in zip(items, outs):
             logp = torch.log_softmax(out.first_logits, -1)
@@ -139,19 +155,29 @@ def _score(item: Item, row: dict) -> dict:
 
 def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
     """Run the evaluation described by ``cfg``; returns (and writes) the results dictionary."""
-    from tqdm.auto import tqdm
-
-    from cctuning.inference.generate import CCGenerator
-    from cctuning.loading import load_for_inference
-
     if cfg.scoring not in ("generate", "likelihood"):
         raise CCError(f"unknown scoring '{cfg.scoring}' (use generate or likelihood)")
     if model is None:
         model, tokenizer, _ = load_for_inference(cfg.model, cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)
     generator = CCGenerator(model, tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
-    connection = cfg.connection or generator.default_connection()
-    generator._check(connection, [], [] if connection == "english" else None)
+    connection = resolve_connection(model, cfg.connection)
+    out_dir = _open_run_dir(cfg, connection)
+    cache = GenerationCache(out_dir / "generations")
+    results, started = [], time.time()
+    missing_langs: dict[str, list[str]] = {}
+    for bench in [get_spec(b).name for b in cfg.benchmarks]:
+        langs = _benchmark_langs(cfg, bench, missing_langs)
+        results += _evaluate_benchmark(cfg, bench, langs, generator, cache, connection, progress)
+    if not results:
+        raise CCError("nothing to evaluate: no benchmark has any of the requested languages")
+    report = _results_report(cfg, model, connection, results, missing_langs, time.time() - started)
+    write_results(out_dir, report)
+    return report
+
+
+def _open_run_dir(cfg: EvalConfig, connection: str) -> Path:
+    """The output folder, refusing one that holds a run whose cached generations would not match."""
     out_dir = Path(cfg.output or Path(cfg.model) / "eval" / f"{connection}-{cfg.scoring}")
     out_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = cfg.fingerprint(connection)
@@ -161,50 +187,82 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
         if previous != fingerprint:
             raise CCError(f"{out_dir} holds a run with other settings ({previous}); choose another --output")
     write_json(run_file, {"fingerprint": fingerprint, "config": asdict(cfg), "versions": versions()})
-    cache = GenerationCache(out_dir / "generations")
-    results, started = [], time.time()
-    missing_langs: dict[str, list[str]] = {}
-    for bench in [get_spec(b).name for b in cfg.benchmarks]:
-        spec = get_spec(bench)
-        have = available_languages(bench, cfg.data_dir)
-        langs = have if cfg.langs is None else [lang for lang in cfg.langs if lang in have]
-        if cfg.langs is not None and len(langs) < len(cfg.langs):
-            missing_langs[bench] = [lang for lang in cfg.langs if lang not in have]
-        scoring = cfg.scoring if spec.answer_kind == "choice" else "generate"
-        items_by_lang = {lang: load_benchmark(bench, lang, cfg.data_dir, cfg.limit) for lang in langs}
-        total = sum(len(v) for v in items_by_lang.values())
-        bar = tqdm(total=total, desc=bench, unit="item", disable=not progress)
-        for lang, items in items_by_lang.items():
-            done = cache.load(bench, lang)
-            todo = [it for it in items if str(it.id) not in done]
-            bar.update(len(items) - len(todo))
-            step = max(1, cfg.batch_size * 4)
-            for start in range(0, len(todo), step):
-                chunk = todo[start : start + step]
-                rows = _run_items(generator, chunk, connection, scoring, spec.labels)
-                cache.append(bench, lang, rows)
-                done.update({str(r["id"]): r for r in rows})
-                bar.update(len(chunk))
-            for it in items:
-                row = done[str(it.id)]
-                results.append(
-                    {
-                        "benchmark": bench,
-                        "lang": lang,
-                        "id": it.id,
-                        "metrics": _score(it, row),
-                        "layer": row.get("layer"),
-                    }
-                )
-        bar.close()
-    if not results:
-        raise CCError("nothing to evaluate: no benchmark has any of the requested languages")
-    summary = aggregate(results)
-    layer_counts: dict[str, dict[str, int]] = {}
+    return out_dir
+
+
+def _benchmark_langs(cfg: EvalConfig, bench: str, missing_langs: dict[str, list[str]]) -> list[str]:
+    """The requested languages the benchmark has (those it lacks are noted in ``missing_langs``)."""
+    have = available_languages(bench, cfg.data_dir)
+    if cfg.langs is None:
+        return have
+    langs = [lang for lang in cfg.langs if lang in have]
+    if len(langs) < len(cfg.langs):
+        missing_langs[bench] = [lang for lang in cfg.langs if lang not in have]
+    return langs
+
+
+def _evaluate_benchmark(
+    cfg: EvalConfig,
+    bench: str,
+    langs: list[str],
+    generator,
+    cache: GenerationCache,
+    connection: str,
+    progress: bool,
+) -> list[dict]:
+    """One benchmark's items: generate those not cached yet, then score every item."""
+    spec = get_spec(bench)
+    scoring = cfg.scoring if spec.answer_kind == "choice" else "generate"
+    limit = cfg.limit_for(bench)
+    items_by_lang = {lang: load_benchmark(bench, lang, cfg.data_dir, limit) for lang in langs}
+    total = sum(len(v) for v in items_by_lang.values())
+    bar = tqdm(total=total, desc=bench, unit="item", disable=not progress)
+    results = []
+    for lang, items in items_by_lang.items():
+        done = cache.load(bench, lang)
+        todo = [it for it in items if str(it.id) not in done]
+        bar.update(len(items) - len(todo))
+        for rows in _generate(cfg, generator, todo, connection, scoring, spec.labels):
+            cache.append(bench, lang, rows)
+            done.update({str(r["id"]): r for r in rows})
+            bar.update(len(rows))
+        for it in items:
+            row = done[str(it.id)]
+            results.append(
+                {
+                    "benchmark": bench,
+                    "lang": lang,
+                    "id": it.id,
+                    "metrics": _score(it, row),
+                    "layer": row.get("layer"),
+                }
+            )
+    bar.close()
+    return results
+
+
+def _generate(cfg: EvalConfig, generator, todo: list[Item], connection: str, scoring: str, labels):
+    """Cache rows for ``todo``, a chunk of a few batches at a time (each chunk is cached at once)."""
+    step = max(1, cfg.batch_size * 4)
+    for start in range(0, len(todo), step):
+        yield _run_items(generator, todo[start : start + step], connection, scoring, labels)
+
+
+def _layer_counts(results: list[dict]) -> dict[str, dict[str, int]]:
+    """How often each layer was chosen, per language."""
+    counts: dict[str, dict[str, int]] = {}
     for r in results:
         if r["layer"] is not None:
-            counts = layer_counts.setdefault(r["lang"], {})
-            counts[str(r["layer"])] = counts.get(str(r["layer"]), 0) + 1
+            per_lang = counts.setdefault(r["lang"], {})
+            per_lang[str(r["layer"])] = per_lang.get(str(r["layer"]), 0) + 1
+    return counts
+
+
+def _results_report(
+    cfg: EvalConfig, model, connection: str, results: list[dict], missing_langs: dict, seconds: float
+) -> dict:
+    """The results dictionary: scores aggregated per benchmark and language, and the run's settings."""
+    summary = aggregate(results)
     report = {
         "model": cfg.model,
         "connection": connection,
@@ -216,12 +274,13 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
         "primary_metric": {b: primary_metric(b) for b in summary},
         "benchmarks": summary,
         "missing_languages": missing_langs,
-        "layer_choice": layer_counts,
+        "layer_choice": _layer_counts(results),
         "num_layers": model.arch.num_layers,
-        "seconds": round(time.time() - started, 2),
+        "seconds": round(seconds, 2),
         "versions": versions(),
     }
-    write_results(out_dir, report)
+    if cfg.limits:
+        report["limits"] = {b: cfg.limit_for(b) for b in summary}
     return report
 
 
@@ -261,9 +320,11 @@ def results_rows(report: dict) -> list[dict]:
 
 def markdown_table(report: dict) -> str:
     """Primary metric (×100) per benchmark and language, with both averages and unparsed counts."""
+    overrides = {b: n for b, n in (report.get("limits") or {}).items() if n != report["limit"]}
     lines = [
         f"model: `{report['model']}` · connection: {report['connection']} · scoring: {report['scoring']}"
-        f" · limit: {report['limit']}",
+        f" · limit: {report['limit']}"
+        + (" (" + ", ".join(f"{b} {n}" for b, n in overrides.items()) + ")" if overrides else ""),
         "",
     ]
     for bench, data in report["benchmarks"].items():

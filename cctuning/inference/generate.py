@@ -1,4 +1,4 @@
-"""Greedy generation with the simulated connection at the prefill (method.md §2.5), batched.
+"""Greedy generation with the simulated connection at the prefill (docs/method.md §2.5), batched.
 
 Connection modes:
 
@@ -29,15 +29,16 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from cctuning.data.collator import pad_rows
-from cctuning.data.encoding import PromptEncoder, PromptFormat
-from cctuning.errors import CCError
+from cctuning.data.collator import pad_rows, pad_token_id
+from cctuning.data.encoding import PromptEncoder
 from cctuning.model.ccmodel import CCModel, positions_from_mask
+from cctuning.model.connection import default_connection, injected, injection, resolve_connection
 
 logger = logging.getLogger(__name__)
-
-CONNECTIONS = ("transform", "none", "english")
 
 
 @dataclass
@@ -82,17 +83,17 @@ class CCGenerator:
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.encoder = PromptEncoder(tokenizer, PromptFormat.from_dict(model.cc_config.prompt_format))
+        self.encoder = PromptEncoder(tokenizer, model.cc_config.prompt_format)
         self.max_length = max_length
         self.stop_ids = stop_token_ids(tokenizer, model, self.encoder)
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.pad_id = pad_token_id(tokenizer)
 
     @property
     def device(self) -> torch.device:
         return self.model.arch.embeddings.weight.device
 
     def default_connection(self) -> str:
-        return "transform" if self.model.uses_connection and self.model.transform is not None else "none"
+        return default_connection(self.model)
 
     # -- public API ----------------------------------------------------------------------------
     def generate(
@@ -103,15 +104,16 @@ class CCGenerator:
         naive: bool = False,
         return_first_logits: bool = False,
         progress: bool = False,
+        max_new_tokens: int | None = None,
     ) -> list[Generation]:
-        from tqdm.auto import tqdm
-
-        connection = connection or self.default_connection()
-        self._check(connection, prompts, english)
-        encoded = [self.encoder.encode_prompt(p, self._prompt_budget()) for p in prompts]
-        en_encoded = (
-            [self.encoder.encode_prompt(e, self._prompt_budget()) for e in english] if english else None
+        """Greedy generations of ``prompts`` (``max_new_tokens`` overrides the generator's for this call)."""
+        connection = resolve_connection(
+            self.model, connection, english is not None and len(english) == len(prompts)
         )
+        new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        budget = self._prompt_budget(new_tokens)
+        encoded = [self.encoder.encode_prompt(p, budget) for p in prompts]
+        en_encoded = [self.encoder.encode_prompt(e, budget) for e in english] if english else None
         # longest first, so that batches hold prompts of similar length (less padding)
         order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i].ids))
         results: list[Generation | None] = [None] * len(prompts)
@@ -123,7 +125,7 @@ class CCGenerator:
                 idx = order[start : start + self.batch_size]
                 batch_en = [en_encoded[i] for i in idx] if en_encoded else None
                 outs = self._generate_batch(
-                    [encoded[i] for i in idx], batch_en, connection, naive, return_first_logits
+                    [encoded[i] for i in idx], batch_en, connection, naive, return_first_logits, new_tokens
                 )
                 for i, out in zip(idx, outs):
                     results[i] = out
@@ -134,27 +136,14 @@ class CCGenerator:
         return results
 
     # -- internals -----------------------------------------------------------------------------
-    def _prompt_budget(self) -> int | None:
+    def _prompt_budget(self, new_tokens: int | None = None) -> int | None:
+        """Tokens a prompt may keep so that it and ``new_tokens`` fit the context."""
+        new_tokens = self.max_new_tokens if new_tokens is None else new_tokens
         limit = self.max_length or getattr(self.model.config, "max_position_embeddings", None)
-        return None if limit is None else max(1, limit - self.max_new_tokens)
-
-    def _check(self, connection: str, prompts: list[str], english: list[str] | None) -> None:
-        if connection not in CONNECTIONS:
-            raise CCError(f"unknown connection '{connection}' (use {', '.join(CONNECTIONS)})")
-        if connection != "none" and not self.model.uses_connection:
-            raise CCError(
-                f"connection '{connection}' needs a CC-Tuning model; this one is method "
-                f"'{self.model.cc_config.method}' (use --connection none)"
-            )
-        if connection == "transform" and self.model.transform is None:
-            raise CCError(
-                "this model has no transform matrix: run `cctuning fit-matrix` first, or use --connection none"
-            )
-        if connection == "english" and (english is None or len(english) != len(prompts)):
-            raise CCError("connection 'english' needs the English prompt (instruction_en) of every input")
+        return None if limit is None else max(1, limit - new_tokens)
 
     def _forward(self, ids, mask, positions, cache, inject=None, logits=True):
-        """One chunk through the model with the cache; ``inject=(pos_in_chunk, vectors)``."""
+        """One chunk through the model with the cache; ``inject``: an :class:`Injection` at chunk positions."""
         module = self.model.base if logits else self.model.arch.decoder
         kwargs = dict(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
@@ -163,16 +152,8 @@ class CCGenerator:
             kwargs["logits_to_keep"] = 1
         if inject is None:
             return module(**kwargs)
-        with self.model.hooks.injecting(*inject):
+        with injected(self.model, inject):
             return module(**kwargs)
-
-    def _connection_vectors(self, connection, tail_ids, acts):
-        """Decision Maker on the (transformed) activations; returns the fused vectors and layers."""
-        if connection == "transform":
-            acts = self.model.transform.apply(acts)
-        rows_first = tail_ids[:, 0]
-        fused, weights = self.model.choose(rows_first[:, None], torch.zeros_like(rows_first), acts)
-        return fused, self.model.chosen_layers(weights)
 
     def _english_acts(self, en_batch) -> torch.Tensor:
         ids, mask, shift = pad_rows([e.ids for e in en_batch], self.pad_id, "left")
@@ -180,14 +161,14 @@ class CCGenerator:
         return self.model.collect_activations(ids.to(self.device), mask.to(self.device), pos.to(self.device))
 
     @torch.no_grad()
-    def _generate_batch(self, batch, en_batch, connection, naive, return_first_logits) -> list[Generation]:
-        from transformers import DynamicCache
-
+    def _generate_batch(
+        self, batch, en_batch, connection, naive, return_first_logits, new_tokens
+    ) -> list[Generation]:
         ids, mask, _ = pad_rows([e.ids for e in batch], self.pad_id, "left")
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = positions_from_mask(mask)
         width = ids.shape[1]
-        offset = self.model.cc_config.prompt_format.get("position_offset", 0)
+        offset = self.model.cc_config.prompt_format.position_offset
         p = width - 1 - offset  # left padding: the connection position is the same column in every row
         cache = DynamicCache(config=self.model.base.config)
         layers = None
@@ -200,9 +181,10 @@ class CCGenerator:
                 )
             else:
                 acts = self._english_acts(en_batch)
-            fused, layers = self._connection_vectors(connection, ids[:, p:], acts)
             column = torch.full((len(batch),), p, device=self.device)
-            out = self._forward(ids, mask, pos, cache, inject=(column, fused))
+            inj = injection(self.model, connection, acts, ids, column)
+            layers = inj.layers
+            out = self._forward(ids, mask, pos, cache, inject=inj)
         else:
             tail, first = ids[:, p:], torch.zeros(len(batch), dtype=torch.long, device=self.device)
             if connection == "transform" and _croppable(cache):
@@ -224,11 +206,12 @@ class CCGenerator:
                     cache = snapshot
                 else:
                     acts = self._english_acts(en_batch)
-            fused, layers = self._connection_vectors(connection, tail, acts)
-            out = self._forward(tail, mask, pos[:, p:], cache, inject=(first, fused))
+            inj = injection(self.model, connection, acts, tail, first)
+            layers = inj.layers
+            out = self._forward(tail, mask, pos[:, p:], cache, inject=inj)
         cache = out.past_key_values
         first_logits = out.logits[:, -1].float()
-        tokens = self._decode(first_logits, cache, mask, pos[:, -1])
+        tokens = self._decode(first_logits, cache, mask, pos[:, -1], new_tokens)
         results = []
         for i, toks in enumerate(tokens):
             results.append(
@@ -242,20 +225,20 @@ class CCGenerator:
             )
         return results
 
-    def _decode(self, logits, cache, mask, last_pos) -> list[list[int]]:
+    def _decode(self, logits, cache, mask, last_pos, new_tokens: int) -> list[list[int]]:
         """Greedy decoding from the prefill's last logits; stops per row on a stop id."""
         n = logits.shape[0]
         done = torch.zeros(n, dtype=torch.bool, device=logits.device)
         out: list[list[int]] = [[] for _ in range(n)]
         stop = torch.tensor(sorted(self.stop_ids), device=logits.device, dtype=torch.long)
-        for step in range(self.max_new_tokens):
+        for step in range(new_tokens):
             nxt = logits.argmax(-1)
             is_stop = torch.isin(nxt, stop)
             for i in range(n):
                 if not done[i] and not is_stop[i]:
                     out[i].append(int(nxt[i]))
             done |= is_stop
-            if bool(done.all()) or step == self.max_new_tokens - 1:
+            if bool(done.all()) or step == new_tokens - 1:
                 break
             nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
             mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], dim=1)
@@ -272,6 +255,4 @@ class CCGenerator:
 
 
 def _croppable(cache) -> bool:
-    from transformers.cache_utils import DynamicLayer
-
     return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", []))

@@ -1,4 +1,4 @@
-"""The Transform Matrix: non-English FFN activations → English-like ones (method.md §2.4).
+"""Fitting the Transform Matrix: non-English FFN activations → English-like ones (docs/method.md §2.4).
 
 Fitted after training on parallel prompts run *without* the connection: for each pair, the L
 activations ``f_l[p]`` of the non-English prompt (rows of S) and of the English prompt (rows of T).
@@ -13,20 +13,22 @@ does not grow with the number of pairs, and solved once (with optional ridge ``�
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import asdict, dataclass, field
+import random
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from cctuning.data.collator import pad_rows, pad_token_id
+from cctuning.data.encoding import PromptEncoder
+from cctuning.data.records import load_records
 from cctuning.errors import CCError
-from cctuning.io import save_safetensors, write_json
+from cctuning.model.transform import DECISION_MAKER_STAMP, TransformMatrix, apply_matrix
 
 logger = logging.getLogger(__name__)
-
-MATRIX_NAME = "transform_matrix.safetensors"
-MATRIX_REPORT_NAME = "transform_matrix.json"
 
 
 class NormalEquations:
@@ -93,60 +95,6 @@ def transform_error(matrix: torch.Tensor | None, source: torch.Tensor, target: t
     return {"mse": float(((pred - tgt) ** 2).mean()), "cosine": float(cos.mean())}
 
 
-def apply_matrix(matrix: torch.Tensor, acts: torch.Tensor) -> torch.Tensor:
-    """``â_l = b_l M`` (or ``b_l M_l`` per layer); ``acts`` is (batch, L, d)."""
-    if matrix.dim() == 2:
-        return acts @ matrix
-    return torch.einsum("bld,lde->ble", acts, matrix)
-
-
-@dataclass
-class TransformMatrix:
-    matrix: torch.Tensor  # (d, d) or (L, d, d), float32
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def per_layer(self) -> bool:
-        return self.matrix.dim() == 3
-
-    def apply(self, acts: torch.Tensor) -> torch.Tensor:
-        m = self.matrix.to(device=acts.device, dtype=acts.dtype)
-        return apply_matrix(m, acts)
-
-    def check_fits(self, num_layers: int, hidden_size: int, where: str = MATRIX_NAME) -> None:
-        shape = tuple(self.matrix.shape)
-        expected = (num_layers, hidden_size, hidden_size) if self.per_layer else (hidden_size, hidden_size)
-        if shape != expected:
-            raise CCError(
-                f"{where}: transform matrix of shape {shape} does not fit this model "
-                f"({num_layers} layers, hidden size {hidden_size}); refit it with `cctuning fit-matrix`"
-            )
-
-    def save(self, folder: str | Path) -> None:
-        folder = Path(folder)
-        meta = {k: json.dumps(v) for k, v in self.meta.items()}
-        save_safetensors(folder / MATRIX_NAME, {"matrix": self.matrix.float()}, metadata=meta)
-        write_json(folder / MATRIX_REPORT_NAME, self.meta)
-
-    @classmethod
-    def load(cls, folder: str | Path) -> TransformMatrix | None:
-        from safetensors import safe_open
-
-        file = Path(folder) / MATRIX_NAME
-        if not file.is_file():
-            return None
-        with safe_open(str(file), framework="pt") as fh:
-            raw = fh.metadata() or {}
-            matrix = fh.get_tensor("matrix")
-        meta = {}
-        for k, v in raw.items():
-            try:
-                meta[k] = json.loads(v)
-            except json.JSONDecodeError:
-                meta[k] = v
-        return cls(matrix=matrix, meta=meta)
-
-
 @dataclass
 class FitReport:
     pairs: int
@@ -163,19 +111,6 @@ class FitReport:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def prompt_batches(
-    encoder, texts: list[str], batch_size: int, pad_token_id: int, max_length: int | None = None
-):
-    """Tokenise prompts and yield left-padded batches ``(ids, mask, positions)`` in input order."""
-    from cctuning.data.collator import pad_rows
-
-    for start in range(0, len(texts), batch_size):
-        encoded = [encoder.encode_prompt(t, max_length) for t in texts[start : start + batch_size]]
-        ids, mask, shift = pad_rows([e.ids for e in encoded], pad_token_id, "left")
-        positions = torch.tensor([e.position for e in encoded], dtype=torch.long) + shift
-        yield ids, mask, positions
 
 
 def length_batches(
@@ -209,8 +144,6 @@ def prompt_activations(
 ) -> torch.Tensor:
     """``f_l[p]`` of every prompt as (len(texts), L, d) float32 on the CPU, in input order. Prompts are
     batched by length (:func:`length_batches`), so little compute is spent on padding."""
-    from cctuning.data.collator import pad_rows
-
     encoded = [encoder.encode_prompt(t, max_length) for t in texts]
     device = model.arch.embeddings.weight.device
     out = torch.empty(len(texts), model.arch.num_layers, model.arch.hidden_size)
@@ -220,6 +153,86 @@ def prompt_activations(
         acts = model.collect_activations(ids.to(device), mask.to(device), positions.to(device))
         out[torch.tensor(idx)] = acts.float().cpu()
     return out
+
+
+def split_pairs(count: int, samples: int, heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:
+    """The seeded sample of up to ``samples`` of ``count`` pairs, split into fit and held-out indices (each
+    sorted): ``heldout_fraction`` of the sample is held out, rounded, but at least one pair and never all."""
+    rng = random.Random(seed)
+    chosen = sorted(rng.sample(range(count), min(samples, count)))
+    n_held = (
+        min(max(1, round(len(chosen) * heldout_fraction)), len(chosen) - 1) if heldout_fraction > 0 else 0
+    )
+    order = chosen[:]
+    rng.shuffle(order)
+    return sorted(order[n_held:]), sorted(order[:n_held])
+
+
+def pair_activations(
+    model, encoder, pairs, indices: list[int], window: int, **batching
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(source, target)``: the activations of the instructions and of the English instructions of
+    ``pairs[i]`` for ``indices``, ``window`` pairs at a time; ``batching`` is
+    :func:`prompt_activations`'s (batch_size, pad_token_id, max_length, max_batch_tokens)."""
+    for start in range(0, len(indices), window):
+        chunk = indices[start : start + window]
+        yield (
+            prompt_activations(model, encoder, [pairs[i].instruction for i in chunk], **batching),
+            prompt_activations(model, encoder, [pairs[i].instruction_en for i in chunk], **batching),
+        )
+
+
+class StoredPairs:
+    """The first ``limit`` activation pairs of a part (fit or held-out), kept to measure the error."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.source: list[torch.Tensor] = []
+        self.target: list[torch.Tensor] = []
+
+    def add(self, source: torch.Tensor, target: torch.Tensor) -> None:
+        kept = sum(x.shape[0] for x in self.source)
+        if kept < self.limit:
+            self.source.append(source[: self.limit - kept])
+            self.target.append(target[: self.limit - kept])
+
+    def before_after(self, matrix: torch.Tensor) -> dict:
+        """:func:`transform_error` of the stored pairs without and with the matrix."""
+        source, target = torch.cat(self.source), torch.cat(self.target)
+        return {
+            "before": transform_error(None, source, target),
+            "after": transform_error(matrix, source, target),
+        }
+
+
+def accumulate_pairs(
+    model,
+    encoder,
+    pairs,
+    fit: list[int],
+    held: list[int],
+    acc: NormalEquations,
+    max_stored_pairs: int,
+    window: int,
+    progress: bool,
+    **batching,
+) -> dict[str, StoredPairs]:
+    """Run the fit and held-out pairs through the model (eval mode, no gradient): the fit pairs go into
+    ``acc``; the first ``max_stored_pairs`` of each part are returned, by part ("fit", "held")."""
+    stored = {"fit": StoredPairs(max_stored_pairs), "held": StoredPairs(max_stored_pairs)}
+    was_training = model.training
+    model.eval()
+    bar = tqdm(total=len(fit) + len(held), desc="activations", unit="pair", disable=not progress)
+    with torch.no_grad():
+        for part, indices in (("fit", fit), ("held", held)):
+            for s, t in pair_activations(model, encoder, pairs, indices, window, **batching):
+                if part == "fit":
+                    acc.add(s, t)
+                stored[part].add(s, t)
+                bar.update(s.shape[0])
+    bar.close()
+    model.train(was_training)
+    return stored
 
 
 def fit_transform_matrix(
@@ -247,83 +260,43 @@ def fit_transform_matrix(
     length (at most ``batch_size`` prompts and ``max_batch_tokens`` padded tokens a batch), so that
     time is not spent on padding and memory does not grow with the longest prompt seen. Memory is
     bounded by the window and the batch budget, whatever the number of pairs."""
-    import random
-
-    from tqdm.auto import tqdm
-
-    from cctuning.data.encoding import PromptEncoder, PromptFormat
-
     pairs = [r for r in records if r.instruction_en]
     if len(pairs) < 2:
         raise CCError("fitting a transform matrix needs at least 2 records with instruction_en")
-    rng = random.Random(seed)
-    chosen = sorted(rng.sample(range(len(pairs)), min(samples, len(pairs))))
-    n_held = (
-        min(max(1, round(len(chosen) * heldout_fraction)), len(chosen) - 1) if heldout_fraction > 0 else 0
-    )
-    order = chosen[:]
-    rng.shuffle(order)
-    held = sorted(order[:n_held])
-    fit = sorted(order[n_held:])
-    encoder = PromptEncoder(tokenizer, PromptFormat.from_dict(model.cc_config.prompt_format))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    fit, held = split_pairs(len(pairs), samples, heldout_fraction, seed)
     acc = NormalEquations(model.arch.hidden_size, model.arch.num_layers, per_layer)
-    stored = {"fit": ([], []), "held": ([], [])}
-    was_training = model.training
-    model.eval()
-    bar = tqdm(total=len(chosen), desc="activations", unit="pair", disable=not progress)
-    with torch.no_grad():
-        for part, indices in (("fit", fit), ("held", held)):
-            for start in range(0, len(indices), window):
-                chunk = indices[start : start + window]
-                s, t = (
-                    prompt_activations(model, encoder, texts, batch_size, pad, max_length, max_batch_tokens)
-                    for texts in (
-                        [pairs[i].instruction for i in chunk],
-                        [pairs[i].instruction_en for i in chunk],
-                    )
-                )
-                if part == "fit":
-                    acc.add(s, t)
-                kept = sum(x.shape[0] for x in stored[part][0])
-                if kept < max_stored_pairs:
-                    stored[part][0].append(s[: max_stored_pairs - kept])
-                    stored[part][1].append(t[: max_stored_pairs - kept])
-                bar.update(s.shape[0])
-    bar.close()
-    model.train(was_training)
+    stored = accumulate_pairs(
+        model,
+        PromptEncoder(tokenizer, model.cc_config.prompt_format),
+        pairs,
+        fit,
+        held,
+        acc,
+        max_stored_pairs,
+        window,
+        progress,
+        batch_size=batch_size,
+        pad_token_id=pad_token_id(tokenizer),
+        max_length=max_length,
+        max_batch_tokens=max_batch_tokens,
+    )
     solution = acc.solve(ridge)
     matrix = solution.float()
-    fit_s, fit_t = torch.cat(stored["fit"][0]), torch.cat(stored["fit"][1])
-    fit_metrics = {
-        "before": transform_error(None, fit_s, fit_t),
-        "after": transform_error(matrix, fit_s, fit_t),
-        "mse_all_pairs": acc.mse(solution),
-    }
-    held_metrics = {}
-    if held:
-        held_s, held_t = torch.cat(stored["held"][0]), torch.cat(stored["held"][1])
-        held_metrics = {
-            "before": transform_error(None, held_s, held_t),
-            "after": transform_error(matrix, held_s, held_t),
-        }
     report = FitReport(
-        pairs=len(chosen),
+        pairs=len(fit) + len(held),
         fit_pairs=len(fit),
         heldout_pairs=len(held),
         ridge=ridge,
         per_layer=per_layer,
         num_layers=model.arch.num_layers,
         hidden_size=model.arch.hidden_size,
-        fit=fit_metrics,
-        heldout=held_metrics,
+        fit={**stored["fit"].before_after(matrix), "mse_all_pairs": acc.mse(solution)},
+        heldout=stored["held"].before_after(matrix) if held else {},
         seed=seed,
     )
     meta = report.to_dict()
     stamp = getattr(model, "decision_maker_sha256", None)
     if stamp:  # ties the matrix to this Decision Maker: another model's matrix is refused on load
-        from cctuning.model.ccmodel import DECISION_MAKER_STAMP
-
         meta[DECISION_MAKER_STAMP] = stamp
     return TransformMatrix(matrix=matrix, meta=meta), report
 
@@ -334,8 +307,6 @@ def fit_matrix_from_file(
     """Fit the Transform Matrix on the records of ``data`` (a CC-Tuning JSONL file with English
     counterparts), record that file in its metadata and save it into ``folder`` beside the model.
     ``options`` are :func:`fit_transform_matrix`'s."""
-    from cctuning.data.records import load_records
-
     records = load_records(data, require_english=True, skip_invalid=skip_invalid)
     matrix, report = fit_transform_matrix(model, tokenizer, records, **options)
     matrix.meta["data"] = str(data)

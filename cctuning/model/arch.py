@@ -3,7 +3,7 @@
 Like pyvene, an architecture is described by a tiny declarative map instead of a copied modeling
 file: the decoder layers are found generically (``get_decoder().layers`` or the ``ModuleList``
 with ``num_hidden_layers`` entries), and the "FFN activation" is the output of the sub-module of a
-layer whose result is added to the residual stream (method.md §2.1: after ``down_proj``, before
+layer whose result is added to the residual stream (docs/method.md §2.1: after ``down_proj``, before
 the residual add). For most models that is ``mlp``; models that normalise the MLP output before
 the residual add (Gemma 2/3, OLMo 2) use ``post_feedforward_layernorm``.
 """

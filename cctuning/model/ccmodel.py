@@ -14,7 +14,6 @@ With LoRA the base weights are not saved: the folder holds PEFT's adapter files 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import typing
@@ -25,12 +24,24 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cctuning.errors import CCError
-from cctuning.io import INCOMPLETE_MARKER, is_incomplete, save_safetensors, staged_dir, write_json
+from cctuning.config import coerce
+from cctuning.data.encoding import PromptFormat
+from cctuning.errors import CCError, first_line
+from cctuning.io import (
+    INCOMPLETE_MARKER,
+    is_incomplete,
+    save_safetensors,
+    sha256_file,
+    staged_dir,
+    write_json,
+)
+from cctuning.model import connection
 from cctuning.model.arch import Architecture, locate
 from cctuning.model.decision import DecisionMaker
+from cctuning.model.fusion import Fusion
 from cctuning.model.hooks import ConnectionHooks
 from cctuning.model.lora import ADAPTER_CONFIG_NAME, is_peft, load_adapter
+from cctuning.model.transform import DECISION_MAKER_STAMP, TransformMatrix
 from cctuning.versions import versions
 
 logger = logging.getLogger(__name__)
@@ -38,8 +49,6 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "cctuning_config.json"
 DECISION_MAKER_NAME = "decision_maker.safetensors"
 METHODS = ("cc", "sft", "none")
-# key of a Transform Matrix's metadata: sha256 of the decision_maker.safetensors it was fitted with
-DECISION_MAKER_STAMP = "decision_maker_sha256"
 
 
 @dataclass
@@ -56,9 +65,13 @@ class CCConfig:
     ffn_module: str | None = None
     num_layers: int | None = None
     hidden_size: int | None = None
-    prompt_format: dict = field(default_factory=dict)
+    prompt_format: PromptFormat = field(default_factory=PromptFormat)
     base_model: str | None = None
     layer_choice: str = "learned"  # learned | random | mean | fixed:K (ablations of the Decision Maker)
+    # beyond the paper, opt-in (docs/method.md §5); the defaults are the paper's behaviour
+    fusion: str = "add"  # add | scaled | gated | gated-scalar (model/fusion.py)
+    dm_input: str = "raw"  # raw | rms: the Decision Maker's input (model/decision.py)
+    tau_end: float | None = None  # Gumbel temperature annealed from tau to tau_end over training
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -66,12 +79,14 @@ class CCConfig:
         parse_layer_choice(self.layer_choice)
         if self.tau <= 0:
             raise CCError(f"tau must be > 0, got {self.tau}")
+        if self.tau_end is not None and self.tau_end <= 0:
+            raise CCError(f"tau_end must be > 0, got {self.tau_end}")
+        if isinstance(self.prompt_format, dict):
+            self.prompt_format = PromptFormat.from_dict(self.prompt_format)
 
     @classmethod
     def load(cls, path: str | Path) -> CCConfig:
         """Read ``cctuning_config.json``; a damaged or hand-edited file is a one-line error."""
-        from cctuning.config import coerce
-
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -80,7 +95,13 @@ class CCConfig:
             raise CCError(f"{path}: expected a JSON object")
         hints = typing.get_type_hints(cls)
         fields = cls.__dataclass_fields__
-        known = {k: coerce(v, hints[k], f"{path}: '{k}'") for k, v in data.items() if k in fields}
+        known = {
+            k: v if k == "prompt_format" else coerce(v, hints[k], f"{path}: '{k}'")
+            for k, v in data.items()
+            if k in fields
+        }
+        if not isinstance(known.get("prompt_format", {}), dict):
+            raise CCError(f"{path}: 'prompt_format': expected an object, got {known['prompt_format']!r}")
         return cls(**known)
 
 
@@ -99,10 +120,6 @@ def parse_layer_choice(rule: str) -> tuple[str, int | None]:
         except ValueError:
             pass
     raise CCError(f"unknown layer choice '{rule}' (use {', '.join(LAYER_CHOICES)})")
-
-
-def _sha256(file: str | Path) -> str:
-    return hashlib.sha256(Path(file).read_bytes()).hexdigest()
 
 
 def _non_reentrant(layer: nn.Module) -> bool:
@@ -135,11 +152,15 @@ class CCModel(nn.Module):
         if not 0 <= cc_config.inject_layer < self.arch.num_layers:
             raise CCError(f"inject_layer={cc_config.inject_layer} is outside 0..{self.arch.num_layers - 1}")
         self.decision_maker = None
+        self.fusion = None
         if cc_config.method == "cc":
             emb = self.arch.embeddings.weight
-            self.decision_maker = DecisionMaker(self.arch.hidden_size, self.arch.num_layers).to(
-                device=emb.device, dtype=emb.dtype
-            )
+            self.decision_maker = DecisionMaker(
+                self.arch.hidden_size, self.arch.num_layers, input_norm=cc_config.dm_input
+            ).to(device=emb.device, dtype=emb.dtype)
+            # the gates stay float32 whatever the model's dtype: a bf16 gate near 0 would round away
+            self.fusion = Fusion(cc_config.fusion, self.arch.num_layers).to(device=emb.device)
+        self.tau = cc_config.tau  # the Gumbel temperature now (a schedule moves it during training)
         self.layer_rule = parse_layer_choice(cc_config.layer_choice)
         if (
             self.layer_rule[0] == "fixed"
@@ -166,8 +187,7 @@ class CCModel(nn.Module):
                 str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
             )
         except (OSError, ValueError) as err:
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise CCError(f"cannot load a causal LM from '{path}': {first}") from None
+            raise CCError(f"cannot load a causal LM from '{path}': {first_line(err)}") from None
 
     @classmethod
     def from_base(
@@ -191,8 +211,9 @@ class CCModel(nn.Module):
     ) -> CCModel:
         """Load a folder written by :meth:`save_pretrained` (or any plain HF folder, as method ``none``).
 
-        A LoRA folder loads its base model from ``base_model`` or else the one recorded at training
-        time. A folder whose last save was interrupted is refused.
+        A LoRA folder loads its base model from ``base_model`` (a folder) or else the folder recorded
+        at training time; preset names are resolved by :func:`cctuning.loading.load_for_inference`,
+        which hands the folder in. A folder whose last save was interrupted is refused.
         """
         path = Path(path)
         if not path.is_dir():
@@ -215,8 +236,6 @@ class CCModel(nn.Module):
             base = cls._load_base(path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
         model = cls(base, cc_config)
         if cc_config.method == "cc":
-            from cctuning.inference.matrix import TransformMatrix  # inference builds on the model
-
             model.load_decision_maker(path / DECISION_MAKER_NAME)
             model.set_transform(TransformMatrix.load(path))
         model.eval()
@@ -224,22 +243,14 @@ class CCModel(nn.Module):
 
     @staticmethod
     def _adapter_base(path: Path, cc_config: CCConfig, base_model: str | None) -> str:
-        """The base model folder of a LoRA folder: given, recorded by us, or recorded by PEFT."""
-        from cctuning.loading import resolve_model_path
-
-        ref = base_model or cc_config.base_model
-        if not ref:
-            try:
-                peft_config = json.loads((path / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
-                ref = peft_config.get("base_model_name_or_path")
-            except (UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-                ref = None
-        if not ref:
-            raise CCError(f"{path}: a LoRA folder that does not name its base model; pass base_model=PATH")
-        try:
-            return resolve_model_path(str(ref))
-        except CCError as err:
-            raise CCError(f"{path}: base model of the LoRA adapter: {err}") from None
+        """The base model folder of a LoRA folder: given, or the one recorded (see :func:`adapter_base`)."""
+        ref = base_model or adapter_base(path, cc_config)
+        if not Path(ref).is_dir():
+            raise CCError(
+                f"{path}: base model of the LoRA adapter: model folder '{ref}' does not exist "
+                "(pass base_model=PATH, or load with cctuning.loading.load_for_inference to resolve a preset name)"
+            )
+        return str(ref)
 
     def set_transform(self, transform) -> None:
         """Attach a :class:`TransformMatrix`, checked against this model's layers and hidden size and,
@@ -261,7 +272,8 @@ class CCModel(nn.Module):
         file = Path(file)
         if not file.is_file():
             raise CCError(f"{file}: missing (a CC-Tuning folder needs its Decision Maker weights)")
-        weight = load_file(str(file))["weight"]
+        tensors = load_file(str(file))
+        weight = tensors["weight"]
         expected = tuple(self.decision_maker.proj.weight.shape)
         if tuple(weight.shape) != expected:
             raise CCError(
@@ -270,7 +282,15 @@ class CCModel(nn.Module):
             )
         with torch.no_grad():
             self.decision_maker.proj.weight.copy_(weight)
-        self.decision_maker_sha256 = _sha256(file)
+            if self.fusion.gate is not None:
+                gate = tensors.get("gate")
+                if gate is None or gate.shape != self.fusion.gate.shape:
+                    raise CCError(
+                        f"{file}: no gate of shape {tuple(self.fusion.gate.shape)} for fusion "
+                        f"'{self.cc_config.fusion}'"
+                    )
+                self.fusion.gate.copy_(gate)
+        self.decision_maker_sha256 = sha256_file(file)
 
     def save_pretrained(
         self, path: str | Path, state_dict: dict | None = None, is_main_process: bool = True, tokenizer=None
@@ -280,16 +300,19 @@ class CCModel(nn.Module):
             return
         base_sd = None
         dm_weight = self.decision_maker.proj.weight if self.decision_maker is not None else None
+        gate = self.fusion.gate if self.fusion is not None else None
         if state_dict is not None:
             base_sd = {k[len("base.") :]: v for k, v in state_dict.items() if k.startswith("base.")}
             dm_weight = state_dict.get("decision_maker.proj.weight", dm_weight)
+            gate = state_dict.get("fusion.gate", gate)
         with staged_dir(path) as stage:
             self.base.save_pretrained(stage, state_dict=base_sd)
             if tokenizer is not None:
                 tokenizer.save_pretrained(stage)
             if dm_weight is not None:
-                save_safetensors(stage / DECISION_MAKER_NAME, {"weight": dm_weight})
-                self.decision_maker_sha256 = _sha256(stage / DECISION_MAKER_NAME)
+                tensors = {"weight": dm_weight} if gate is None else {"weight": dm_weight, "gate": gate}
+                save_safetensors(stage / DECISION_MAKER_NAME, tensors)
+                self.decision_maker_sha256 = sha256_file(stage / DECISION_MAKER_NAME)
             if self.transform is not None:
                 if self.decision_maker_sha256:  # saved together: the matrix belongs to this Decision Maker
                     self.transform.meta[DECISION_MAKER_STAMP] = self.decision_maker_sha256
@@ -319,7 +342,7 @@ class CCModel(nn.Module):
 
         Without gradient there is nothing to checkpoint. With gradient, the reentrant checkpoint runs
         the layer under ``no_grad``, so the FFN outputs captured inside it would be cut from the graph
-        (the official code's silent stop-gradient, method.md §2.3); only the non-reentrant checkpoint
+        (the official code's silent stop-gradient, docs/method.md §2.3); only the non-reentrant checkpoint
         keeps them (see hooks.py), so the English pass stays checkpointed only with that one.
         """
         layers = [layer for layer in self.arch.layers if getattr(layer, "gradient_checkpointing", False)]
@@ -382,7 +405,7 @@ class CCModel(nn.Module):
             rows = torch.arange(input_ids.shape[0], device=input_ids.device)
             embedding = self.arch.embeddings(input_ids[rows, positions].unsqueeze(1)).squeeze(1)
             sample = self.training or self.cc_config.sample_layer
-            return self.decision_maker(activations, embedding, sample, self.cc_config.tau, self.generator)
+            return self.decision_maker(activations, embedding, sample, self.tau, self.generator)
         batch, layers = activations.shape[:2]
         if kind == "mean":
             weights = torch.full((batch, layers), 1.0 / layers, device=activations.device)
@@ -398,20 +421,6 @@ class CCModel(nn.Module):
     def chosen_layers(self, weights: torch.Tensor) -> torch.Tensor | None:
         """The layer index per row, or None when no single layer is chosen (``mean``)."""
         return None if self.layer_rule[0] == "mean" else weights.detach().argmax(-1)
-
-    def forward_connected(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        positions: torch.Tensor,
-        activations: torch.Tensor,
-        **kwargs,
-    ):
-        """The non-English forward with ``c`` (chosen from ``activations``) added after layer k at p."""
-        fused, weights = self.choose(input_ids, positions, activations)
-        self.last_layer_choice = self.chosen_layers(weights)
-        with self.hooks.injecting(positions, fused):
-            return self.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
 
     def forward(
         self,
@@ -431,13 +440,35 @@ class CCModel(nn.Module):
         if position_ids is None and attention_mask is not None:
             position_ids = positions_from_mask(attention_mask)
         kwargs.setdefault("use_cache", False)  # a training forward never needs a KV cache
-        common = dict(attention_mask=attention_mask, labels=labels, position_ids=position_ids, **kwargs)
-        if not self.uses_connection or en_input_ids is None:
-            return self.base(input_ids=input_ids, **common)
-        if cc_position is None or en_cc_position is None:
+        mode = "english" if self.uses_connection and en_input_ids is not None else "none"
+        if mode == "english" and (cc_position is None or en_cc_position is None):
             raise ValueError("CC-Tuning needs cc_position and en_cc_position with en_input_ids")
-        acts = self.collect_activations(
-            en_input_ids, en_attention_mask, en_cc_position, self.cc_config.english_grad
+        return connection.connected_forward(
+            self,
+            mode,
+            input_ids,
+            attention_mask,
+            cc_position,
+            en_input_ids,
+            en_attention_mask,
+            en_cc_position,
+            english_grad=self.cc_config.english_grad,
+            labels=labels,
+            position_ids=position_ids,
+            **kwargs,
         )
-        attention_mask = common.pop("attention_mask")
-        return self.forward_connected(input_ids, attention_mask, cc_position, acts, **common)
+
+
+def adapter_base(path: str | Path, cc_config: CCConfig) -> str:
+    """The base model a LoRA folder names: recorded by us at training time, else by PEFT (a folder
+    or a preset name, unresolved)."""
+    ref = cc_config.base_model
+    if not ref:
+        try:
+            peft_config = json.loads((Path(path) / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+            ref = peft_config.get("base_model_name_or_path")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            ref = None
+    if not ref:
+        raise CCError(f"{path}: a LoRA folder that does not name its base model; pass base_model=PATH")
+    return str(ref)

@@ -1,15 +1,27 @@
-"""The Decision Maker: which layer's English FFN activation to add (method.md §2.3).
+"""The Decision Maker: which layer's English FFN activation to add (docs/method.md §2.3).
 
 ``Linear(hidden, num_layers, bias=False)`` with N(0, 0.02²) init, input
 ``mean_l(a_l) + embedding(x)[p]``, hard Gumbel-softmax with straight-through gradients while
 training. At inference the choice is a deterministic argmax by default; sampling (the official
 code's behaviour, §2.7.7) is available with a seeded generator.
+
+``input_norm="rms"`` (ours, opt-in, §5): the input is ``mean_l(a_l / rms(a_l)) + e / rms(e)``, so
+that one near-constant layer of large norm (SmolLM2's last FFN output is 35× the residual) does
+not dominate the mean and every layer and the token embedding count alike.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from cctuning.errors import CCError
+
+DM_INPUTS = ("raw", "rms")
+
+
+def _rms_normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x / x.float().pow(2).mean(-1, keepdim=True).sqrt().clamp_min(eps).to(x.dtype)
 
 
 def hard_gumbel_softmax(
@@ -28,13 +40,18 @@ def hard_gumbel_softmax(
 
 
 class DecisionMaker(nn.Module):
-    def __init__(self, hidden_size: int, num_layers: int, init_std: float = 0.02):
+    def __init__(self, hidden_size: int, num_layers: int, init_std: float = 0.02, input_norm: str = "raw"):
         super().__init__()
+        if input_norm not in DM_INPUTS:
+            raise CCError(f"unknown Decision Maker input '{input_norm}' (use {', '.join(DM_INPUTS)})")
+        self.input_norm = input_norm
         self.proj = nn.Linear(hidden_size, num_layers, bias=False)
         nn.init.normal_(self.proj.weight, mean=0.0, std=init_std)
 
     def logits(self, activations: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         """``activations``: (batch, L, d) per-layer activations; ``embedding``: (batch, d) at p."""
+        if self.input_norm == "rms":
+            activations, embedding = _rms_normalised(activations), _rms_normalised(embedding)
         z = activations.mean(dim=1) + embedding
         return self.proj(z.to(self.proj.weight.dtype))
 

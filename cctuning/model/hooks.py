@@ -1,6 +1,6 @@
 """Forward hooks that capture FFN activations at p and inject a vector after layer k at p.
 
-The hooks are registered once and stay registered (style.md: hooks removed before ``backward()``
+The hooks are registered once and stay registered (docs/method.md §6: hooks removed before ``backward()``
 break gradient checkpointing, whose recomputation fires them again). They are idle unless armed
 by one of the context managers below, and they are idempotent: a capture overwrites its slot, an
 injection is a pure function of the layer output, so a recomputation gives the same result.
@@ -39,7 +39,7 @@ class ConnectionHooks:
         self.inject_layer = inject_layer
         self._capture_pos: list[int] | None = None
         self._captured: list[torch.Tensor | None] = [None] * arch.num_layers
-        self._inject: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._inject: tuple | None = None
         self.handles = [
             module.register_forward_hook(self._make_capture(i)) for i, module in enumerate(arch.ffn)
         ]
@@ -84,19 +84,23 @@ class ConnectionHooks:
     def _inject_hook(self, module: nn.Module, args, output):
         if self._inject is None:
             return None
-        positions, vectors = self._inject
+        positions, vectors, fuse, weights = self._inject
         hidden = _first(output)
         rows = torch.arange(hidden.shape[0], device=hidden.device)
         positions = positions.to(hidden.device)
-        fused = hidden.index_put((rows, positions), hidden[rows, positions] + vectors.to(hidden.dtype))
+        at_p = hidden[rows, positions]
+        new = at_p + vectors.to(hidden.dtype) if fuse is None else fuse(at_p, vectors, weights)
+        fused = hidden.index_put((rows, positions), new)
         if isinstance(output, tuple):
             return (fused,) + tuple(output[1:])
         return fused
 
     @contextmanager
-    def injecting(self, positions: torch.Tensor, vectors: torch.Tensor):
-        """Within the block, the output of layer ``inject_layer`` gets ``vectors[b]`` added at ``positions[b]``."""
-        self._inject = (positions, vectors)
+    def injecting(self, positions: torch.Tensor, vectors: torch.Tensor, fuse=None, weights=None):
+        """Within the block, the output of layer ``inject_layer`` gets ``vectors[b]`` added at
+        ``positions[b]``, or ``fuse(h[b, positions[b]], vectors, weights)`` in place of that sum
+        (a :class:`~cctuning.model.fusion.Fusion`)."""
+        self._inject = (positions, vectors, fuse, weights)
         try:
             yield self
         finally:

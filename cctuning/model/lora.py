@@ -15,7 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
-from cctuning.errors import CCError
+from cctuning.errors import CCError, first_line
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def add_lora(
     try:
         peft_model = get_peft_model(model, config)
     except ValueError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CCError(f"--lora-target '{target}': {first}") from None
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info(
@@ -94,7 +94,7 @@ def load_adapter(base: nn.Module, folder: str | Path, trainable: bool = False) -
     try:
         return PeftModel.from_pretrained(base, str(folder), is_trainable=trainable)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        first = first_line(err)
         raise CCError(f"{folder}: cannot load the LoRA adapter: {first}") from None
 
 

@@ -1,4 +1,4 @@
-"""``cctuning train`` options. Defaults follow the paper's released configuration (method.md §3.3)
+"""``cctuning train`` options. Defaults follow the paper's released configuration (docs/method.md §3.3)
 where it applies: lr 1e-5, 3 epochs, cosine schedule, warmup 10%, batch 16, cutoff 1024, tau 1."""
 
 from __future__ import annotations
@@ -38,6 +38,25 @@ class TrainConfig:
         "learned",
         "ablations: learned (the Decision Maker), random, mean or fixed:K",
         metavar="learned|random|mean|fixed:K",
+    )
+    # beyond the paper, opt-in (docs/method.md §5): the defaults are the paper's behaviour
+    fusion: str = opt(
+        "add",
+        "how the chosen vector joins the hidden state: add (the paper's), scaled (to the hidden state's "
+        "RMS), gated (a learnable gate per layer, 0 at start) or gated-scalar (one gate)",
+        choices=["add", "scaled", "gated", "gated-scalar"],
+    )
+    dm_input: str = opt(
+        "raw",
+        "Decision Maker input: raw (the paper's mean of activations + embedding) or rms (each "
+        "RMS-normalised first)",
+        choices=["raw", "rms"],
+    )
+    dm_lr_scale: float = opt(
+        1.0, "learning rate of the Decision Maker and the fusion gates, as a multiple of --lr"
+    )
+    tau_end: float | None = opt(
+        None, "anneal the Gumbel temperature exponentially from --tau to this value over training"
     )
     layers_path: str | None = opt(
         None, "dotted path of the decoder-layer ModuleList, if not found automatically"

@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import Dataset
 
 from cctuning.data.collator import CCCollator
-from cctuning.data.encoding import IGNORE_INDEX, EncodingError, PromptEncoder, PromptFormat
+from cctuning.data.encoding import IGNORE_INDEX, PromptEncoder, PromptFormat, encode_records
 from cctuning.data.records import LoadReport, load_records
-from cctuning.errors import CCError, DataError
+from cctuning.errors import CCError, DataError, first_line
 from cctuning.io import is_incomplete, write_json
 from cctuning.loading import load_tokenizer, resolve_model_path
 from cctuning.model.ccmodel import CCConfig, CCModel
@@ -39,22 +39,6 @@ class FeatureDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.features[index]
-
-
-def encode_records(records, encoder: PromptEncoder, with_english: bool) -> list[dict]:
-    """Tokenise every record; an encoding problem is reported with the record's file, line and field."""
-    features = []
-    for rec in records:
-        try:
-            ex = encoder.encode_example(
-                rec.instruction, rec.output, rec.instruction_en if with_english else None
-            )
-        except EncodingError as err:
-            raise DataError(rec.path, rec.line, err.field, err.reason) from None
-        except CCError as err:
-            raise DataError(rec.path, rec.line, "instruction", str(err)) from None
-        features.append(ex.features())
-    return features
 
 
 def check_context(records, features: list[dict], context: int | None) -> None:
@@ -136,7 +120,7 @@ def build_training_arguments(cfg: TrainConfig):
     try:
         args = TrainingArguments(**kwargs)
     except (TypeError, ValueError) as err:
-        raise CCError(f"invalid training arguments: {str(err).strip().splitlines()[0]}") from None
+        raise CCError(f"invalid training arguments: {first_line(err)}") from None
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and args.world_size != launched:
         raise CCError(
@@ -168,9 +152,12 @@ def prepare(cfg: TrainConfig):
         tau=cfg.tau,
         english_grad=cfg.english_grad,
         layer_choice=cfg.layer_choice,
+        fusion=cfg.fusion,
+        dm_input=cfg.dm_input,
+        tau_end=cfg.tau_end,
         layers_path=cfg.layers_path,
         ffn_module=cfg.ffn_module,
-        prompt_format={**fmt.to_dict(), "mode": encoder.mode},
+        prompt_format=PromptFormat(encoder.mode, fmt.system_prompt, fmt.position_offset),
         # a LoRA folder loads its base from here: a folder as an absolute path, a preset by name
         base_model=str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model,
     )
@@ -188,6 +175,8 @@ def check_required(cfg: TrainConfig) -> None:
             raise CCError(f"--{name} is required")
     if cfg.bf16 and cfg.fp16:
         raise CCError("--bf16 and --fp16 exclude each other")
+    if cfg.dm_lr_scale <= 0:
+        raise CCError(f"--dm-lr-scale must be > 0, got {cfg.dm_lr_scale}")
 
 
 def resume_checkpoint(cfg: TrainConfig) -> str | None:
@@ -220,7 +209,12 @@ def train(cfg: TrainConfig) -> Path:
     model, tokenizer, dataset, report, stats = prepare(cfg)
     collator = CCCollator(tokenizer.pad_token_id, cfg.padding_side)
     trainer = CCTrainer(
-        model=model, args=args, train_dataset=dataset, data_collator=collator, processing_class=tokenizer
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=collator,
+        processing_class=tokenizer,
+        connection_lr_scale=cfg.dm_lr_scale,
     )
     if resume:
         logger.info("resuming from %s", resume)

@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from cctuning.errors import CCError
 from cctuning.io import atomic_path, write_json
@@ -33,10 +33,29 @@ SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
 
 
+class _TemperatureSchedule(TrainerCallback):
+    """Anneals the Gumbel temperature exponentially from ``tau`` to ``tau_end`` over the run:
+    ``tau_t = tau · (tau_end / tau)^(t / T)`` at optimizer step t of T (Jang et al., 2017 anneal it
+    likewise). Set at every step from the step count, so a resumed run continues on the same curve."""
+
+    def __init__(self, model: CCModel):
+        self.model = model
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        cfg = self.model.cc_config
+        progress = min(1.0, state.global_step / max(1, state.max_steps))
+        self.model.tau = cfg.tau * (cfg.tau_end / cfg.tau) ** progress
+
+
 class CCTrainer(Trainer):
-    def __init__(self, *args, **kwargs):
+    """``connection_lr_scale`` multiplies the learning rate of the Decision Maker and the fusion gates."""
+
+    def __init__(self, *args, connection_lr_scale: float = 1.0, **kwargs):
         super().__init__(*args, **kwargs)
+        self.connection_lr_scale = connection_lr_scale
         model = self._cc_model()
+        if model.cc_config.tau_end is not None and model.uses_connection:
+            self.add_callback(_TemperatureSchedule(model))
         layers = model.arch.num_layers if model.uses_connection else 0
         self.layer_counts = torch.zeros(layers, dtype=torch.long)  # whole run
         self._window_counts = torch.zeros(layers, dtype=torch.long)  # since the last log
@@ -46,6 +65,27 @@ class CCTrainer(Trainer):
         if not isinstance(model, CCModel):
             raise TypeError(f"CCTrainer trains a CCModel, got {type(model).__name__}")
         return model
+
+    def create_optimizer(self, model=None):
+        """The Trainer's optimizer; with ``connection_lr_scale`` ≠ 1 the Decision Maker's and the
+        gates' parameters move to groups of their own with the scaled learning rate (the scheduler
+        scales every group's rate alike)."""
+        optimizer = super().create_optimizer(model)
+        if self.connection_lr_scale == 1.0:
+            return optimizer
+        cc = self._cc_model()
+        own = {id(p) for m in (cc.decision_maker, cc.fusion) if m is not None for p in m.parameters()}
+        extra = []
+        for group in optimizer.param_groups:
+            mine = [p for p in group["params"] if id(p) in own]
+            if mine:
+                group["params"] = [p for p in group["params"] if id(p) not in own]
+                extra.append({**group, "params": mine, "lr": group["lr"] * self.connection_lr_scale})
+        for group in extra:
+            group.pop("initial_lr", None)
+            optimizer.add_param_group(group)
+        optimizer.param_groups[:] = [g for g in optimizer.param_groups if g["params"]]
+        return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
