@@ -1,4 +1,24 @@
-"""``cctuning report RUN_DIR...``: several evaluation runs side by side, as a table and a plot."""
+"""``cctuning report RUN_DIR...``: several evaluation runs side by side, as a table and a plot,
+plus the connection's diagnostics (:mod:`cctuning.eval.diagnostics`).
+
+Files written into the output folder:
+
+* ``report.md``, ``report.csv``, ``report.png``: the runs' scores (benchmarks) or NLL per language;
+* ``layers.png``: the Decision Maker's layer choice per language (evaluation runs);
+* ``connection_gain.png`` / ``.json``: for every NLL run with a connection that has a partner run with
+  connection ``none`` (same model, same data file): per language ``NLL(with) − NLL(none)`` with its
+  paired bootstrap 95% interval as bars; **below 0 the connection helps**;
+* ``training_choices.png`` / ``.json``: for training run folders given among the runs: the
+  Decision Maker's entropy (bits) and top layer per logged step (from the newest
+  ``trainer_state.json``, the run's or its newest checkpoint's) and the whole-run share of each layer
+  (``layer_choice.json``); a per-window distribution is drawn as a heatmap when the log holds one;
+* ``norms.png`` / ``norms.json`` (``norms=MODEL_DIR, data=FILE``): per layer l, the norm of the
+  vector the connection would add if l were chosen against the norm of the residual ``h_k[p]`` it
+  is added to (log scale), mean and 10th–90th percentile band over prompts; below, their ratio.
+
+Every plot function returns the numbers it drew, read back from the figure's artists (lines, bars,
+error bars, images), so that tests compare what is plotted with a computation of their own.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +29,10 @@ import logging
 from pathlib import Path
 
 from cctuning.errors import CCError
+from cctuning.eval import diagnostics
 from cctuning.eval.nll import NLL_NAME, load_items, paired_difference
 from cctuning.eval.runner import RESULTS_NAME
-from cctuning.io import atomic_path, write_text
+from cctuning.io import atomic_path, write_json, write_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +67,10 @@ def load_run(path: str | Path) -> dict:
                 raise CCError(f"{file}:{err.lineno}: not valid JSON ({err.msg})") from None
             data["kind"], data["path"] = kind, str(path)
             return data
-    raise CCError(f"{path}: no {RESULTS_NAME} or {NLL_NAME} (run `cctuning eval --output {path}` first)")
+    raise CCError(
+        f"{path}: no {RESULTS_NAME} or {NLL_NAME} (run `cctuning eval --output {path}` first), "
+        "and not a training run folder"
+    )
 
 
 def run_label(run: dict, path: str | Path) -> str:
@@ -208,12 +232,25 @@ def plot_layers(hists: dict[str, dict], path: Path) -> None:
     _save(plt, fig, path, dpi=110)
 
 
-def build_report(run_dirs: list[str], output: str | Path) -> tuple[str, Path]:
-    """Write ``report.md``, ``report.csv`` and ``report.png`` (plus ``layers.png`` when runs carry
-    layer choices) into ``output``; returns (Markdown text, path of the main plot)."""
-    if not run_dirs:
-        raise CCError("give at least one evaluation run folder")
-    loaded = [(p, load_run(p)) for p in run_dirs]
+def build_report(
+    run_dirs: list[str],
+    output: str | Path,
+    norms: str | Path | None = None,
+    data: str | Path | None = None,
+    samples: int = 200,
+    norms_connection: str | None = None,
+    trust_remote_code: bool = False,
+) -> tuple[str, Path]:
+    """Write ``report.md`` and the plots of the module docstring into ``output``; returns (Markdown
+    text, path of the main plot). ``run_dirs``: evaluation run folders (benchmarks or NLL) and
+    training run folders (told apart by their files). ``norms``: a CC-Tuning model folder whose
+    connection norms are measured on up to ``samples`` prompts of ``data``."""
+    if not run_dirs and norms is None:
+        raise CCError("give at least one evaluation or training run folder, or --norms MODEL --data FILE")
+    if norms is not None and data is None:
+        raise CCError("--norms needs --data FILE (records whose prompts are measured)")
+    training_dirs = [p for p in run_dirs if not _has_eval_files(p) and diagnostics.is_training_run(p)]
+    loaded = [(p, load_run(p)) for p in run_dirs if p not in training_dirs]
     runs = [(run_label(run, p), run) for p, run in loaded]
     if len({label for label, _ in runs}) != len(runs):
         runs = [(f"{i + 1}: {label}", run) for i, (label, run) in enumerate(runs)]
@@ -221,7 +258,7 @@ def build_report(run_dirs: list[str], output: str | Path) -> tuple[str, Path]:
     nll_runs = [(label, run) for label, run in runs if run["kind"] == "nll"]
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
-    parts, png = [], out / "report.png"
+    parts, plots = [], []
     if bench_runs:
         labels = [label for label, _ in bench_runs]
         rows = comparison_rows(bench_runs)
@@ -231,17 +268,355 @@ def build_report(run_dirs: list[str], output: str | Path) -> tuple[str, Path]:
         writer.writeheader()
         writer.writerows(rows)
         write_text(out / "report.csv", buf.getvalue())
-        plot(rows, labels, png)
+        plot(rows, labels, out / "report.png")
+        plots.append(out / "report.png")
     if nll_runs:
         parts.append(nll_markdown(nll_runs))
         if not bench_runs:
-            plot_nll(nll_runs, png)
+            plot_nll(nll_runs, out / "report.png")
+            plots.append(out / "report.png")
+        gain = gain_report(nll_runs)
+        if gain["pairs"]:
+            write_json(out / diagnostics.CONNECTION_GAIN_NAME, gain)
+            plot_connection_gain(gain, out / "connection_gain.png")
+            parts.append(gain_markdown(gain))
+            plots.append(out / "connection_gain.png")
     hists = layer_histograms(runs)
     if hists:
         plot_layers(hists, out / "layers.png")
+    if training_dirs:
+        names = [Path(p).name or str(p) for p in training_dirs]
+        if len(set(names)) != len(names):
+            names = [f"{i + 1}: {n}" for i, n in enumerate(names)]
+        choices = {n: diagnostics.training_choices(p) for n, p in zip(names, training_dirs)}
+        write_json(out / diagnostics.TRAINING_CHOICES_NAME, {"runs": choices})
+        plot_training_choices(choices, out / "training_choices.png")
+        parts.append(training_markdown(choices))
+        plots.append(out / "training_choices.png")
+    if norms is not None:
+        from cctuning.loading import load_for_inference
+
+        model, tokenizer, _ = load_for_inference(str(norms), trust_remote_code)
+        measured = diagnostics.connection_norms(
+            model, tokenizer, data, connection=norms_connection, samples=samples
+        )
+        measured = {"model": str(norms), "data": str(data), **measured}
+        write_json(out / diagnostics.NORMS_NAME, measured)
+        plot_norms(measured, out / "norms.png")
+        parts.append(norms_markdown(measured))
+        plots.append(out / "norms.png")
     table = "\n\n".join(parts)
     write_text(out / "report.md", table + "\n")
-    return table, png
+    for file in plots[1:]:
+        logger.info("plot: %s", file)
+    return table, plots[0] if plots else out / "report.md"
+
+
+def _has_eval_files(path: str | Path) -> bool:
+    path = Path(path)
+    return any((path / name).is_file() or path.name == name for name in (RESULTS_NAME, NLL_NAME))
+
+
+def add_arguments(parser) -> None:
+    """The options of ``cctuning report`` (the CLI's ``report`` sub-command)."""
+    parser.add_argument(
+        "runs",
+        nargs="*",
+        help="evaluation run folders (results.json or nll.json) and training run folders "
+        "(trainer_state.json / layer_choice.json, also in checkpoint-*)",
+    )
+    parser.add_argument("--output", default="report", help="folder for report.md, report.csv and the plots")
+    parser.add_argument(
+        "--norms",
+        metavar="MODEL_DIR",
+        help="CC-Tuning model folder: plot the injected vector's norm against the residual's, per layer",
+    )
+    parser.add_argument("--data", metavar="FILE", help="records whose prompts --norms measures")
+    parser.add_argument("--samples", type=int, default=200, help="prompts --norms measures (seeded sample)")
+    parser.add_argument(
+        "--norms-connection",
+        choices=["english", "transform"],
+        help="measure one connection only (default: every one the model and the data allow)",
+    )
+    parser.add_argument("--trust-remote-code", action="store_true")
+
+
+def build_report_from_args(args) -> tuple[str, Path]:
+    """:func:`build_report` with the options of :func:`add_arguments`."""
+    return build_report(
+        args.runs,
+        args.output,
+        norms=args.norms,
+        data=args.data,
+        samples=args.samples,
+        norms_connection=args.norms_connection,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+# -- reading a figure back -------------------------------------------------------------------------
+def drawn(fig) -> dict:
+    """The numbers a figure shows, read back from its artists, per axis (keyed by title, else index):
+    ``lines`` ``{label: {"x", "y"}}``, ``bars`` ``{label: {"x", "height", "err"}}`` (err: the
+    [low, high] ends of each error bar, or None), ``images`` (arrays), ``hlines`` and ``yscale``."""
+    out = {}
+    for i, ax in enumerate(fig.axes):
+        if ax.get_label() == "<colorbar>":
+            continue
+        lines = {}
+        hlines = []
+        for line in ax.get_lines():
+            x, y = [float(v) for v in line.get_xdata()], [float(v) for v in line.get_ydata()]
+            label = line.get_label()
+            if label.startswith("_"):
+                if len(set(y)) == 1 and line.get_linestyle() in ("--", ":"):
+                    hlines.append(y[0])
+                continue
+            lines[label] = {"x": x, "y": y}
+        bars = {}
+        for container in ax.containers:
+            if not hasattr(container, "patches"):
+                continue
+            err = None
+            if getattr(container, "errorbar", None) is not None:
+                segments = container.errorbar.lines[2][0].get_segments()
+                err = [[float(min(s[:, 1])), float(max(s[:, 1]))] for s in segments]
+            bars[container.get_label()] = {
+                "x": [float(p.get_x() + p.get_width() / 2) for p in container.patches],
+                "height": [float(p.get_height()) for p in container.patches],
+                "err": err,
+            }
+        images = [im.get_array().tolist() for im in ax.get_images()]
+        out[ax.get_title() or str(i)] = {
+            "lines": lines,
+            "bars": bars,
+            "images": images,
+            "hlines": hlines,
+            "yscale": ax.get_yscale(),
+        }
+    return out
+
+
+# -- connection gain ---------------------------------------------------------------------------------
+def gain_report(nll_runs: list[tuple[str, dict]]) -> dict:
+    """``{"sign", "pairs": [{"label", "with", "without", "connection", "model", "data", "per_language"}]}``
+    for every NLL run with a connection and its ``none`` partner (:func:`diagnostics.gain_pairs`)."""
+    pairs = []
+    for (label, run), (base_label, base) in diagnostics.gain_pairs(nll_runs):
+        pairs.append(
+            {
+                "label": f"{label} − {base_label}",
+                "with": run["path"],
+                "without": base["path"],
+                "connection": run["connection"],
+                "model": run.get("model"),
+                "data": run.get("data"),
+                "per_language": diagnostics.connection_gain(run["path"], base["path"]),
+            }
+        )
+    return {"sign": diagnostics.GAIN_SIGN, "pairs": pairs}
+
+
+def gain_markdown(gain: dict) -> str:
+    lines = []
+    for pair in gain["pairs"]:
+        lines += [
+            f"connection gain {pair['label']}: NLL with connection '{pair['connection']}' minus NLL "
+            "without (negative: the connection helps)",
+            "",
+            "| lang | items | difference | 95% CI |",
+            "|---|---|---|---|",
+        ]
+        for lang, d in pair["per_language"].items():
+            lines.append(
+                f"| {lang} | {d['items']} | {d['diff']:+.4f} | [{d['ci_low']:+.4f}, {d['ci_high']:+.4f}] |"
+            )
+        lines.append("")
+    return "\n".join(lines).rstrip()
+
+
+def plot_connection_gain(gain: dict, path: Path) -> dict:
+    """Grouped bars per language: ``NLL(with) − NLL(none)`` per pair, 95% interval as error bars, a
+    line at 0. Returns :func:`drawn`."""
+    plt = _pyplot()
+
+    pairs = gain["pairs"]
+    langs: list[str] = []
+    for pair in pairs:
+        langs += [lang for lang in pair["per_language"] if lang not in langs]
+    width = 0.8 / len(pairs)
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(langs) * len(pairs)), 4))
+    for i, pair in enumerate(pairs):
+        present = [
+            (j, pair["per_language"][lang]) for j, lang in enumerate(langs) if lang in pair["per_language"]
+        ]
+        xs = [j + (i - (len(pairs) - 1) / 2) * width for j, _ in present]
+        ys = [d["diff"] for _, d in present]
+        err = [[d["diff"] - d["ci_low"] for _, d in present], [d["ci_high"] - d["diff"] for _, d in present]]
+        ax.bar(xs, ys, width, yerr=err, capsize=2, label=pair["label"])
+    ax.axhline(0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xticks(range(len(langs)), langs)
+    ax.set_ylabel("NLL(with) − NLL(none) per token\n(95% CI; below 0: the connection helps)")
+    ax.set_title("connection gain per language")
+    ax.legend(fontsize=8)
+    shown = drawn(fig)
+    _save(plt, fig, path, dpi=120)
+    return shown
+
+
+# -- the Decision Maker over training --------------------------------------------------------------
+def training_markdown(choices: dict[str, dict]) -> str:
+    lines = [
+        "Decision Maker over training (entropy in bits of the choices per log window; max = uniform)",
+        "",
+        "| run | logs | first entropy | last entropy | max | last top layer | whole-run top layer (share) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def num(x):
+        return "–" if x is None else f"{x:.2f}"
+
+    for name, c in choices.items():
+        ent = c["layer_entropy"]
+        top = "–"
+        if c["share"]:
+            k = max(range(len(c["share"])), key=c["share"].__getitem__)
+            top = f"{k} ({100 * c['share'][k]:.0f}%)"
+        first, last = (ent[0], ent[-1]) if ent else (None, None)
+        last_top = c["layer_top"][-1] if c["layer_top"] else "–"
+        lines.append(
+            f"| {name} | {len(ent)} | {num(first)} | {num(last)} | {num(c['max_entropy_bits'])} | "
+            f"{last_top} | {top} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_training_choices(choices: dict[str, dict], path: Path) -> dict:
+    """Per training run (one row): entropy over steps (bits; dashed: uniform ``log2 L`` and 0), the
+    top layer per log window over steps (over the per-window shares as a heatmap when logged), and
+    the whole-run share of each layer. Returns :func:`drawn`."""
+    plt = _pyplot()
+
+    fig, axes = plt.subplots(len(choices), 3, figsize=(13, 3.2 * len(choices)), squeeze=False)
+    for row, (name, c) in zip(axes, choices.items()):
+        ax_e, ax_t, ax_s = row
+        if c["steps"]:
+            ax_e.plot(c["steps"], c["layer_entropy"], marker=".", label="entropy")
+        else:
+            ax_e.text(0.5, 0.5, "no layer_entropy logged", ha="center", va="center", transform=ax_e.transAxes)
+        if c["max_entropy_bits"] is not None:
+            ax_e.axhline(c["max_entropy_bits"], color="grey", linestyle="--", linewidth=0.8)
+        ax_e.axhline(0, color="grey", linestyle=":", linewidth=0.8)
+        ax_e.set_title(f"{name}: choice entropy", fontsize=9)
+        ax_e.set_xlabel("step")
+        ax_e.set_ylabel("bits (dashed: uniform)")
+        if c["windows"]:
+            grid = [[w["share"][k] for w in c["windows"]] for k in range(len(c["windows"][0]["share"]))]
+            steps = [w["step"] for w in c["windows"]]
+            ax_t.imshow(
+                grid,
+                aspect="auto",
+                origin="lower",
+                cmap="viridis",
+                vmin=0,
+                vmax=1,
+                interpolation="nearest",
+                extent=(-0.5, len(steps) - 0.5, -0.5, len(grid) - 0.5),
+            )
+            ax_t.set_xticks(range(len(steps)), [str(s) for s in steps], fontsize=6)
+            index = {s: i for i, s in enumerate(steps)}
+            pts = [(index[s], t) for s, t in zip(c["steps"], c["layer_top"]) if s in index]
+            ax_t.plot([p[0] for p in pts], [p[1] for p in pts], "w.", label="top layer")
+        elif c["steps"]:
+            ax_t.plot(c["steps"], c["layer_top"], marker="o", linestyle="-", linewidth=0.6, label="top layer")
+        if c["num_layers"]:
+            ax_t.set_ylim(-0.5, c["num_layers"] - 0.5)
+        ax_t.set_title(f"{name}: most chosen layer per log window", fontsize=9)
+        ax_t.set_xlabel("step" if not c["windows"] else "log window (step)")
+        ax_t.set_ylabel("layer")
+        if c["share"]:
+            ax_s.bar(range(len(c["share"])), c["share"], label="whole run")
+            ax_s.set_xticks(range(len(c["share"])), [str(k) for k in range(len(c["share"]))], fontsize=6)
+        else:
+            ax_s.text(0.5, 0.5, "no layer_choice.json", ha="center", va="center", transform=ax_s.transAxes)
+        ax_s.set_title(f"{name}: share of each layer, whole run", fontsize=9)
+        ax_s.set_xlabel("layer")
+        ax_s.set_ylabel("share of choices")
+    shown = drawn(fig)
+    _save(plt, fig, path, dpi=110)
+    return shown
+
+
+# -- injected vector vs residual ---------------------------------------------------------------------
+def norms_markdown(m: dict) -> str:
+    names = list(m["connections"])
+    res = m["residual"]
+    lines = [
+        f"connection norms: ‖vector added if layer l is chosen‖ vs ‖h_{m['inject_layer']}[p]‖ "
+        f"(residual mean {res['mean']:.3g}, median {res['median']:.3g}; {m['samples']} prompts, "
+        f"fusion {m['fusion']})",
+        "",
+        "| layer | " + " | ".join(f"‖c‖ {c} (mean) | ratio {c} (median)" for c in names) + " |",
+        "|---|" + "---|---|" * len(names),
+    ]
+    for layer in range(m["num_layers"]):
+        cells = []
+        for c in names:
+            entry = m["connections"][c]
+            cells += [f"{entry['vector'][layer]['mean']:.3g}", f"{entry['ratio'][layer]['median']:.3g}"]
+        lines.append(f"| {layer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_norms(m: dict, path: Path) -> dict:
+    """Top: per layer, the mean norm of the vector each connection would add (10th–90th percentile
+    band) and the residual's mean norm (flat, with its band), log scale; with a fusion other than
+    ``add`` also what the fusion really adds (dashed). Bottom: the median ratio ‖c‖ / ‖h‖ (band:
+    10th–90th percentile), a line at 1. Returns :func:`drawn`."""
+    plt = _pyplot()
+
+    layers = list(range(m["num_layers"]))
+    res = m["residual"]
+    fig, (ax, ax_r) = plt.subplots(2, 1, figsize=(max(7, 0.3 * len(layers)), 7), sharex=True)
+    ax.plot(layers, [res["mean"]] * len(layers), color="black", label=f"‖h_{m['inject_layer']}[p]‖ residual")
+    ax.fill_between(layers, res["p10"], res["p90"], color="black", alpha=0.1)
+    for c, entry in m["connections"].items():
+        vec = entry["vector"]
+        (line,) = ax.plot(layers, [s["mean"] for s in vec], marker=".", label=f"‖c‖ {c}")
+        ax.fill_between(
+            layers, [s["p10"] for s in vec], [s["p90"] for s in vec], color=line.get_color(), alpha=0.15
+        )
+        if "added" in entry:
+            ax.plot(
+                layers,
+                [s["mean"] for s in entry["added"]],
+                linestyle="--",
+                color=line.get_color(),
+                label=f"added by fusion {m['fusion']} ({c})",
+            )
+        ratio = entry["ratio"]
+        ax_r.plot(layers, [s["median"] for s in ratio], marker=".", color=line.get_color(), label=f"{c}")
+        ax_r.fill_between(
+            layers, [s["p10"] for s in ratio], [s["p90"] for s in ratio], color=line.get_color(), alpha=0.15
+        )
+    ax.set_yscale("log")
+    ax.set_ylabel("L2 norm (mean; band 10–90%)")
+    ax.set_title(
+        f"vector added after layer {m['inject_layer']} if layer l is chosen, vs the residual "
+        f"({m['samples']} prompts)",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    ax_r.axhline(1, color="grey", linestyle="--", linewidth=0.8)
+    ax_r.set_yscale("log")
+    ax_r.set_ylabel("‖c‖ / ‖h‖ (median; band 10–90%)")
+    ax_r.set_xlabel("layer l (the Decision Maker's choice)")
+    ax_r.set_title("ratio to the residual", fontsize=9)
+    ax_r.set_xticks(layers, [str(k) for k in layers], fontsize=6)
+    ax_r.legend(fontsize=8)
+    shown = drawn(fig)
+    _save(plt, fig, path, dpi=110)
+    return shown
 
 
 def plot_nll(runs: list[tuple[str, dict]], path: Path) -> None:
