@@ -13,6 +13,8 @@ import types
 import typing
 from pathlib import Path
 
+import yaml
+
 from cctuning.errors import CCError
 
 _BOOL_STRINGS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
@@ -88,9 +90,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls, skip: tuple[st
             )
 
 
-def read_yaml(path: str | Path) -> dict:
-    import yaml
+def split_list(text: str | None) -> list[str]:
+    """The items of a comma-separated option, stripped, empty ones dropped: ``"en, zh,"`` → ``["en", "zh"]``;
+    ``None`` or ``""`` → ``[]``."""
+    return [item.strip() for item in text.split(",") if item.strip()] if text else []
 
+
+def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise CCError(f"{path}: config file not found")
