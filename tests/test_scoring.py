@@ -2,10 +2,11 @@
 
 import warnings
 
+import nltk
 import pytest
 
 from cctuning.errors import CCError
-from cctuning.eval.benchmarks import BENCHMARKS, load_benchmark
+from cctuning.eval.benchmarks import BENCHMARKS, get_spec, load_benchmark
 from cctuning.eval.scoring import (
     ENGLISH_ARTICLES,
     MKQA_ARTICLES,
@@ -13,16 +14,13 @@ from cctuning.eval.scoring import (
     aggregate,
     contains,
     normalize_answer,
-    option_labels,
     parse_choice,
+    score_choice,
     score_choice_logprobs,
     score_item,
     score_mkqa,
-    score_mmmlu,
     score_xlsum,
-    score_xnli,
     score_xquad,
-    score_xstorycloze,
     token_f1,
 )
 
@@ -32,6 +30,8 @@ from cctuning.eval.scoring import (
 
 XNLI_LABELS = ("1", "2", "3")
 MMMLU_LABELS = ("A", "B", "C", "D")
+# the labels score_item passes to score_choice for each multiple-choice benchmark
+XNLI, XSTORYCLOZE, MMMLU = (BENCHMARKS[name].labels for name in ("XNLI", "XStoryCloze", "MMMLU"))
 
 
 @pytest.mark.parametrize(
@@ -98,20 +98,24 @@ def test_parse_letter_labels(text, expected):
 
 
 def test_choice_scores():
-    assert score_xnli("(2) Neutral", "2") == {"accuracy": 1.0, "parsed": True, "prediction": "2"}
-    assert score_xnli("(3) Contradict", "2") == {"accuracy": 0.0, "parsed": True, "prediction": "3"}
-    assert score_xstorycloze("The ending is 3", "1") == {"accuracy": 0.0, "parsed": False, "prediction": None}
-    assert score_xstorycloze("Option 2.", "2")["accuracy"] == 1.0
-    assert score_mmmlu("I don't know", "A") == {"accuracy": 0.0, "parsed": False, "prediction": None}
-    assert score_mmmlu("答案是（Ｃ）", "C")["accuracy"] == 1.0
+    assert score_choice("(2) Neutral", "2", XNLI) == {"accuracy": 1.0, "parsed": True, "prediction": "2"}
+    assert score_choice("(3) Contradict", "2", XNLI) == {"accuracy": 0.0, "parsed": True, "prediction": "3"}
+    assert score_choice("The ending is 3", "1", XSTORYCLOZE) == {
+        "accuracy": 0.0,
+        "parsed": False,
+        "prediction": None,
+    }
+    assert score_choice("Option 2.", "2", XSTORYCLOZE)["accuracy"] == 1.0
+    assert score_choice("I don't know", "A", MMMLU) == {"accuracy": 0.0, "parsed": False, "prediction": None}
+    assert score_choice("答案是（Ｃ）", "C", MMMLU)["accuracy"] == 1.0
 
 
 def test_option_labels_and_likelihood_scoring():
-    assert option_labels("xnli") == ("1", "2", "3")
-    assert option_labels("XStoryCloze") == ("1", "2")
-    assert option_labels("MMMLU") == ("A", "B", "C", "D")
-    with pytest.raises(CCError, match="not a multiple-choice"):
-        option_labels("XQuAD")
+    # the labels the runner compares (the spec's); a benchmark without labels is never likelihood-scored
+    assert get_spec("xnli").labels == ("1", "2", "3")
+    assert get_spec("XStoryCloze").labels == ("1", "2")
+    assert get_spec("MMMLU").labels == ("A", "B", "C", "D")
+    assert get_spec("XQuAD").answer_kind != "choice" and get_spec("XQuAD").labels == ()
     logprobs = {"A": -3.0, "B": -0.5, "C": -2.0, "D": -9.0}
     assert score_choice_logprobs(logprobs, "B") == {"accuracy": 1.0, "parsed": True, "prediction": "B"}
     assert score_choice_logprobs(logprobs, "C")["accuracy"] == 0.0
@@ -328,8 +332,6 @@ def test_xlsum_every_language_offline_without_warnings():
 
 
 def test_xlsum_uses_the_vendored_stopwords():
-    import nltk
-
     score_xlsum("Le chat mange", "Le chat mange", "fr")
     assert nltk.data.path[0] == str(NLTK_DATA_DIR)
     pointer = nltk.data.find("corpora/stopwords.zip")
@@ -369,10 +371,10 @@ def result(benchmark, lang, metrics):
 
 def test_aggregate_by_hand():
     results = [
-        result("XNLI", "en", score_xnli("(2)", "2")),
-        result("XNLI", "en", score_xnli("no idea", "2")),
-        result("xnli", "ar", score_xnli("1", "1")),
-        result("XNLI", "sw", score_xnli("3", "1")),
+        result("XNLI", "en", score_choice("(2)", "2", XNLI)),
+        result("XNLI", "en", score_choice("no idea", "2", XNLI)),
+        result("xnli", "ar", score_choice("1", "1", XNLI)),
+        result("XNLI", "sw", score_choice("3", "1", XNLI)),
         result("XQuAD", "en", score_xquad("The answer is four.", "four", "en")),
         result("XQuAD", "en", score_xquad("four", "four", "en")),
     ]

@@ -1,7 +1,7 @@
 """Pure scoring rules for the six benchmarks: generated text in, per-item metric dicts out.
 
 The official CC-Tuning code releases no scorer, so these rules are ours; docs/evaluation.md
-states each one precisely. Every scorer is a plain function of (output, gold[, lang]) with no
+states each one precisely. Every scorer is a plain function of (output, gold[, lang or labels]) with no
 model and no state, so the runner can score saved generations again at any time.
 Metrics are fractions in [0, 1]; :func:`aggregate` averages them per benchmark and language.
 """
@@ -80,36 +80,18 @@ def parse_choice(text: str, labels: Sequence[str]) -> str | None:
 
 
 def score_choice(output: str, answer: str, labels: Sequence[str]) -> dict[str, Any]:
-    """Accuracy of the first parsed label; an output without a label is wrong and ``parsed: False``."""
+    """Accuracy of the first parsed label; an output without a label is wrong and ``parsed: False``.
+
+    ``labels`` are the benchmark's (``BenchmarkSpec.labels``, as :func:`score_item` passes them): XNLI
+    "1" (entailment), "2" (neutral), "3" (contradiction); XStoryCloze "1" and "2", the two endings;
+    MMMLU "A" to "D".
+    """
     prediction = parse_choice(output, labels)
     return {
         "accuracy": float(prediction == answer),
         "parsed": prediction is not None,
         "prediction": prediction,
     }
-
-
-def score_xnli(output: str, answer: str) -> dict[str, Any]:
-    """XNLI: labels "1" (entailment), "2" (neutral), "3" (contradiction), as in the prompt."""
-    return score_choice(output, answer, BENCHMARKS["XNLI"].labels)
-
-
-def score_xstorycloze(output: str, answer: str) -> dict[str, Any]:
-    """XStoryCloze: labels "1" and "2", the two candidate endings."""
-    return score_choice(output, answer, BENCHMARKS["XStoryCloze"].labels)
-
-
-def score_mmmlu(output: str, answer: str) -> dict[str, Any]:
-    """MMMLU: labels "A" to "D"."""
-    return score_choice(output, answer, BENCHMARKS["MMMLU"].labels)
-
-
-def option_labels(benchmark: str) -> tuple[str, ...]:
-    """The labels whose next-token log-probabilities a likelihood-based runner compares."""
-    spec = get_spec(benchmark)
-    if spec.answer_kind != "choice":
-        raise CCError(f"{spec.name} is not a multiple-choice benchmark; it has no option labels")
-    return spec.labels
 
 
 def score_choice_logprobs(label_logprobs: Mapping[str, float], answer: str) -> dict[str, Any]:
@@ -310,7 +292,7 @@ ROUGE_LANGUAGES: dict[str, str | None] = {
 def _use_vendored_nltk_data() -> None:
     """Put the vendored NLTK stopwords first on NLTK's path: the Snowball stemmers need them and
     nothing may be downloaded at run time; first, so every machine stems with the same lists."""
-    import nltk
+    import nltk  # here, not at the top: NLTK and multilingual_rouge take about a second, for XL-Sum only
 
     path = str(NLTK_DATA_DIR)
     if path not in nltk.data.path:
@@ -324,7 +306,7 @@ def _rouge_scorer(lang: str):
             f"no ROUGE-L set-up for language '{lang}'; supported: {', '.join(sorted(ROUGE_LANGUAGES))}"
         )
     _use_vendored_nltk_data()
-    from multilingual_rouge import rouge_scorer
+    from multilingual_rouge import rouge_scorer  # heavy, XL-Sum only (see _use_vendored_nltk_data)
 
     name = ROUGE_LANGUAGES[lang]
     logger.debug("ROUGE-L for %s: language %s, stemming %s", lang, name, name is not None)
