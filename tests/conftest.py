@@ -1,10 +1,13 @@
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
+from cctuning.cli import main
 from cctuning.testing import ARCHITECTURES, tiny_model, tiny_tokenizer
 
 # CCTUNING_TEST_THREADS lets several test runs share the 2 cores without oversubscribing them
@@ -62,6 +65,68 @@ def flags(**options) -> list[str]:
         if value is not True:
             out.append(str(value))
     return out
+
+
+# a short `cctuning train` run: 3 steps of 4 examples, logged every step
+FAST = flags(max_steps=3, batch_size=4, lr="1e-3", logging_steps=1, warmup_ratio=0)
+
+
+def train(*extra: str, **options) -> int:
+    """``cctuning train`` with ``flags(**options)`` and then the flags ``extra``; its exit code."""
+    return main(["train", *flags(**options), *extra])
+
+
+# the weights of a trained full (not LoRA) CC-Tuning folder
+WEIGHTS = ("model.safetensors", "decision_maker.safetensors")
+
+
+def assert_same_weights(a: Path, b: Path, names: tuple[str, ...] = WEIGHTS) -> None:
+    """The safetensors files ``names`` of folders ``a`` and ``b`` hold the same tensors (float tolerance)."""
+    for name in names:
+        x, y = load_file(str(a / name)), load_file(str(b / name))
+        assert x.keys() == y.keys()
+        for k in x:
+            torch.testing.assert_close(x[k], y[k], atol=1e-6, rtol=1e-5)
+
+
+# the run of ResumeCheck: 4 steps, a checkpoint every 2
+RESUME_OPTIONS = dict(max_steps="4", batch_size="2", lr="1e-3", save_steps="2", save_total_limit="5")
+
+
+class ResumeCheck:
+    """Full run, partial run, resume, compare weights. One ``cctuning train`` command line (``model``,
+    ``data``, :data:`RESUME_OPTIONS` updated with ``options``; no ``--output``) runs uninterrupted into
+    ``full``; what an interrupted run leaves is made in ``part`` (:meth:`keep_only`,
+    :meth:`copy_checkpoint`, or by the test); :meth:`resume` continues it from its last checkpoint and
+    checks that it ends with the full run's weights."""
+
+    def __init__(self, tmp_path: Path, model: Path, data: Path, **options):
+        self.command = ["train", *flags(model=model, data=data, **{**RESUME_OPTIONS, **options})]
+        self.full, self.part = tmp_path / "full", tmp_path / "part"
+
+    def run(self, output: Path, *extra: str) -> None:
+        assert main([*self.command, "--output", str(output), *extra]) == 0
+
+    def run_full(self) -> None:
+        self.run(self.full)
+
+    def keep_only(self, checkpoint: str) -> None:
+        """A whole run into ``part``, then everything but ``checkpoint`` deleted: a run killed right after
+        saving it."""
+        self.run(self.part)
+        for item in self.part.iterdir():
+            if item.name != checkpoint:
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+
+    def copy_checkpoint(self, checkpoint: str) -> None:
+        """``part`` holding only a copy of the full run's ``checkpoint``."""
+        self.part.mkdir()
+        shutil.copytree(self.full / checkpoint, self.part / checkpoint)
+
+    def resume(self, weights: tuple[str, ...] = WEIGHTS) -> None:
+        """Resume ``part`` from its last checkpoint; it must end with the weights of ``full``."""
+        self.run(self.part, "--resume", "last")
+        assert_same_weights(self.full, self.part, weights)
 
 
 def write_jsonl(path: Path, rows) -> Path:

@@ -13,19 +13,18 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import cctuning.io as io
 from cctuning.cli import main
 from cctuning.errors import CCError
 from cctuning.inference import TransformMatrix
-from cctuning.inference.matrix import MATRIX_NAME, MATRIX_REPORT_NAME
 from cctuning.io import INCOMPLETE_MARKER
 from cctuning.loading import load_tokenizer
 from cctuning.model import CCConfig, CCModel
+from cctuning.model.transform import DECISION_MAKER_STAMP, MATRIX_NAME, MATRIX_REPORT_NAME
 from cctuning.testing import tiny_model, tiny_tokenizer
 from cctuning.training.run import last_checkpoint
-from tests.conftest import flags, make_records, write_jsonl
+from tests.conftest import ResumeCheck, flags, make_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).resolve().parent / "cli_worker.py"
@@ -38,33 +37,13 @@ def error_line(err: str) -> str:
     return lines[0]
 
 
-def assert_same_weights(a: Path, b: Path) -> None:
-    for name in ("model.safetensors", "decision_maker.safetensors"):
-        x, y = load_file(str(a / name)), load_file(str(b / name))
-        assert x.keys() == y.keys()
-        for k in x:
-            torch.testing.assert_close(x[k], y[k], atol=1e-6, rtol=1e-5)
-
-
 # -- kill and resume -----------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_sigkill_while_saving_a_checkpoint_then_resume_reaches_the_same_weights(
     base_dir, data_file, tmp_path, capsys
 ):
-    common = [
-        "train",
-        *flags(
-            model=base_dir,
-            data=data_file,
-            max_steps="4",
-            batch_size="2",
-            lr="1e-3",
-            save_steps="1",
-            save_total_limit="5",
-            warmup_ratio="0",
-        ),
-    ]
-    full, part = tmp_path / "full", tmp_path / "part"
+    check = ResumeCheck(tmp_path, base_dir, data_file, save_steps="1", warmup_ratio="0")
+    part = check.part
     env = {
         **os.environ,
         "CCT_TEST_PAUSE_AT": "2",
@@ -73,14 +52,14 @@ def test_sigkill_while_saving_a_checkpoint_then_resume_reaches_the_same_weights(
     }
     # the run to kill: it stops (sleeps) half-way through writing checkpoint-2, after checkpoint-1
     proc = subprocess.Popen(
-        [sys.executable, str(WORKER), *common, "--output", str(part)],
+        [sys.executable, str(WORKER), *check.command, "--output", str(part)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     try:
-        assert main(common + ["--output", str(full)]) == 0  # the uninterrupted run, meanwhile
+        check.run_full()  # the uninterrupted run, meanwhile
         deadline = time.time() + 240
         while not (part / "paused").exists():
             assert proc.poll() is None, f"the run ended before it was killed: {proc.stderr.read()[-2000:]}"
@@ -100,8 +79,7 @@ def test_sigkill_while_saving_a_checkpoint_then_resume_reaches_the_same_weights(
     with pytest.raises(CCError, match="interrupted save"):
         CCModel.from_pretrained(part / "checkpoint-2")
     assert last_checkpoint(part) == str(part / "checkpoint-1")
-    assert main(common + ["--output", str(part), "--resume", "last"]) == 0
-    assert_same_weights(full, part)
+    check.resume()
     assert json.loads((part / "train_results.json").read_text())["global_step"] == 4
     assert (
         not (part / INCOMPLETE_MARKER).exists() and not (part / "checkpoint-2" / INCOMPLETE_MARKER).exists()
@@ -167,38 +145,6 @@ def test_a_save_interrupted_at_any_rename_is_refused_and_a_good_save_repairs_it(
     assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no marker, stage or temp file left
 
 
-def test_training_leaves_no_temporary_files_and_checkpoints_with_a_marker_are_skipped(
-    base_dir, data_file, tmp_path, capsys
-):
-    out = tmp_path / "o"
-    assert (
-        main(
-            [
-                "train",
-                *flags(
-                    model=base_dir,
-                    data=data_file,
-                    output=out,
-                    max_steps="2",
-                    batch_size="4",
-                    save_steps="1",
-                    save_total_limit="5",
-                ),
-            ]
-        )
-        == 0
-    )
-    capsys.readouterr()
-    leftovers = [p for p in out.rglob("*") if p.name.startswith(".") or p.name.endswith(".tmp")]
-    assert leftovers == []
-    assert last_checkpoint(out) == str(out / "checkpoint-2")
-    (out / "checkpoint-2" / INCOMPLETE_MARKER).write_text("")
-    assert last_checkpoint(out) == str(out / "checkpoint-1")
-    state = out / "checkpoint-1" / "trainer_state.json"
-    state.write_text(state.read_text()[:20])  # the Trainer's own last file, cut by a kill
-    assert last_checkpoint(out) is None
-
-
 # -- mismatches ------------------------------------------------------------------------------------------
 def test_a_matrix_from_another_model_of_the_same_shape_is_refused(tokenizer, tmp_path):
     d = 32
@@ -217,8 +163,6 @@ def test_a_matrix_from_another_model_of_the_same_shape_is_refused(tokenizer, tmp
 
 
 def test_a_matrix_fitted_by_the_cli_is_tied_to_its_model(tokenizer, tmp_path, capsys):
-    from cctuning.model.ccmodel import DECISION_MAKER_STAMP
-
     cc = CCModel.from_base(tiny_model("llama", tokenizer=tokenizer), CCConfig())
     cc.save_pretrained(tmp_path / "m", tokenizer=tokenizer)
     data = write_jsonl(tmp_path / "d.jsonl", make_records(12))
@@ -322,29 +266,3 @@ def test_loading_a_folder_never_runs_code_from_it(tokenizer, tmp_path):
     with pytest.raises(CCError):
         CCModel.from_pretrained(folder)
     assert not marker.exists()
-
-
-def test_train_or_reuse_reuses_a_finished_run_and_refuses_other_settings(
-    base_dir, data_file, tmp_path, monkeypatch
-):
-    import json
-
-    from cctuning.training import TrainConfig
-    from cctuning.training import run as run_module
-
-    def cfg(**kw):
-        options = dict(
-            model=str(base_dir), data=str(data_file), output=str(tmp_path / "o"), max_steps=2, batch_size=2
-        )
-        return TrainConfig(**{**options, **kw})
-
-    assert run_module.train_or_reuse(cfg()) is True
-    results = tmp_path / "o" / run_module.TRAIN_RESULTS_NAME
-    # a run that was itself resumed records resume='last'; it is still the same training
-    data = json.loads(results.read_text())
-    data["config"]["resume"] = "last"
-    results.write_text(json.dumps(data))
-    monkeypatch.setattr(run_module, "train", lambda *a, **k: pytest.fail("trained again"))
-    assert run_module.train_or_reuse(cfg()) is False
-    with pytest.raises(CCError, match="holds a run with other settings"):
-        run_module.train_or_reuse(cfg(lr=0.5))

@@ -3,7 +3,6 @@
 import copy
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -12,16 +11,19 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from accelerate.commands.config.config_args import load_config_from_file
 from safetensors.torch import load_file
 
 from cctuning.cli import main
 from cctuning.config import build_config
+from cctuning.data.collator import CCCollator
+from cctuning.inference import CCGenerator, TransformMatrix
 from cctuning.model import CCConfig, CCModel
 from cctuning.model.lora import add_lora
 from cctuning.testing import tiny_model
-from cctuning.training import TrainConfig
-from cctuning.training.run import build_training_arguments
-from tests.conftest import flags, make_records, write_jsonl
+from cctuning.training import CCTrainer, TrainConfig
+from cctuning.training.run import build_training_arguments, prepare
+from tests.conftest import ResumeCheck, flags, make_records, write_jsonl
 from tests.test_model import batch_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,8 +99,6 @@ def test_lora_folder_saves_adapter_and_decision_maker_and_reloads_identically(to
 
 @pytest.mark.parametrize("connection", ["transform", "english", "none"])
 def test_generation_with_adapters_equals_generation_with_them_merged(tokenizer, connection):
-    from cctuning.inference import CCGenerator, TransformMatrix
-
     cc = lora_cc(tokenizer).eval()
     cc.set_transform(TransformMatrix(torch.eye(cc.arch.hidden_size) * 5))
     merged = CCModel.from_base(copy.deepcopy(cc.base).merge_and_unload(), CCConfig()).eval()
@@ -122,25 +122,10 @@ def _params(model: CCModel) -> dict[str, torch.Tensor]:
 def test_lora_training_changes_only_adapters_and_decision_maker_and_resumes(
     base_dir, data_file, tmp_path, capsys
 ):
-    from cctuning.training.run import prepare
-
-    common = [
-        "train",
-        *flags(
-            model=base_dir,
-            data=data_file,
-            max_steps="4",
-            batch_size="2",
-            lr="1e-2",
-            save_steps="2",
-            save_total_limit="5",
-            warmup_ratio="0",
-            lora_r="4",
-            lora_target="q_proj,v_proj,down_proj",
-        ),
-    ]
-    full = tmp_path / "full"
-    assert main(common + ["--output", str(full)]) == 0
+    lora = dict(lora_r="4", lora_target="q_proj,v_proj,down_proj")
+    check = ResumeCheck(tmp_path, base_dir, data_file, lr="1e-2", warmup_ratio="0", **lora)
+    common, full = check.command, check.full
+    check.run_full()
     # the starting point, rebuilt the way `train` builds it (same seed: same LoRA and DM init)
     cfg = build_config(
         TrainConfig,
@@ -157,16 +142,9 @@ def test_lora_training_changes_only_adapters_and_decision_maker_and_resumes(
     assert lora_keys and {k.split(".")[-3] for k in lora_keys} == {"q_proj", "v_proj", "down_proj"}
     assert changed == lora_keys | {"decision_maker.proj.weight"}
     # resume: a copy of the run's first checkpoint continues to the same final adapters and DM
-    part = tmp_path / "part"
-    part.mkdir()
-    shutil.copytree(full / "checkpoint-2", part / "checkpoint-2")
-    assert main(common + ["--output", str(part), "--resume", "last"]) == 0
+    check.copy_checkpoint("checkpoint-2")
+    check.resume(weights=("adapter_model.safetensors", "decision_maker.safetensors"))
     capsys.readouterr()
-    for name in ("adapter_model.safetensors", "decision_maker.safetensors"):
-        a, b = load_file(str(full / name)), load_file(str(part / name))
-        assert a.keys() == b.keys()
-        for k in a:
-            torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
 
 
 # -- gradient checkpointing --------------------------------------------------------------------------
@@ -252,9 +230,6 @@ def test_gradient_checkpointing_flag_reaches_the_model(base_dir, data_file, tmp_
 # -- mixed precision -------------------------------------------------------------------------------
 @pytest.mark.parametrize("flag", ["bf16", "fp16"])
 def test_mixed_precision_flags_reach_the_trainer(tokenizer, tmp_path, flag):
-    from cctuning.data.collator import CCCollator
-    from cctuning.training import CCTrainer
-
     cfg = TrainConfig(model="m", data="d", output=str(tmp_path), **{flag: True})
     args = build_training_arguments(cfg)
     assert getattr(args, flag) is True
@@ -283,8 +258,6 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_two_processes_end_with_identical_weights_and_a_synchronised_decision_maker(base_dir, tmp_path):
-    from cctuning.training.run import prepare
-
     data = write_jsonl(tmp_path / "train.jsonl", make_records(16))
     out, dump = tmp_path / "out", tmp_path / "dump"
     args = [
@@ -340,8 +313,6 @@ def test_two_processes_end_with_identical_weights_and_a_synchronised_decision_ma
 # -- example configs ---------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", ["multi_cpu.yaml", "deepspeed_zero3.yaml", "fsdp.yaml"])
 def test_accelerate_example_configs_are_valid_accelerate_configs(name):
-    from accelerate.commands.config.config_args import load_config_from_file
-
     path = EXAMPLES / "accelerate" / name
     config = load_config_from_file(str(path))
     assert config.num_processes >= 2
