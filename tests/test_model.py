@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
 from cctuning.data.collator import CCCollator
 from cctuning.data.encoding import IGNORE_INDEX, PromptEncoder
@@ -207,8 +208,6 @@ def test_gumbel_choice_is_one_hot_and_seeded_sampling_is_reproducible(tokenizer)
 
 
 def test_save_and_load_give_identical_logits_and_decision_maker(tokenizer, tmp_path, arch):
-    from transformers import AutoModelForCausalLM
-
     cc = CCModel.from_base(tiny_model(arch, tokenizer=tokenizer), CCConfig()).eval()
     with torch.no_grad():
         cc.decision_maker.proj.weight.normal_()
