@@ -1,15 +1,18 @@
 """``cctuning demo`` (``make demo``): CC-Tuning next to vanilla SFT on a real model, offline.
 
-Stages, each reused when it already finished (re-running continues where a killed run stopped):
+The demo is a small preset of :func:`cctuning.experiment.run_experiment`: one seed and three cells,
+``sft`` (vanilla SFT, connection none), ``cc`` (CC-Tuning, transform) and ``cc-none`` (the same
+CC-Tuning model without the connection, to show what the matrix adds). The experiment runs the
+stages, each reused when it already finished (re-running continues where a killed run stopped):
 
 1. the model preset (installed and converted once, see :mod:`cctuning.presets`);
 2. a stratified sample of the bundled training mix, and a held-out sample for the NLL metric;
 3. vanilla SFT and CC-Tuning on the same records, seed and step budget (checkpoints, resumable);
 4. the Transform Matrix of the CC model;
-5. evaluation of SFT (connection none), CC-Tuning (transform) and CC-Tuning without the
-   connection (none, to show what the matrix adds) on a development subset of the six benchmarks,
-   plus the held-out response NLL of each;
-6. one side-by-side report (table + plots).
+5. the held-out response NLL of each cell and a development subset of the six benchmarks;
+
+and the demo adds one side-by-side report (``report/summary.md``, plus the table and plots of
+:func:`cctuning.eval.report.build_report`).
 
 The default budget is sized for 2 CPU cores and about 20 minutes; ``--config`` takes a YAML file
 with any :class:`DemoConfig` field for a fuller run (``examples/demo_full.yaml``).
@@ -23,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cctuning.data.mix import sample_mix
+from cctuning.experiment import ExperimentConfig, eval_dir, resolve_cells, run_experiment, stage_key
 from cctuning.io import write_json, write_text
 from cctuning.training.args import opt
 
@@ -55,139 +58,132 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _write_records(path: Path, records: list[dict]) -> None:
-    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+# the demo's cells: (name, column title in the summary, training method, connection)
+CELLS = (
+    ("sft", "SFT", "sft", "none"),
+    ("cc", "CC-Tuning (transform)", "cc", "transform"),
+    ("cc-none", "CC-Tuning (no connection)", "cc", "none"),
+)
 
 
-def _train(cfg: DemoConfig, model_path: str, data: Path, method: str, out: Path) -> None:
-    from cctuning.training import TrainConfig
-    from cctuning.training.run import train_or_reuse
-
-    tcfg = TrainConfig(
-        model=model_path,
-        data=str(data),
-        output=str(out),
-        method=method,
-        max_steps=cfg.max_steps,
-        batch_size=cfg.batch_size,
-        lr=cfg.lr,
-        max_length=cfg.max_length,
-        seed=cfg.seed,
-        logging_steps=4,
-        save_steps=12,
-        save_total_limit=1,
+def experiment_config(cfg: DemoConfig) -> ExperimentConfig:
+    """The demo as an experiment: one seed, the three cells, the demo's budget and benchmark limits."""
+    benchmarks = {
+        "names": ",".join(_csv(cfg.benchmarks)),
+        "limit": cfg.eval_limit,
+        "limits": {"XLSum": cfg.xlsum_limit},
+        "max_new_tokens": cfg.max_new_tokens,
+    }
+    if cfg.eval_langs != "all":
+        benchmarks["langs"] = ",".join(_csv(cfg.eval_langs))
+    return ExperimentConfig(
+        model=cfg.model,
+        output=cfg.output,
+        seeds=[cfg.seed],
+        train_per_lang=cfg.train_per_lang,
+        heldout_per_lang=cfg.nll_per_lang,
+        heldout_seed=cfg.seed,  # the held-out sample is drawn with the demo's seed
+        langs=cfg.langs,
+        train={
+            "max_steps": cfg.max_steps,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "max_length": cfg.max_length,
+            "logging_steps": 4,
+            "save_steps": 12,
+            "save_total_limit": 1,
+        },
+        cells=[{"name": name, "method": method, "connection": conn} for name, _, method, conn in CELLS],
+        baseline="sft",
+        matrix_samples=cfg.matrix_samples,
+        benchmarks=benchmarks,
+        eval_batch_size=cfg.eval_batch_size,
     )
-    train_or_reuse(tcfg)
 
 
 def run_demo(cfg: DemoConfig) -> tuple[str, Path]:
     """Run every stage; returns the report's Markdown and the folder it is in."""
-    from cctuning.eval.nll import NLL_NAME, evaluate_nll
-    from cctuning.eval.report import build_report
-    from cctuning.eval.runner import EvalConfig, evaluate
-    from cctuning.inference.matrix import MATRIX_NAME, fit_matrix_from_file
-    from cctuning.loading import load_for_inference, resolve_model_path
     from cctuning.versions import versions
 
     started = time.time()
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "demo_config.json", {"config": asdict(cfg), "versions": versions()})
-    model_path = resolve_model_path(cfg.model)
-    langs = None if cfg.langs == "all" else _csv(cfg.langs)
-    train_file, held_file = root / "data" / "train.jsonl", root / "data" / "heldout.jsonl"
-    _write_records(train_file, sample_mix("train", cfg.train_per_lang, langs, cfg.seed))
-    _write_records(held_file, sample_mix("heldout", cfg.nll_per_lang, langs, cfg.seed))
-    timings = {}
-    for method in ("sft", "cc"):
-        t = time.time()
-        _train(cfg, model_path, train_file, method, root / method)
-        timings[f"train_{method}"] = round(time.time() - t, 1)
-    cc_dir = root / "cc"
-    t = time.time()
-    if not (cc_dir / MATRIX_NAME).is_file():
-        model, tok, _ = load_for_inference(str(cc_dir))
-        report = fit_matrix_from_file(
-            model, tok, train_file, cc_dir, samples=cfg.matrix_samples, seed=cfg.seed, progress=True
-        )
-        logger.info(
-            "transform matrix: held-out cosine %.4f -> %.4f",
-            report.heldout["before"]["cosine"],
-            report.heldout["after"]["cosine"],
-        )
-    timings["fit_matrix"] = round(time.time() - t, 1)
-    runs = []
-    for name, folder, connection in (
-        ("sft", root / "sft", "none"),
-        ("cc", cc_dir, "transform"),
-        ("cc", cc_dir, "none"),
-    ):
-        t = time.time()
-        model, tok, _ = load_for_inference(str(folder))
-        out = root / "eval" / f"{name}-{connection}"
-        for bench in _csv(cfg.benchmarks):
-            limit = cfg.xlsum_limit if bench.lower().replace("-", "") == "xlsum" else cfg.eval_limit
-            eval_langs = None if cfg.eval_langs == "all" else _csv(cfg.eval_langs)
-            evaluate(
-                EvalConfig(
-                    model=str(folder),
-                    benchmarks=[bench],
-                    langs=eval_langs,
-                    limit=limit,
-                    connection=connection,
-                    max_new_tokens=cfg.max_new_tokens,
-                    batch_size=cfg.eval_batch_size,
-                    output=str(out / bench),
-                    seed=cfg.seed,
-                ),
-                model,
-                tok,
-            )
-        nll_out = root / "eval" / f"{name}-{connection}-nll"
-        if not (nll_out / NLL_NAME).is_file():
-            evaluate_nll(
-                model,
-                tok,
-                held_file,
-                connection,
-                nll_out,
-                batch_size=cfg.eval_batch_size,
-                max_length=cfg.max_length,
-                seed=cfg.seed,
-                model_name=str(folder),
-            )
-        runs.append((out, nll_out))
-        timings[f"eval_{name}_{connection}"] = round(time.time() - t, 1)
-    merged = []
-    for out, _ in runs:
-        merged.append(_merge_benchmark_runs(out, [b for b in _csv(cfg.benchmarks)]))
-    report_dir = root / "report"
-    build_report([str(m) for m in merged] + [str(n) for _, n in runs], report_dir)
-    timings["total"] = round(time.time() - started, 1)
-    write_json(root / "timings.json", timings)
-    table = summary_markdown(cfg, merged, [n for _, n in runs], timings)
+    exp = experiment_config(cfg)
+    report = run_experiment(exp)
+    table, report_dir = write_summary(cfg, exp, report["stage_seconds"], time.time() - started)
+    return table, report_dir
+
+
+def write_summary(cfg: DemoConfig, exp: ExperimentConfig, stages: dict, seconds: float) -> tuple[str, Path]:
+    """``report/``: the side-by-side report of the three cells' evaluation folders and the summary table."""
+    from cctuning.eval.report import build_report
+
+    dirs = [eval_dir(exp.output, name, cfg.seed) for name, *_ in CELLS]
+    bench_runs, nll_runs = [d / "bench" for d in dirs], [d / "nll" for d in dirs]
+    report_dir = Path(exp.output) / "report"
+    build_report([str(r) for r in bench_runs + nll_runs], report_dir)
+    table = summary_markdown(cfg, bench_runs, nll_runs, demo_stage_seconds(exp, stages), seconds)
     write_text(report_dir / "summary.md", table + "\n")
     return table, report_dir
 
 
-def summary_markdown(cfg: DemoConfig, bench_runs: list[Path], nll_runs: list[Path], timings: dict) -> str:
-    """The demo's one table: benchmark averages and held-out NLL of the three runs, side by side,
-    with the paired NLL difference to SFT (per-language details are in report.md)."""
-    from cctuning.eval.nll import NLL_NAME, load_items, paired_difference
-    from cctuning.eval.runner import RESULTS_NAME
+def demo_stage_seconds(exp: ExperimentConfig, stages: dict) -> dict[str, float]:
+    """The recorded seconds of this demo's stages (over every invocation), labelled by cell:
+    ``train sft``, ``matrix cc``, ``bench cc-none``, ... (a training shared by two cells is
+    labelled with the first)."""
+    seed = exp.seeds[0]
+    out: dict[str, float] = {}
+    seen: set[str] = set()
+    for cell in resolve_cells(exp):
+        for kind, folder in (
+            ("train", cell.train_name),
+            ("matrix", cell.train_name),
+            ("nll", cell.name),
+            ("bench", cell.name),
+        ):
+            key = stage_key(kind, folder, seed)
+            if key in stages and key not in seen:
+                seen.add(key)
+                out[f"{kind} {cell.name}"] = stages[key]
+    return out
 
-    names = ["SFT", "CC-Tuning (transform)", "CC-Tuning (no connection)"]
-    results = [json.loads((r / RESULTS_NAME).read_text(encoding="utf-8")) for r in bench_runs]
-    nlls = [json.loads((n / NLL_NAME).read_text(encoding="utf-8")) for n in nll_runs]
+
+def summary_markdown(
+    cfg: DemoConfig, bench_runs: list[Path], nll_runs: list[Path], stages: dict[str, float], seconds: float
+) -> str:
+    """The demo's one table: benchmark averages and held-out NLL of the three runs, side by side,
+    with the paired NLL difference to SFT (per-language details are in report.md), and the time
+    of every stage (summed over the invocations that ran them) and of this invocation."""
     lines = [
         f"model {cfg.model} · {cfg.max_steps} steps × batch {cfg.batch_size} on "
         f"{cfg.train_per_lang} records/language of the bundled mix · seed {cfg.seed} · "
         f"eval: {cfg.eval_limit} items/language ({cfg.xlsum_limit} for XL-Sum), languages {cfg.eval_langs}",
         "",
+        *_table_rows(cfg, bench_runs, nll_runs),
+        "",
+        f"the stages took {sum(stages.values()) / 60:.1f} min over every invocation ("
+        + ", ".join(f"{k} {v:.0f}s" for k, v in stages.items())
+        + f"); this invocation took {seconds / 60:.1f} min",
+    ]
+    return "\n".join(lines)
+
+
+def _table_rows(cfg: DemoConfig, bench_runs: list[Path], nll_runs: list[Path]) -> list[str]:
+    from cctuning.eval.benchmarks import resolve_name
+    from cctuning.eval.nll import NLL_NAME, load_items, paired_difference
+    from cctuning.eval.runner import RESULTS_NAME
+
+    names = [title for _, title, *_ in CELLS]
+    results = [json.loads((r / RESULTS_NAME).read_text(encoding="utf-8")) for r in bench_runs]
+    nlls = [json.loads((n / NLL_NAME).read_text(encoding="utf-8")) for n in nll_runs]
+    lines = [
         "| benchmark (metric ×100, avg over languages / without en) | " + " | ".join(names) + " |",
         "|---|" + "---|" * len(names),
     ]
-    for bench in results[0]["benchmarks"]:
+    # the demo's order of benchmarks (a results.json lists them by name)
+    order = [resolve_name(b) for b in _csv(cfg.benchmarks)]
+    for bench in sorted(results[0]["benchmarks"], key=lambda b: order.index(b) if b in order else len(order)):
         metric = results[0]["primary_metric"][bench]
         cells = []
         for res in results:
@@ -207,32 +203,4 @@ def summary_markdown(cfg: DemoConfig, bench_runs: list[Path], nll_runs: list[Pat
         d = paired_difference(load_items(run), base, seed=cfg.seed)["all"]
         diffs.append(f"{d['diff']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}]")
     lines.append("| paired NLL difference to SFT (95% CI) | " + " | ".join(diffs) + " |")
-    lines += [
-        "",
-        f"this invocation took {timings['total'] / 60:.1f} min ("
-        + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "total")
-        + ")",
-    ]
-    return "\n".join(lines)
-
-
-def _merge_benchmark_runs(folder: Path, benches: list[str]) -> Path:
-    """One results.json for a run evaluated benchmark by benchmark (each with its own limit)."""
-    from cctuning.eval.benchmarks import get_spec
-    from cctuning.eval.runner import RESULTS_NAME, write_results
-
-    merged: dict | None = None
-    for bench in benches:
-        part = json.loads((folder / get_spec(bench).name / RESULTS_NAME).read_text(encoding="utf-8"))
-        if merged is None:
-            merged = {**part, "benchmarks": {}, "primary_metric": {}, "layer_choice": {}, "limit": {}}
-        name = get_spec(bench).name
-        merged["benchmarks"].update(part["benchmarks"])
-        merged["primary_metric"].update(part["primary_metric"])
-        merged["limit"][name] = part["limit"]
-        for lang, counts in part.get("layer_choice", {}).items():
-            target = merged["layer_choice"].setdefault(lang, {})
-            for k, v in counts.items():
-                target[k] = target.get(k, 0) + v
-    write_results(folder, merged)
-    return folder
+    return lines

@@ -25,10 +25,10 @@ from pathlib import Path
 
 from cctuning.errors import CCError
 from cctuning.io import write_json, write_text
+from cctuning.model.connection import CONNECTIONS
 
 logger = logging.getLogger(__name__)
 
-CONNECTIONS = ("transform", "none", "english")
 STAGES_NAME = "stages.json"  # wall-clock seconds of every finished stage, kept across resumed invocations
 
 # two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (then the normal value)
@@ -84,16 +84,24 @@ class ExperimentConfig:
     seeds: list = field(default_factory=lambda: [1, 2, 3])
     train_per_lang: int = 12
     heldout_per_lang: int = 8
+    heldout_seed: int = 0  # seed of the held-out sample, the same for every training seed
     langs: str = "all"
     train: dict = field(default_factory=dict)  # shared cctuning train options (the budget)
     cells: list = field(default_factory=list)  # [{name, connection, **train options}]
     baseline: str | None = None  # cell the paired differences are taken against (default: first)
     matrix_samples: int = 200
-    benchmarks: dict = field(default_factory=dict)  # {names, langs, limit, scoring, max_new_tokens}
+    benchmarks: dict = field(default_factory=dict)  # {names, langs, limit, limits, scoring, max_new_tokens}
     eval_batch_size: int = 8
 
 
-BENCHMARK_KEYS = {"names": str, "langs": str, "limit": int, "scoring": str, "max_new_tokens": int}
+BENCHMARK_KEYS = {
+    "names": str,
+    "langs": str,
+    "limit": int,
+    "limits": dict,  # {benchmark: items per language}, overriding limit for that benchmark
+    "scoring": str,
+    "max_new_tokens": int,
+}
 
 
 def _check_benchmarks(spec: dict, path) -> None:
@@ -113,6 +121,12 @@ def _check_benchmarks(spec: dict, path) -> None:
             resolve_name(name.strip())
         except CCError as err:
             raise CCError(f"{path}: benchmarks: option 'names': {err}") from None
+    for name, value in (spec.get("limits") or {}).items():
+        try:
+            resolve_name(str(name))
+        except CCError as err:
+            raise CCError(f"{path}: benchmarks: option 'limits': {err}") from None
+        coerce(value, int, f"{path}: benchmarks: option 'limits': '{name}'")
     if spec.get("scoring", "generate") not in ("generate", "likelihood"):
         raise CCError(
             f"{path}: benchmarks: option 'scoring': expected generate or likelihood, got {spec['scoring']!r}"
@@ -174,121 +188,242 @@ def _train_key(options: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
+@dataclass(frozen=True)
+class Cell:
+    """One cell with its settings resolved: the training options (the shared budget plus the
+    cell's own), which name its training folder, and the connection it is evaluated with."""
+
+    name: str
+    options: dict
+    connection: str
+
+    @property
+    def train_name(self) -> str:
+        """The training folder's name, shared by every cell with the same training options."""
+        return f"{self.options.get('method', 'cc')}-{_train_key(self.options)}"
+
+
+def resolve_cells(cfg: ExperimentConfig) -> list[Cell]:
+    from cctuning.config import coerce
+    from cctuning.training import TrainConfig
+
+    hints = typing.get_type_hints(TrainConfig)
+    cells = []
+    for cell in cfg.cells:
+        options = {**cfg.train, **{k: v for k, v in cell.items() if k not in ("name", "connection")}}
+        options = {k: coerce(v, hints[k], f"cell '{cell['name']}': option '{k}'") for k, v in options.items()}
+        connection = cell.get("connection") or (
+            "transform" if options.get("method", "cc") == "cc" else "none"
+        )
+        cells.append(Cell(cell["name"], options, connection))
+    return cells
+
+
+def stage_key(kind: str, folder: str, seed: int) -> str:
+    """The name of one stage in ``stages.json``: ``train|matrix/<training folder>/seed<N>`` or
+    ``nll|bench/<cell>/seed<N>``."""
+    return f"{kind}/{folder}/seed{seed}"
+
+
+def eval_dir(root: str | Path, cell: str, seed: int) -> Path:
+    """A cell's evaluations for one seed: ``nll/`` and ``bench/`` below it."""
+    return Path(root) / "eval" / cell / f"seed{seed}"
+
+
+class StageClock:
+    """Wall-clock seconds of every finished stage, in ``stages.json``, kept across resumed invocations."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.seconds: dict[str, float] = (
+            json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        )
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        """Record the seconds of stage ``name`` once it finishes (a stage that fails records nothing)."""
+        t0 = time.perf_counter()
+        yield
+        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        write_json(self.path, self.seconds)
+
+
+@dataclass
+class _SeedRun:
+    """What every stage of one seed needs."""
+
+    root: Path
+    model_path: str
+    seed: int
+    train_file: Path
+    held_file: Path
+    stages: StageClock
+    progress: bool
+
+
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     """Run (or resume) every cell × seed and write ``report.json`` / ``report.md``."""
-    from cctuning.config import coerce
-    from cctuning.data.mix import sample_mix
-    from cctuning.demo import _write_records
-    from cctuning.eval.nll import NLL_NAME, evaluate_nll, load_items, paired_difference
-    from cctuning.eval.runner import RESULTS_NAME, EvalConfig, evaluate
-    from cctuning.inference.matrix import MATRIX_NAME, fit_matrix_from_file
-    from cctuning.loading import load_for_inference, resolve_model_path
-    from cctuning.training import TrainConfig
-    from cctuning.training.run import TRAIN_RESULTS_NAME, train_or_reuse
+    from cctuning.loading import resolve_model_path
     from cctuning.versions import versions
 
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
     write_json(root / "experiment_config.json", {"config": asdict(cfg), "versions": versions()})
     model_path = resolve_model_path(cfg.model)
-    langs = None if cfg.langs == "all" else [x.strip() for x in cfg.langs.split(",")]
-    baseline = cfg.baseline or cfg.cells[0]["name"]
-    hints = typing.get_type_hints(TrainConfig)
-    cell_runs: dict[str, dict[int, dict]] = {}
+    cells = resolve_cells(cfg)
+    stages = StageClock(root / STAGES_NAME)
     started = time.time()
-    stages_file = root / STAGES_NAME
-    stages: dict[str, float] = (
-        json.loads(stages_file.read_text(encoding="utf-8")) if stages_file.is_file() else {}
+    cell_runs: dict[str, dict[int, dict]] = {}
+    for seed in cfg.seeds:
+        train_file, held_file = _seed_data(cfg, root, seed)
+        run = _SeedRun(root, str(model_path), seed, train_file, held_file, stages, progress)
+        for cell in cells:
+            cell_runs.setdefault(cell.name, {})[seed] = _run_cell(cfg, cell, run)
+    return _write_report(cfg, root, cell_runs, stages.seconds, time.time() - started, model_path)
+
+
+def _seed_data(cfg: ExperimentConfig, root: Path, seed: int) -> tuple[Path, Path]:
+    """The seed's training sample and the held-out sample (written once, then reused)."""
+    from cctuning.data.mix import sample_mix
+    from cctuning.io import write_jsonl
+
+    langs = None if cfg.langs == "all" else [x.strip() for x in cfg.langs.split(",")]
+    data_dir = root / "data" / f"seed{seed}"
+    train_file, held_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
+    if not train_file.is_file():
+        write_jsonl(train_file, sample_mix("train", cfg.train_per_lang, langs, seed))
+    if not held_file.is_file():
+        # the held-out items are the same for every seed, so that seeds can be compared pairwise
+        write_jsonl(held_file, sample_mix("heldout", cfg.heldout_per_lang, langs, cfg.heldout_seed))
+    return train_file, held_file
+
+
+def _run_cell(cfg: ExperimentConfig, cell: Cell, run: _SeedRun) -> dict:
+    """One cell for one seed: its training (shared with cells of the same options), the matrix
+    when it is evaluated with the transform, the held-out NLL and the benchmarks; each stage is
+    skipped when its result is already on disk."""
+    from cctuning.eval.nll import NLL_NAME
+
+    tdir = run.root / "train" / cell.train_name / f"seed{run.seed}"
+    _train_stage(cell, tdir, run)
+    if cell.connection == "transform":
+        _matrix_stage(cfg, cell, tdir, run)
+    edir = eval_dir(run.root, cell.name, run.seed)
+    _nll_stage(cfg, cell, tdir, edir / "nll", run)
+    bench = _bench_stage(cfg, cell, tdir, edir / "bench", run) if cfg.benchmarks else None
+    nll = json.loads((edir / "nll" / NLL_NAME).read_text(encoding="utf-8"))
+    return {"nll": nll, "bench": bench, "nll_dir": edir / "nll"}
+
+
+def _train_stage(cell: Cell, tdir: Path, run: _SeedRun) -> None:
+    from cctuning.training import TrainConfig
+    from cctuning.training.run import TRAIN_RESULTS_NAME, train_or_reuse
+
+    if (tdir / TRAIN_RESULTS_NAME).is_file():
+        return
+    logger.info("training %s seed %d -> %s", cell.name, run.seed, tdir)
+    tcfg = TrainConfig(
+        **{
+            **cell.options,
+            "model": run.model_path,
+            "data": str(run.train_file),
+            "output": str(tdir),
+            "seed": run.seed,
+        }
+    )
+    with run.stages(stage_key("train", cell.train_name, run.seed)):
+        train_or_reuse(tcfg)  # resumes an interrupted training
+
+
+def _matrix_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, run: _SeedRun) -> None:
+    from cctuning.inference.matrix import fit_matrix_from_file
+    from cctuning.loading import load_for_inference
+    from cctuning.model.transform import MATRIX_NAME
+
+    if (tdir / MATRIX_NAME).is_file():
+        return
+    with run.stages(stage_key("matrix", cell.train_name, run.seed)):
+        model, tok, _ = load_for_inference(str(tdir))
+        fit = fit_matrix_from_file(
+            model, tok, run.train_file, tdir, samples=cfg.matrix_samples, seed=run.seed, progress=run.progress
+        )
+    if fit.heldout:
+        logger.info(
+            "transform matrix of %s: held-out cosine %.4f -> %.4f",
+            tdir,
+            fit.heldout["before"]["cosine"],
+            fit.heldout["after"]["cosine"],
+        )
+
+
+def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: _SeedRun) -> None:
+    from cctuning.eval.nll import NLL_NAME, evaluate_nll
+    from cctuning.loading import load_for_inference
+
+    if (out / NLL_NAME).is_file():
+        return
+    with run.stages(stage_key("nll", cell.name, run.seed)):
+        model, tok, _ = load_for_inference(str(tdir))
+        evaluate_nll(
+            model,
+            tok,
+            run.held_file,
+            cell.connection,
+            out,
+            batch_size=cfg.eval_batch_size,
+            max_length=cell.options.get("max_length", 1024),
+            seed=run.seed,
+            progress=run.progress,
+            model_name=str(tdir),
+        )
+
+
+def bench_config(cfg: ExperimentConfig, model: str, connection: str, output: Path, seed: int):
+    """The :class:`~cctuning.eval.runner.EvalConfig` of the experiment's ``benchmarks:`` spec."""
+    from cctuning.eval.runner import EvalConfig
+
+    b = cfg.benchmarks
+    return EvalConfig(
+        model=model,
+        benchmarks=[x.strip() for x in str(b.get("names", "")).split(",")],
+        langs=[x.strip() for x in str(b["langs"]).split(",")] if b.get("langs") else None,
+        limit=b.get("limit"),
+        limits={str(k): int(v) for k, v in (b.get("limits") or {}).items()},
+        connection=connection,
+        scoring=b.get("scoring", "generate"),
+        max_new_tokens=b.get("max_new_tokens", 40),
+        batch_size=cfg.eval_batch_size,
+        output=str(output),
+        seed=seed,
     )
 
-    @contextlib.contextmanager
-    def stage(name: str):
-        """Record the wall-clock seconds of one stage once it finishes (kept across resumed invocations)."""
-        t0 = time.perf_counter()
-        yield
-        stages[name] = round(time.perf_counter() - t0, 1)
-        write_json(stages_file, stages)
 
-    for seed in cfg.seeds:
-        data_dir = root / "data" / f"seed{seed}"
-        train_file, held_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
-        if not train_file.is_file():
-            _write_records(train_file, sample_mix("train", cfg.train_per_lang, langs, seed))
-        if not held_file.is_file():
-            # the held-out items are the same for every seed, so that seeds can be compared pairwise
-            _write_records(held_file, sample_mix("heldout", cfg.heldout_per_lang, langs, 0))
-        for cell in cfg.cells:
-            options = {**cfg.train, **{k: v for k, v in cell.items() if k not in ("name", "connection")}}
-            options = {
-                k: coerce(v, hints[k], f"cell '{cell['name']}': option '{k}'") for k, v in options.items()
-            }
-            tdir = root / "train" / f"{options.get('method', 'cc')}-{_train_key(options)}" / f"seed{seed}"
-            if not (tdir / TRAIN_RESULTS_NAME).is_file():
-                logger.info("training %s seed %d -> %s", cell["name"], seed, tdir)
-                tcfg = TrainConfig(
-                    **{
-                        **options,
-                        "model": model_path,
-                        "data": str(train_file),
-                        "output": str(tdir),
-                        "seed": seed,
-                    }
-                )
-                with stage(f"train/{tdir.parent.name}/seed{seed}"):
-                    train_or_reuse(tcfg)  # resumes an interrupted training
-            connection = cell.get("connection") or (
-                "transform" if options.get("method", "cc") == "cc" else "none"
+def _bench_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: _SeedRun) -> dict:
+    from cctuning.eval.runner import RESULTS_NAME, evaluate
+    from cctuning.loading import load_for_inference
+
+    if not (out / RESULTS_NAME).is_file():
+        with run.stages(stage_key("bench", cell.name, run.seed)):
+            model, tok, _ = load_for_inference(str(tdir))
+            evaluate(
+                bench_config(cfg, str(tdir), cell.connection, out, run.seed),
+                model,
+                tok,
+                progress=run.progress,
             )
-            if connection == "transform" and not (tdir / MATRIX_NAME).is_file():
-                with stage(f"matrix/{tdir.parent.name}/seed{seed}"):
-                    model, tok, _ = load_for_inference(str(tdir))
-                    fit_matrix_from_file(
-                        model, tok, train_file, tdir, samples=cfg.matrix_samples, seed=seed, progress=progress
-                    )
-            edir = root / "eval" / cell["name"] / f"seed{seed}"
-            if not (edir / "nll" / NLL_NAME).is_file():
-                with stage(f"nll/{cell['name']}/seed{seed}"):
-                    model, tok, _ = load_for_inference(str(tdir))
-                    evaluate_nll(
-                        model,
-                        tok,
-                        held_file,
-                        connection,
-                        edir / "nll",
-                        batch_size=cfg.eval_batch_size,
-                        max_length=options.get("max_length", 1024),
-                        seed=seed,
-                        progress=progress,
-                        model_name=str(tdir),
-                    )
-            bench = None
-            if cfg.benchmarks:
-                b = cfg.benchmarks
-                ecfg = EvalConfig(
-                    model=str(tdir),
-                    benchmarks=[x.strip() for x in str(b.get("names", "")).split(",")],
-                    langs=[x.strip() for x in str(b["langs"]).split(",")] if b.get("langs") else None,
-                    limit=b.get("limit"),
-                    connection=connection,
-                    scoring=b.get("scoring", "generate"),
-                    max_new_tokens=b.get("max_new_tokens", 40),
-                    batch_size=cfg.eval_batch_size,
-                    output=str(edir / "bench"),
-                    seed=seed,
-                )
-                if not (edir / "bench" / RESULTS_NAME).is_file():
-                    with stage(f"bench/{cell['name']}/seed{seed}"):
-                        model, tok, _ = load_for_inference(str(tdir))
-                        evaluate(ecfg, model, tok, progress=progress)
-                bench = json.loads((edir / "bench" / RESULTS_NAME).read_text(encoding="utf-8"))
-            nll = json.loads((edir / "nll" / NLL_NAME).read_text(encoding="utf-8"))
-            cell_runs.setdefault(cell["name"], {})[seed] = {
-                "nll": nll,
-                "bench": bench,
-                "nll_dir": edir / "nll",
-            }
+    return json.loads((out / RESULTS_NAME).read_text(encoding="utf-8"))
+
+
+def _write_report(
+    cfg: ExperimentConfig, root: Path, cell_runs: dict, stages: dict, seconds: float, model_path
+) -> dict:
+    """Summarize every cell over its seeds and write ``report.json`` and ``report.md``."""
+    from cctuning.eval.nll import load_items, paired_difference
+    from cctuning.versions import versions
+
+    baseline = cfg.baseline or cfg.cells[0]["name"]
     report = summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items)
-    report["seconds_this_invocation"] = round(time.time() - started, 1)
+    report["seconds_this_invocation"] = round(seconds, 1)
     report["stage_seconds"] = stages
     report["setup"] = {
         "model": cfg.model,
@@ -296,6 +431,7 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
         "train": cfg.train,
         "train_per_lang": cfg.train_per_lang,
         "heldout_per_lang": cfg.heldout_per_lang,
+        "heldout_seed": cfg.heldout_seed,
         "langs": cfg.langs,
         "matrix_samples": cfg.matrix_samples,
         "benchmarks": cfg.benchmarks,

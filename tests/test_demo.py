@@ -6,7 +6,8 @@ import pytest
 
 import cctuning.training.run as run_module
 from cctuning.data.mix import sample_mix
-from cctuning.demo import DemoConfig, run_demo
+from cctuning.demo import DemoConfig, experiment_config, run_demo
+from cctuning.experiment import resolve_cells
 
 TINY = dict(
     train_per_lang=1,
@@ -38,16 +39,29 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(base_dir, tmp_path, mon
     cfg = DemoConfig(model=str(base_dir), output=str(tmp_path / "demo"), **TINY)
     table, report_dir = run_demo(cfg)
     root = tmp_path / "demo"
-    assert (root / "cc" / "transform_matrix.safetensors").is_file()
-    sft = json.loads((root / "eval" / "sft-none" / "results.json").read_text())
-    cc = json.loads((root / "eval" / "cc-transform" / "results.json").read_text())
+    cc_train = [c for c in resolve_cells(experiment_config(cfg)) if c.name == "cc"][0].train_name
+    assert (root / "train" / cc_train / "seed42" / "transform_matrix.safetensors").is_file()
+    sft = json.loads((root / "eval" / "sft" / "seed42" / "bench" / "results.json").read_text())
+    cc = json.loads((root / "eval" / "cc" / "seed42" / "bench" / "results.json").read_text())
     assert cc["connection"] == "transform" and sft["method"] == "sft"
     assert set(cc["benchmarks"]) == {"XNLI", "MKQA"}
     xnli = 100 * sft["benchmarks"]["XNLI"]["average"]["accuracy"]
     assert f"| XNLI (accuracy) | {xnli:.1f} /" in table
-    nll = json.loads((root / "eval" / "cc-none-nll" / "nll.json").read_text())
+    nll = json.loads((root / "eval" / "cc-none" / "seed42" / "nll" / "nll.json").read_text())
     assert f"{nll['nll']['all']['nll']:.3f}" in table
     assert (report_dir / "report.png").is_file() and (report_dir / "summary.md").read_text().strip() == table
+    # the held-out sample is drawn with the demo's seed
+    held = [
+        json.loads(line) for line in (root / "data" / "seed42" / "heldout.jsonl").read_text().splitlines()
+    ]
+    assert held == sample_mix("heldout", 1, ["sw", "zh", "ar", "hi"], 42)
+    # one timing mechanism: the experiment's stages.json, which the time line reads
+    assert not (root / "timings.json").exists()
+    stages = json.loads((root / "stages.json").read_text())
+    assert sorted(k.split("/")[0] for k in stages) == sorted(
+        ["train"] * 2 + ["matrix"] + ["nll"] * 3 + ["bench"] * 3
+    )
+    assert f"the stages took {sum(stages.values()) / 60:.1f} min" in table.split("\n")[-1]
     # a second run trains nothing and regenerates nothing
     import cctuning.training
 
@@ -58,3 +72,32 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(base_dir, tmp_path, mon
     monkeypatch.setattr(runner, "_run_items", lambda *a, **k: pytest.fail("generated again"))
     table2, _ = run_demo(cfg)
     assert table2.split("\n")[:-1] == table.split("\n")[:-1]  # same numbers; only the timing line differs
+    assert json.loads((root / "stages.json").read_text()) == stages  # nothing ran again
+
+
+def test_demo_is_an_experiment_preset():
+    """The demo's budget as an experiment: one seed, three cells, the demo's limits and held-out seed."""
+    cfg = DemoConfig(seed=7, eval_langs="all")
+    exp = experiment_config(cfg)
+    assert exp.seeds == [7] and exp.heldout_seed == 7 and exp.heldout_per_lang == cfg.nll_per_lang
+    assert [(c.name, c.options["method"], c.connection) for c in resolve_cells(exp)] == [
+        ("sft", "sft", "none"),
+        ("cc", "cc", "transform"),
+        ("cc-none", "cc", "none"),
+    ]
+    cells = resolve_cells(exp)
+    assert (
+        cells[1].train_name == cells[2].train_name != cells[0].train_name
+    )  # cc and cc-none share a training
+    assert exp.train == {
+        "max_steps": 24,
+        "batch_size": 4,
+        "lr": 1e-4,
+        "max_length": 128,
+        "logging_steps": 4,
+        "save_steps": 12,
+        "save_total_limit": 1,
+    }
+    b = exp.benchmarks
+    assert (b["limit"], b["limits"], b["max_new_tokens"]) == (4, {"XLSum": 2}, 40) and "langs" not in b
+    assert b["names"] == "XNLI,XStoryCloze,MMMLU,XQuAD,MKQA,XLSum"

@@ -43,6 +43,16 @@ def test_config_errors_name_the_file_and_option(tmp_path):
             "expected generate or likelihood",
         ),
         ("cells: [{name: a}]\nbenchmarks: {names: XNLI, limit: 2.5}\n", "option 'limit': expected int"),
+        ("cells: [{name: a}]\nbenchmarks: {names: XNLI, limits: 3}\n", "option 'limits': expected dict"),
+        (
+            "cells: [{name: a}]\nbenchmarks: {names: XNLI, limits: {GSM8K: 2}}\n",
+            "option 'limits': unknown benchmark 'GSM8K'",
+        ),
+        (
+            "cells: [{name: a}]\nbenchmarks: {names: XNLI, limits: {XNLI: many}}\n",
+            "option 'limits': 'XNLI': expected int",
+        ),
+        ("heldout_seed: x\ncells: [{name: a}]\n", "option 'heldout_seed': expected int"),
     ],
 )
 def test_bad_values_fail_at_load_time(tmp_path, text, message):
@@ -51,6 +61,21 @@ def test_bad_values_fail_at_load_time(tmp_path, text, message):
     with pytest.raises(CCError, match=message) as err:
         load_config(path)
     assert str(err.value).startswith(str(path)) and "\n" not in str(err.value)
+
+
+def test_per_benchmark_limits_override_the_limit(tmp_path):
+    from cctuning.eval.runner import EvalConfig
+    from cctuning.experiment import bench_config
+
+    ecfg = EvalConfig(model="m", limit=4, limits={"xl-sum": 2})
+    assert ecfg.limit_for("XLSum") == 2 and ecfg.limit_for("xnli") == 4
+    assert EvalConfig(model="m").limit_for("XNLI") is None
+    path = tmp_path / "e.yaml"
+    path.write_text("cells: [{name: a}]\nbenchmarks: {names: 'XNLI,XLSum', limit: 4, limits: {xlsum: 2}}\n")
+    cfg = load_config(path)
+    assert cfg.heldout_seed == 0  # the default: existing experiments keep their held-out sample
+    ecfg = bench_config(cfg, "m", "none", tmp_path / "out", 1)
+    assert (ecfg.limit_for("XNLI"), ecfg.limit_for("XL-Sum")) == (4, 2)
 
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -109,7 +134,7 @@ cells:
   - {{name: sft, method: sft}}
   - {{name: cc, method: cc, connection: transform}}
   - {{name: cc-none, method: cc, connection: none}}
-benchmarks: {{names: XStoryCloze, langs: "sw,en", limit: 2, scoring: likelihood}}
+benchmarks: {{names: XStoryCloze, langs: "sw,en", limit: 5, limits: {{xstorycloze: 2}}, scoring: likelihood}}
 """)
     report = run_experiment(load_config(path), progress=False)
     root = tmp_path / "exp"
@@ -140,6 +165,14 @@ benchmarks: {{names: XStoryCloze, langs: "sw,en", limit: 2, scoring: likelihood}
     assert diff["ci_low"] <= diff["mean"] <= diff["ci_high"]
     assert "bootstrap over items" in (root / "report.md").read_text()
     assert "XStoryCloze" in report["cells"]["cc"]["benchmarks"]
+    # the per-benchmark limit overrides the limit
+    bench = json.loads((root / "eval" / "cc" / "seed7" / "bench" / "results.json").read_text())
+    assert [v["n"] for v in bench["benchmarks"]["XStoryCloze"]["per_language"].values()] == [2, 2]
+    # the held-out sample is drawn with heldout_seed (default 0), whatever the training seed
+    from cctuning.data.mix import sample_mix
+
+    held = [json.loads(line) for line in (root / "data" / "seed7" / "heldout.jsonl").read_text().splitlines()]
+    assert held == sample_mix("heldout", 1, ["sw", "zh", "ar"], 0)
     assert "| all |" in (root / "report.md").read_text()
     # every stage that ran has its time recorded, once
     stages = json.loads((root / "stages.json").read_text())
