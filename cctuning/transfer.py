@@ -9,8 +9,10 @@
   --method sft``, on every fact asked and answered in English plus a bilingual **dictionary**
   (relation and function words, and a declared part of the entities, both directions);
 * **stage 2** ("joint fine-tuning"): records in the official format (foreign ``instruction``,
-  ``output``, English ``instruction_en``, ``lang``) for the facts of the *training* entities only;
-  ``sft`` and ``cc`` are trained from the same stage-1 folder with the same data, seed and budget;
+  ``output``, English ``instruction_en``, ``lang``) for the facts of the *training* entities only,
+  plus (by default) an English-only rehearsal of every fact so that the English pass keeps its
+  knowledge; ``sft`` and ``cc`` are trained from the same stage-1 folder with the same data, seed
+  and budget;
 * **evaluation** on the facts of the *held-out* entities asked in the foreign language only:
   accuracy of the answer chosen among the relation's candidate words by teacher-forced likelihood
   (``cctuning.eval.nll.item_nll``, the package's connected path). Cells: SFT (connection
@@ -819,13 +821,13 @@ def summarize(cfg: TransferConfig, runs: list[dict], seconds: float) -> dict:
     diag = [r["matrix"]["heldout_entities"] for r in runs]
     summary["matrix"] = {
         "heldout_pairs_cosine_before": over_seeds(
-            [r["matrix"]["heldout_pairs"]["before"]["cosine"] for r in runs]
+            [r["matrix"]["heldout_pairs"]["before"]["cosine"] for r in runs], -1.0, 1.0
         ),
         "heldout_pairs_cosine_after": over_seeds(
-            [r["matrix"]["heldout_pairs"]["after"]["cosine"] for r in runs]
+            [r["matrix"]["heldout_pairs"]["after"]["cosine"] for r in runs], -1.0, 1.0
         ),
-        "heldout_entities_cosine_before": over_seeds([d["cosine_before"] for d in diag]),
-        "heldout_entities_cosine_after": over_seeds([d["cosine_after"] for d in diag]),
+        "heldout_entities_cosine_before": over_seeds([d["cosine_before"] for d in diag], -1.0, 1.0),
+        "heldout_entities_cosine_after": over_seeds([d["cosine_after"] for d in diag], -1.0, 1.0),
         "per_layer": [
             {
                 key: (
@@ -921,15 +923,20 @@ def run_transfer_task(cfg: TransferConfig) -> dict:
     started = time.time()
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
-    threads = torch.get_num_threads()
+    from transformers.utils import logging as hf_logging
+
+    threads, bars = torch.get_num_threads(), hf_logging.is_progress_bar_enabled()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
+    hf_logging.disable_progress_bar()  # a dozen tiny loads and saves per seed: progress is logged instead
     try:
         runs = []
         for seed in cfg.seed_values():
             runs.append(run_seed(cfg, seed, _seed_folder(root, seed)))
     finally:
         torch.set_num_threads(threads)
+        if bars:
+            hf_logging.enable_progress_bar()
     summary = summarize(cfg, runs, time.time() - started)
     write_json(root / SUMMARY_NAME, summary)
     write_text(root / SUMMARY_MD_NAME, summary_markdown(summary))
