@@ -52,13 +52,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(model: str, trust_remote_code: bool = False, seed: int | None = None, sample_layer: bool = False):
+def _load(
+    model: str,
+    trust_remote_code: bool = False,
+    seed: int | None = None,
+    sample_layer: bool = False,
+    load_transform: bool = True,
+):
     """A trained (or plain) model folder and its tokenizer, for the inference commands."""
     import torch
 
     from cctuning.loading import load_for_inference
 
-    cc, tok, path = load_for_inference(model, trust_remote_code)
+    cc, tok, path = load_for_inference(model, trust_remote_code, load_transform=load_transform)
     if sample_layer:
         cc.cc_config.sample_layer = True
         cc.generator = torch.Generator().manual_seed(seed or 0)
@@ -68,7 +74,8 @@ def _load(model: str, trust_remote_code: bool = False, seed: int | None = None, 
 def _cmd_fit_matrix(args: argparse.Namespace) -> int:
     from cctuning.inference.matrix import fit_matrix_from_file
 
-    model, tok, path = _load(args.model, args.trust_remote_code)
+    # without the matrix already there: refitting replaces it (it may be a retrained model's stale one)
+    model, tok, path = _load(args.model, args.trust_remote_code, load_transform=False)
     if not model.uses_connection:
         raise CCError(
             f"'{args.model}' is not a CC-Tuning model (method '{model.cc_config.method}'): it has no connection"
@@ -176,6 +183,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         output=args.output,
         seed=args.seed,
         trust_remote_code=args.trust_remote_code,
+        sample_layer=args.sample_layer,
+        overwrite=args.overwrite,
     )
     report = evaluate(cfg)
     print(markdown_table(report))
@@ -189,7 +198,8 @@ def _cmd_eval_nll(args: argparse.Namespace) -> int:
     from cctuning.loading import load_for_inference
 
     model, tok, path = load_for_inference(args.model, args.trust_remote_code)
-    output = args.output or str(Path(path) / "eval" / f"nll-{args.connection or 'default'}")
+    sampled = f"-sampled{args.sample_layer}" if args.sample_layer else ""
+    output = args.output or str(Path(path) / "eval" / f"nll-{args.connection or 'default'}{sampled}")
     report = evaluate_nll(
         model,
         tok,
@@ -197,8 +207,11 @@ def _cmd_eval_nll(args: argparse.Namespace) -> int:
         args.connection,
         output,
         batch_size=args.batch_size,
+        max_length=args.max_length,
         seed=args.seed,
         model_name=args.model,
+        sample_layer=args.sample_layer,
+        min_response_tokens=args.min_response_tokens,
     )
     print(f"held-out NLL of {args.nll} (connection {report['connection']}), saved to {output}")
     print(f"{'lang':6} {'items':>6} {'tokens':>7} {'NLL':>8} {'95% CI':>17} {'PPL':>9}")
@@ -211,9 +224,9 @@ def _cmd_eval_nll(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cctuning.eval.report import build_report
+    from cctuning.eval.report import build_report_from_args
 
-    table, png = build_report(args.runs, args.output)
+    table, png = build_report_from_args(args)
     print(table)
     print(f"\nplot: {png}")
     return 0
@@ -356,6 +369,24 @@ def _add_eval(sub) -> None:
         metavar="FILE.jsonl",
         help="instead of benchmarks: per-token NLL of the gold responses of these records (held-out)",
     )
+    p.add_argument(
+        "--sample-layer",
+        type=int,
+        default=0,
+        metavar="K",
+        help="sample the layer with seeded Gumbel noise (the official inference) K times per item and "
+        "average the scores (default 0: the Decision Maker's argmax)",
+    )
+    p.add_argument("--max-length", type=int, default=1024, help="token budget of an --nll item")
+    p.add_argument(
+        "--min-response-tokens",
+        type=int,
+        default=4,
+        help="--nll: flag items whose response the budget cut to fewer tokens",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace results of another model or settings in --output"
+    )
     p.add_argument("--trust-remote-code", action="store_true")
     p.set_defaults(func=_cmd_eval)
 
@@ -378,9 +409,12 @@ def _add_experiment(sub) -> None:
 
 
 def _add_report(sub) -> None:
-    p = sub.add_parser("report", help="put evaluation runs side by side (table + grouped bar chart)")
-    p.add_argument("runs", nargs="+", help="evaluation run folders (each with results.json)")
-    p.add_argument("--output", default="report", help="folder for report.md, report.csv and report.png")
+    from cctuning.eval.report import add_arguments as add_report_arguments
+
+    p = sub.add_parser(
+        "report", help="put runs side by side (tables, plots) with the connection's diagnostics"
+    )
+    add_report_arguments(p)
     p.set_defaults(func=_cmd_report)
 
 

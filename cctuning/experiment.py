@@ -87,7 +87,7 @@ class ExperimentConfig:
     heldout_seed: int = 0  # seed of the held-out sample, the same for every training seed
     langs: str = "all"
     train: dict = field(default_factory=dict)  # shared cctuning train options (the budget)
-    cells: list = field(default_factory=list)  # [{name, connection, **train options}]
+    cells: list = field(default_factory=list)  # [{name, connection, sample_layer, **train options}]
     baseline: str | None = None  # cell the paired differences are taken against (default: first)
     matrix_samples: int = 200
     benchmarks: dict = field(default_factory=dict)  # {names, langs, limit, limits, scoring, max_new_tokens}
@@ -169,6 +169,9 @@ def load_config(path: str | Path) -> ExperimentConfig:
             if key == "connection":
                 if value not in CONNECTIONS:
                     raise CCError(f"{where}: expected one of {', '.join(CONNECTIONS)}, got {value!r}")
+            elif key == "sample_layer":
+                if coerce(value, int, where) < 0:
+                    raise CCError(f"{where}: the number of layer draws must be ≥ 0, got {value!r}")
             elif key != "name":
                 if key not in train_hints:
                     raise CCError(f"{path}: cell '{cell['name']}': unknown option '{key}'")
@@ -181,6 +184,10 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise CCError(f"{path}: baseline '{cfg.baseline}' is not a cell")
     _check_benchmarks(cfg.benchmarks, path)
     return cfg
+
+
+# cell keys that say how a cell is evaluated, not how it is trained
+EVAL_KEYS = ("name", "connection", "sample_layer")
 
 
 def _train_key(options: dict) -> str:
@@ -196,6 +203,7 @@ class Cell:
     name: str
     options: dict
     connection: str
+    sample_layer: int = 0  # evaluation only: K Gumbel-sampled layer draws per item (0: the argmax)
 
     @property
     def train_name(self) -> str:
@@ -210,12 +218,12 @@ def resolve_cells(cfg: ExperimentConfig) -> list[Cell]:
     hints = typing.get_type_hints(TrainConfig)
     cells = []
     for cell in cfg.cells:
-        options = {**cfg.train, **{k: v for k, v in cell.items() if k not in ("name", "connection")}}
+        options = {**cfg.train, **{k: v for k, v in cell.items() if k not in EVAL_KEYS}}
         options = {k: coerce(v, hints[k], f"cell '{cell['name']}': option '{k}'") for k, v in options.items()}
         connection = cell.get("connection") or (
             "transform" if options.get("method", "cc") == "cc" else "none"
         )
-        cells.append(Cell(cell["name"], options, connection))
+        cells.append(Cell(cell["name"], options, connection, int(cell.get("sample_layer", 0))))
     return cells
 
 
@@ -375,10 +383,13 @@ def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: _S
             seed=run.seed,
             progress=run.progress,
             model_name=str(tdir),
+            sample_layer=cell.sample_layer,
         )
 
 
-def bench_config(cfg: ExperimentConfig, model: str, connection: str, output: Path, seed: int):
+def bench_config(
+    cfg: ExperimentConfig, model: str, connection: str, output: Path, seed: int, sample_layer: int = 0
+):
     """The :class:`~cctuning.eval.runner.EvalConfig` of the experiment's ``benchmarks:`` spec."""
     from cctuning.eval.runner import EvalConfig
 
@@ -395,6 +406,7 @@ def bench_config(cfg: ExperimentConfig, model: str, connection: str, output: Pat
         batch_size=cfg.eval_batch_size,
         output=str(output),
         seed=seed,
+        sample_layer=sample_layer,
     )
 
 
@@ -406,7 +418,7 @@ def _bench_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: 
         with run.stages(stage_key("bench", cell.name, run.seed)):
             model, tok, _ = load_for_inference(str(tdir))
             evaluate(
-                bench_config(cfg, str(tdir), cell.connection, out, run.seed),
+                bench_config(cfg, str(tdir), cell.connection, out, run.seed, cell.sample_layer),
                 model,
                 tok,
                 progress=run.progress,

@@ -92,3 +92,90 @@ def sha256_file(path: str | Path) -> str:
         for chunk in iter(lambda: fh.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+LOCK_NAME = ".cctuning.lock"
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str):
+    """Hold an exclusive lock on ``folder`` for the block (``what`` names the job, for the error a
+    second process gets). The lock is an ``flock`` on ``folder/.cctuning.lock``, which the kernel
+    releases when its process dies however it dies, so a killed run never blocks the next one; the
+    file records the holder's pid and job for that error message and is removed on release. A folder
+    that the lock itself created is removed again when the block fails and left it empty."""
+    import fcntl
+
+    from cctuning.errors import CCError
+
+    folder = Path(folder)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / LOCK_NAME
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise CCError(
+                f"{folder}: in use by {holder}; wait for it to finish or choose another folder"
+            ) from None
+        try:  # the holder before us may have removed the file between our open and our lock: retry
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    ok = False
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} ({what})\n".encode(), 0)
+        yield
+        ok = True
+    finally:
+        os.unlink(path)  # still locked: whoever opened it meanwhile retries on a new file
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+        for made in created if not ok else ():
+            if made.is_dir() and not any(made.iterdir()):
+                made.rmdir()
+
+
+def check_output_folder(path: str | Path, option: str = "--output") -> Path:
+    """Make sure ``path`` is (or can be made) a writable folder before anything slow runs; a file in
+    its place, or a folder we cannot write, is a one-line error."""
+    from cctuning.errors import CCError
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise CCError(f"{option} {path}: exists and is not a folder")
+    missing = [p for p in (path, *path.parents) if not p.exists()]
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise CCError(f"{option} {path}: cannot create the folder ({err.strerror})") from None
+    probe = path / f".cctuning-write-test-{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as err:
+        raise CCError(f"{option} {path}: cannot write into the folder ({err.strerror})") from None
+    finally:
+        for folder in missing:  # only a check: what it created is removed again
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+    return path
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """A fingerprint of the files directly in a model folder (weights, Decision Maker, matrix,
+    configs): name, size and modification time of each, hashed. Any save, retraining or refit
+    rewrites a file and so changes it; reading the files is not needed."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(folder).iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            stat = path.stat()
+            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]

@@ -51,10 +51,15 @@ def lora_base_path(folder: str | Path) -> str | None:
         raise CCError(f"{folder}: base model of the LoRA adapter: {err}") from None
 
 
-def load_for_inference(model: str, trust_remote_code: bool = False, dtype=None):
-    """``(CCModel in eval mode, tokenizer, folder)`` for a trained, SFT or plain HF model folder."""
+def load_for_inference(model: str, trust_remote_code: bool = False, dtype=None, load_transform: bool = True):
+    """``(CCModel in eval mode, tokenizer, folder)`` for a trained, SFT or plain HF model folder
+    (``load_transform=False``: without its Transform Matrix, for refitting it)."""
     path = resolve_model_path(model)
     cc = CCModel.from_pretrained(
-        path, dtype=dtype, trust_remote_code=trust_remote_code, base_model=lora_base_path(path)
+        path,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        base_model=lora_base_path(path),
+        load_transform=load_transform,
     )
     return cc, load_tokenizer(path, trust_remote_code), path

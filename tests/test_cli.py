@@ -25,6 +25,8 @@ def test_sft_trains_on_records_without_english(base_dir, tmp_path, capsys):
     args = ["train", *flags(model=base_dir, data=data, output=tmp_path / "o"), *FAST]
     code, _, err = run_cli(args + ["--method", "sft"], capsys)
     assert code == 0
+    # a fresh --output: the one above now holds a run, which is refused before the data is read
+    args[args.index(str(tmp_path / "o"))] = str(tmp_path / "o2")
     code, _, err = run_cli(args + ["--method", "cc"], capsys)
     assert code == 2 and "sft.jsonl:1: field 'instruction_en': missing" in err
 

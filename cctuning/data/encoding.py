@@ -269,17 +269,18 @@ class PromptEncoder:
         return ex
 
 
+def encode_example(encoder: PromptEncoder, rec, with_english: bool) -> EncodedExample:
+    """Tokenise one record; an encoding problem is reported with the record's file, line and field."""
+    try:
+        return encoder.encode_example(
+            rec.instruction, rec.output, rec.instruction_en if with_english else None
+        )
+    except EncodingError as err:
+        raise DataError(rec.path, rec.line, err.field, err.reason) from None
+    except CCError as err:
+        raise DataError(rec.path, rec.line, "instruction", str(err)) from None
+
+
 def encode_records(records, encoder: PromptEncoder, with_english: bool) -> list[dict]:
-    """Tokenise every record; an encoding problem is reported with the record's file, line and field."""
-    features = []
-    for rec in records:
-        try:
-            ex = encoder.encode_example(
-                rec.instruction, rec.output, rec.instruction_en if with_english else None
-            )
-        except EncodingError as err:
-            raise DataError(rec.path, rec.line, err.field, err.reason) from None
-        except CCError as err:
-            raise DataError(rec.path, rec.line, "instruction", str(err)) from None
-        features.append(ex.features())
-    return features
+    """Tokenise every record (:func:`encode_example`) into training features."""
+    return [encode_example(encoder, rec, with_english).features() for rec in records]

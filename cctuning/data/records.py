@@ -221,8 +221,7 @@ def load_prompts(path: str | Path, require_english: bool = False) -> list[Record
     """Inference inputs: records with ``instruction`` (``output`` optional: the gold response,
     ``instruction_en`` needed for the English oracle). Same validation and errors as training data."""
     path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, None, "no such file")
+    check_data_file(path)
     records = []
     for line, value in _iter_raw(path):
         if isinstance(value, dict) and "output" not in value:
@@ -231,6 +230,23 @@ def load_prompts(path: str | Path, require_english: bool = False) -> list[Record
     if not records:
         raise DataError(str(path), None, None, "no records")
     return records
+
+
+def check_data_file(path: Path) -> None:
+    """A data path must be a regular file: say what it is otherwise."""
+    import stat
+
+    if path.is_symlink() and not path.exists():
+        raise DataError(str(path), None, None, "a broken symbolic link")
+    if not path.exists():
+        raise DataError(str(path), None, None, "no such file")
+    mode = path.stat().st_mode
+    kinds = {stat.S_ISDIR: "a directory", stat.S_ISFIFO: "a named pipe (FIFO)", stat.S_ISSOCK: "a socket"}
+    for test, kind in kinds.items():
+        if test(mode):
+            raise DataError(str(path), None, None, f"is {kind}, not a data file")
+    if not stat.S_ISREG(mode):
+        raise DataError(str(path), None, None, "is not a regular file")
 
 
 def load_records(
@@ -246,8 +262,7 @@ def load_records(
     ``report``; a malformed JSON array still stops the load.
     """
     path = Path(path)
-    if not path.is_file():
-        raise DataError(str(path), None, None, "no such file")
+    check_data_file(path)
     report = report if report is not None else LoadReport()
     report.first_errors = report.first_errors or []
     records: list[Record] = []

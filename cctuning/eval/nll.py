@@ -14,6 +14,7 @@ Per-item sums are saved so that two runs on the same items can be compared pairw
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -25,12 +26,12 @@ import torch
 from tqdm.auto import tqdm
 
 from cctuning.data.collator import CCCollator, pad_token_id
-from cctuning.data.encoding import PromptEncoder, encode_records
+from cctuning.data.encoding import PromptEncoder, encode_example
 from cctuning.data.records import load_records
 from cctuning.errors import CCError
-from cctuning.io import write_json, write_text
+from cctuning.io import check_output_folder, folder_lock, write_json, write_text
 from cctuning.model.ccmodel import positions_from_mask
-from cctuning.model.connection import connected_forward, resolve_connection
+from cctuning.model.connection import connected_forward, layer_sampling, resolve_connection
 from cctuning.versions import versions
 
 logger = logging.getLogger(__name__)
@@ -103,39 +104,60 @@ def summarize(items: list[dict], reps: int = 1000, seed: int = 0) -> dict:
 
 
 def encode_nll_records(model, tokenizer, data: str | Path, connection: str, max_length: int):
-    """The records of ``data`` and their features (with the English prompts for ``english``)."""
+    """The records of ``data``, their features (with the English prompts for ``english``) and how
+    much of each the token budget cut (``response_cut``, ``instruction_cut`` in tokens)."""
     records = load_records(data, require_english=connection == "english")
     encoder = PromptEncoder(tokenizer, model.cc_config.prompt_format, max_length)
-    return records, encode_records(records, encoder, with_english=connection == "english")
+    features, cuts = [], []
+    for rec in records:
+        ex = encode_example(encoder, rec, with_english=connection == "english")
+        features.append(ex.features())
+        cuts.append({"response_cut": ex.response_cut, "instruction_cut": ex.instruction_cut})
+    return records, features, cuts
 
 
 def score_records(
-    model, records, features: list[dict], connection: str, pad_id: int, batch_size: int, progress: bool
+    model,
+    records,
+    features: list[dict],
+    connection: str,
+    pad_id: int,
+    batch_size: int,
+    progress: bool,
+    draws: int = 0,
+    seed: int = 0,
 ) -> list[dict]:
     """One item per record (file line, language, summed response NLL, response tokens, chosen layer),
-    scored ``batch_size`` records at a time in eval mode."""
+    scored ``batch_size`` records at a time in eval mode. With ``draws`` = K > 0 the layer is sampled
+    with seeded Gumbel noise (the official inference) K times per item and the item's NLL is the mean
+    over the draws (``layers`` lists the K choices, ``layer`` is the most frequent)."""
     collate = CCCollator(pad_id, "right")
     was_training = model.training
     model.eval()
     items = []
     device = model.arch.embeddings.weight.device
+    sampled = draws > 0 and connection != "none"
     bar = tqdm(total=len(records), desc=f"nll ({connection})", unit="item", disable=not progress)
     try:
-        for start in range(0, len(records), batch_size):
-            batch = {k: v.to(device) for k, v in collate(features[start : start + batch_size]).items()}
-            sums, counts, layers = item_nll(model, batch, connection)
-            for j in range(len(sums)):
-                rec = records[start + j]
-                items.append(
-                    {
+        with layer_sampling(model, seed) if sampled else contextlib.nullcontext():
+            for start in range(0, len(records), batch_size):
+                batch = {k: v.to(device) for k, v in collate(features[start : start + batch_size]).items()}
+                runs = [item_nll(model, batch, connection) for _ in range(draws if sampled else 1)]
+                counts = runs[0][1]
+                for j in range(len(counts)):
+                    rec = records[start + j]
+                    layers = [None if r[2] is None else int(r[2][j]) for r in runs]
+                    item = {
                         "line": rec.line,
                         "lang": rec.lang,
-                        "nll_sum": float(sums[j]),
+                        "nll_sum": sum(float(r[0][j]) for r in runs) / len(runs),
                         "tokens": int(counts[j]),
-                        "layer": None if layers is None else int(layers[j]),
+                        "layer": max(set(layers), key=layers.count) if sampled else layers[0],
                     }
-                )
-            bar.update(len(sums))
+                    if sampled:
+                        item["layers"] = layers
+                    items.append(item)
+                bar.update(len(counts))
     finally:
         bar.close()
         model.train(was_training)
@@ -161,12 +183,80 @@ def evaluate_nll(
     reps: int = 1000,
     progress: bool = True,
     model_name: str | None = None,
+    sample_layer: int = 0,
+    min_response_tokens: int = 4,
 ) -> dict:
-    """Score the gold responses of ``data`` (training-format records) and write ``nll.json``."""
+    """Score the gold responses of ``data`` (training-format records) and write ``nll.json``.
+
+    ``sample_layer`` = K > 0: the official stochastic layer choice, K seeded draws per item, averaged.
+    Every cut the token budget made is recorded per item and counted in the report; an item whose
+    response was cut to fewer than ``min_response_tokens`` tokens is flagged (``short``) and counted,
+    and a warning names how many there are (its NLL rests on few tokens)."""
+    if batch_size <= 0:
+        raise CCError(f"batch size must be > 0, got {batch_size}")
+    if sample_layer < 0:
+        raise CCError(f"--sample-layer takes the number of draws (≥ 0), got {sample_layer}")
     connection = resolve_connection(model, connection)
-    records, features = encode_nll_records(model, tokenizer, data, connection, max_length)
+    if output is not None:
+        check_output_folder(output)
+    with folder_lock(output, "cctuning eval --nll") if output is not None else contextlib.nullcontext():
+        return _evaluate_nll(
+            model, tokenizer, data, connection, output, batch_size, max_length, seed, reps, progress,
+            model_name, sample_layer, min_response_tokens,
+        )  # fmt: skip
+
+
+def _evaluate_nll(
+    model,
+    tokenizer,
+    data,
+    connection,
+    output,
+    batch_size,
+    max_length,
+    seed,
+    reps,
+    progress,
+    model_name,
+    sample_layer,
+    min_response_tokens,
+) -> dict:
+    records, features, cuts = encode_nll_records(model, tokenizer, data, connection, max_length)
     started = time.time()
-    items = score_records(model, records, features, connection, pad_token_id(tokenizer), batch_size, progress)
+    items = score_records(
+        model,
+        records,
+        features,
+        connection,
+        pad_token_id(tokenizer),
+        batch_size,
+        progress,
+        sample_layer,
+        seed,
+    )
+    for item, cut in zip(items, cuts):
+        item.update(cut)
+        item["short"] = bool(cut["response_cut"]) and item["tokens"] < min_response_tokens
+    cut_summary = {
+        "max_length": max_length,
+        "responses_cut": sum(1 for c in cuts if c["response_cut"]),
+        "response_tokens_cut": sum(c["response_cut"] for c in cuts),
+        "instructions_cut": sum(1 for c in cuts if c["instruction_cut"]),
+        "instruction_tokens_cut": sum(c["instruction_cut"] for c in cuts),
+        "min_response_tokens": min_response_tokens,
+        "short_items": sum(1 for i in items if i["short"]),
+    }
+    if cut_summary["short_items"]:
+        logger.warning(
+            "%s: %d of %d responses were cut to fewer than %d tokens by the budget of %d tokens "
+            "(flagged 'short' in %s); raise --max-length to score them whole",
+            data,
+            cut_summary["short_items"],
+            len(items),
+            min_response_tokens,
+            max_length,
+            NLL_ITEMS_NAME,
+        )
     report = {
         "data": str(data),
         "connection": connection,
@@ -174,6 +264,8 @@ def evaluate_nll(
         "model": model_name,
         "seed": seed,
         "bootstrap_reps": reps,
+        "sample_layer": sample_layer,
+        "truncation": cut_summary,
         "num_layers": model.arch.num_layers,
         "nll": summarize(items, reps, seed),
         "seconds": round(time.time() - started, 2),

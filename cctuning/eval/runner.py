@@ -12,11 +12,13 @@ Scores are always recomputed from the cached outputs.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,9 +37,9 @@ from cctuning.eval.benchmarks import (
 )
 from cctuning.eval.scoring import aggregate, score_choice_logprobs, score_item
 from cctuning.inference.generate import CCGenerator
-from cctuning.io import write_json, write_text
+from cctuning.io import check_output_folder, folder_fingerprint, folder_lock, write_json, write_text
 from cctuning.loading import load_for_inference
-from cctuning.model.connection import resolve_connection
+from cctuning.model.connection import layer_sampling, resolve_connection
 from cctuning.versions import versions
 
 logger = logging.getLogger(__name__)
@@ -65,6 +67,21 @@ class EvalConfig:
     output: str | None = None
     seed: int = 0
     trust_remote_code: bool = False
+    sample_layer: int = 0  # K > 0: the official Gumbel-sampled layer, K seeded draws, scores averaged
+    overwrite: bool = False  # replace results of another model or settings in the output folder
+
+    def check(self) -> None:
+        """Values that cannot make an evaluation: one line each, before anything runs."""
+        if self.scoring not in ("generate", "likelihood"):
+            raise CCError(f"unknown scoring '{self.scoring}' (use generate or likelihood)")
+        for name in ("batch_size", "max_new_tokens"):
+            if getattr(self, name) <= 0:
+                raise CCError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        for name, value in [("limit", self.limit), *((f"limits: {k}", v) for k, v in self.limits.items())]:
+            if value is not None and value <= 0:
+                raise CCError(f"--{name} must be > 0 items, got {value}")
+        if self.sample_layer < 0:
+            raise CCError(f"--sample-layer takes the number of draws (≥ 0), got {self.sample_layer}")
 
     def limit_for(self, benchmark: str) -> int | None:
         """Items per language for ``benchmark``: its entry in ``limits`` (any spelling of the name), else ``limit``."""
@@ -76,11 +93,16 @@ class EvalConfig:
 
     def fingerprint(self, connection: str) -> dict:
         """What must match for cached generations to be reused."""
+        folder = Path(self.model)
         return {
-            "model": str(Path(self.model).resolve()) if Path(self.model).exists() else self.model,
+            "model": str(folder.resolve()) if folder.exists() else self.model,
+            # the weights, Decision Maker and matrix that were scored: a retrained or refitted model
+            # never reuses generations of the old one
+            "weights": folder_fingerprint(folder) if folder.is_dir() else None,
             "connection": connection,
             "scoring": self.scoring,
             "max_new_tokens": self.max_new_tokens,
+            "sample_layer": self.sample_layer,
         }
 
 
@@ -155,39 +177,84 @@ def _score(item: Item, row: dict) -> dict:
 
 def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True) -> dict:
     """Run the evaluation described by ``cfg``; returns (and writes) the results dictionary."""
-    if cfg.scoring not in ("generate", "likelihood"):
-        raise CCError(f"unknown scoring '{cfg.scoring}' (use generate or likelihood)")
+    cfg.check()
     if model is None:
         model, tokenizer, _ = load_for_inference(cfg.model, cfg.trust_remote_code)
     torch.manual_seed(cfg.seed)
     generator = CCGenerator(model, tokenizer, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size)
     connection = resolve_connection(model, cfg.connection)
-    out_dir = _open_run_dir(cfg, connection)
-    cache = GenerationCache(out_dir / "generations")
-    results, started = [], time.time()
-    missing_langs: dict[str, list[str]] = {}
-    for bench in [get_spec(b).name for b in cfg.benchmarks]:
-        langs = _benchmark_langs(cfg, bench, missing_langs)
-        results += _evaluate_benchmark(cfg, bench, langs, generator, cache, connection, progress)
-    if not results:
-        raise CCError("nothing to evaluate: no benchmark has any of the requested languages")
-    report = _results_report(cfg, model, connection, results, missing_langs, time.time() - started)
-    write_results(out_dir, report)
+    out_dir = check_output_folder(_out_dir(cfg, connection))
+    with folder_lock(out_dir, "cctuning eval"):
+        _open_run_dir(cfg, connection, out_dir)
+        results, started = [], time.time()
+        missing_langs: dict[str, list[str]] = {}
+        draws = cfg.sample_layer if connection != "none" else 0
+        for bench in [get_spec(b).name for b in cfg.benchmarks]:
+            langs = _benchmark_langs(cfg, bench, missing_langs)
+            runs = []
+            for draw in range(max(1, draws)):  # each draw has its own cache and seed
+                folder = out_dir / "generations" / (f"draw-{draw}" if draws else "")
+                with layer_sampling(model, cfg.seed + draw) if draws else contextlib.nullcontext():
+                    runs.append(
+                        _evaluate_benchmark(
+                            cfg, bench, langs, generator, GenerationCache(folder), connection, progress
+                        )
+                    )
+            results += _average_draws(runs)
+        if not results:
+            raise CCError("nothing to evaluate: no benchmark has any of the requested languages")
+        report = _results_report(cfg, model, connection, results, missing_langs, time.time() - started)
+        write_results(out_dir, report)
     return report
 
 
-def _open_run_dir(cfg: EvalConfig, connection: str) -> Path:
-    """The output folder, refusing one that holds a run whose cached generations would not match."""
-    out_dir = Path(cfg.output or Path(cfg.model) / "eval" / f"{connection}-{cfg.scoring}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+def _average_draws(runs: list[list[dict]]) -> list[dict]:
+    """One result per item: its metrics averaged over the layer draws (one run: as is); the layers of
+    every draw count in the layer statistics."""
+    if len(runs) == 1:
+        return runs[0]
+    out = []
+    for rows in zip(*runs):
+        first = rows[0]
+        metrics = {}
+        for key, value in first["metrics"].items():
+            if isinstance(value, bool):  # e.g. parsed: true only when every draw's answer parsed
+                metrics[key] = all(r["metrics"][key] for r in rows)
+            elif isinstance(value, (int, float)):
+                metrics[key] = sum(r["metrics"][key] for r in rows) / len(rows)
+        out.append({**first, "metrics": metrics, "layers": [r["layer"] for r in rows]})
+    return out
+
+
+def _out_dir(cfg: EvalConfig, connection: str) -> Path:
+    suffix = f"-sampled{cfg.sample_layer}" if cfg.sample_layer and connection != "none" else ""
+    return Path(cfg.output or Path(cfg.model) / "eval" / f"{connection}-{cfg.scoring}{suffix}")
+
+
+def _open_run_dir(cfg: EvalConfig, connection: str, out_dir: Path) -> None:
+    """Refuse a folder whose cached generations are another model's (retrained, refitted) or other
+    settings', unless ``overwrite``, which removes them first."""
     fingerprint = cfg.fingerprint(connection)
     run_file = out_dir / "run.json"
     if run_file.is_file():
-        previous = json.loads(run_file.read_text(encoding="utf-8")).get("fingerprint")
-        if previous != fingerprint:
-            raise CCError(f"{out_dir} holds a run with other settings ({previous}); choose another --output")
+        previous = json.loads(run_file.read_text(encoding="utf-8")).get("fingerprint") or {}
+        changed = sorted(k for k in set(previous) | set(fingerprint) if previous.get(k) != fingerprint.get(k))
+        if changed and not cfg.overwrite:
+            what = (
+                "the model's weights, Decision Maker or matrix changed since"
+                if "weights" in changed
+                else "other settings made"
+            )
+            raise CCError(
+                f"{out_dir} holds results that {what} them (differs: {', '.join(changed)}); use --overwrite "
+                "to replace them or choose another --output"
+            )
+        if changed:
+            logger.info("--overwrite: removing the earlier results in %s", out_dir)
+            shutil.rmtree(out_dir / "generations", ignore_errors=True)
+            for name in (RESULTS_NAME, "results.csv", "results.md"):
+                (out_dir / name).unlink(missing_ok=True)
     write_json(run_file, {"fingerprint": fingerprint, "config": asdict(cfg), "versions": versions()})
-    return out_dir
 
 
 def _benchmark_langs(cfg: EvalConfig, bench: str, missing_langs: dict[str, list[str]]) -> list[str]:
@@ -252,9 +319,10 @@ def _layer_counts(results: list[dict]) -> dict[str, dict[str, int]]:
     """How often each layer was chosen, per language."""
     counts: dict[str, dict[str, int]] = {}
     for r in results:
-        if r["layer"] is not None:
-            per_lang = counts.setdefault(r["lang"], {})
-            per_lang[str(r["layer"])] = per_lang.get(str(r["layer"]), 0) + 1
+        for layer in r.get("layers", [r["layer"]]):
+            if layer is not None:
+                per_lang = counts.setdefault(r["lang"], {})
+                per_lang[str(layer)] = per_lang.get(str(layer), 0) + 1
     return counts
 
 
@@ -267,6 +335,7 @@ def _results_report(
         "model": cfg.model,
         "connection": connection,
         "scoring": cfg.scoring,
+        "sample_layer": cfg.sample_layer if connection != "none" else 0,
         "limit": cfg.limit,
         "seed": cfg.seed,
         "max_new_tokens": cfg.max_new_tokens,

@@ -35,6 +35,7 @@ from transformers.cache_utils import DynamicLayer
 
 from cctuning.data.collator import pad_rows, pad_token_id
 from cctuning.data.encoding import PromptEncoder
+from cctuning.errors import CCError
 from cctuning.model.ccmodel import CCModel, positions_from_mask
 from cctuning.model.connection import default_connection, injected, injection, resolve_connection
 
@@ -79,6 +80,9 @@ class CCGenerator:
         batch_size: int = 8,
         max_length: int | None = None,
     ):
+        for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
+            if value <= 0:
+                raise CCError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         self.model = model
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
@@ -111,6 +115,8 @@ class CCGenerator:
             self.model, connection, english is not None and len(english) == len(prompts)
         )
         new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if new_tokens <= 0:
+            raise CCError(f"--max-new-tokens must be > 0, got {new_tokens}")
         budget = self._prompt_budget(new_tokens)
         encoded = [self.encoder.encode_prompt(p, budget) for p in prompts]
         en_encoded = [self.encoder.encode_prompt(e, budget) for e in english] if english else None

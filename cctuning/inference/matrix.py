@@ -26,6 +26,7 @@ from cctuning.data.collator import pad_rows, pad_token_id
 from cctuning.data.encoding import PromptEncoder
 from cctuning.data.records import load_records
 from cctuning.errors import CCError
+from cctuning.io import check_output_folder, folder_lock
 from cctuning.model.transform import DECISION_MAKER_STAMP, TransformMatrix, apply_matrix
 
 logger = logging.getLogger(__name__)
@@ -235,6 +236,18 @@ def accumulate_pairs(
     return stored
 
 
+def check_fit_options(samples: int, ridge: float, heldout_fraction: float, batch_size: int) -> None:
+    """Values that would fit nothing, or a wrong matrix that looks like a result: refused."""
+    if not ridge >= 0:
+        raise CCError(f"--ridge must be ≥ 0, got {ridge} (a negative ridge fits a wrong matrix)")
+    if not 0 <= heldout_fraction < 1:
+        raise CCError(f"--heldout must be in [0, 1), got {heldout_fraction}")
+    if samples < 2:
+        raise CCError(f"--samples must be ≥ 2, got {samples}")
+    if batch_size <= 0:
+        raise CCError(f"--batch-size must be > 0, got {batch_size}")
+
+
 def fit_transform_matrix(
     model,
     tokenizer,
@@ -260,6 +273,7 @@ def fit_transform_matrix(
     length (at most ``batch_size`` prompts and ``max_batch_tokens`` padded tokens a batch), so that
     time is not spent on padding and memory does not grow with the longest prompt seen. Memory is
     bounded by the window and the batch budget, whatever the number of pairs."""
+    check_fit_options(samples, ridge, heldout_fraction, batch_size)
     pairs = [r for r in records if r.instruction_en]
     if len(pairs) < 2:
         raise CCError("fitting a transform matrix needs at least 2 records with instruction_en")
@@ -306,9 +320,17 @@ def fit_matrix_from_file(
 ) -> FitReport:
     """Fit the Transform Matrix on the records of ``data`` (a CC-Tuning JSONL file with English
     counterparts), record that file in its metadata and save it into ``folder`` beside the model.
-    ``options`` are :func:`fit_transform_matrix`'s."""
-    records = load_records(data, require_english=True, skip_invalid=skip_invalid)
-    matrix, report = fit_transform_matrix(model, tokenizer, records, **options)
-    matrix.meta["data"] = str(data)
-    matrix.save(folder)
+    ``options`` are :func:`fit_transform_matrix`'s. The folder is locked while fitting; a matrix
+    already there (a stale one, after retraining) is replaced."""
+    check_fit_options(
+        options.get("samples", 1000),
+        options.get("ridge", 0.0),
+        options.get("heldout_fraction", 0.1),
+        options.get("batch_size", 16),
+    )
+    with folder_lock(check_output_folder(folder, "model folder"), "cctuning fit-matrix"):
+        records = load_records(data, require_english=True, skip_invalid=skip_invalid)
+        matrix, report = fit_transform_matrix(model, tokenizer, records, **options)
+        matrix.meta["data"] = str(data)
+        matrix.save(folder)
     return report

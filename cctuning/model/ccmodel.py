@@ -128,6 +128,31 @@ def _non_reentrant(layer: nn.Module) -> bool:
     return getattr(func, "keywords", {}).get("use_reentrant") is False
 
 
+def _load_failure(path: str | Path, err: Exception) -> str:
+    """What went wrong when transformers could not load ``path``, in one line."""
+    import pickle
+
+    if isinstance(err, pickle.UnpicklingError):
+        return (
+            "its pickle weights (pytorch_model.bin) hold objects other than tensors and were refused "
+            "unread (torch.load weights_only); convert them to safetensors"
+        )
+    if type(err).__name__ == "SafetensorError":
+        return f"a damaged or truncated .safetensors file ({first_line(err)})"
+    try:
+        auto_map = json.loads((Path(path) / "config.json").read_text(encoding="utf-8")).get("auto_map")
+    except (OSError, ValueError, AttributeError):
+        auto_map = None
+    if auto_map:
+        return (
+            "the folder ships its own model code (auto_map in config.json), which cctuning runs only "
+            f"with --trust-remote-code (trust_remote_code=True): {first_line(err)}"
+        )
+    if not isinstance(err, (OSError, ValueError, KeyError, RuntimeError, TypeError)):
+        raise err
+    return first_line(err)
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that ignore padding, so left- and right-padded rows compute the same thing."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -147,6 +172,13 @@ class CCModel(nn.Module):
         self.cc_config = cc_config
         self.arch: Architecture = locate(base, cc_config.layers_path, cc_config.ffn_module)
         self._no_split_modules = getattr(base, "_no_split_modules", None)  # FSDP auto-wrap reads it
+        for name, found in (("num_layers", self.arch.num_layers), ("hidden_size", self.arch.hidden_size)):
+            recorded = getattr(cc_config, name)
+            if recorded is not None and recorded != found:
+                raise CCError(
+                    f"{CONFIG_NAME}: {name} {recorded} does not match the model, which has {found}; "
+                    "the folder mixes files of two models"
+                )
         cc_config.num_layers, cc_config.hidden_size = self.arch.num_layers, self.arch.hidden_size
         cc_config.ffn_module = self.arch.ffn_name
         if not 0 <= cc_config.inject_layer < self.arch.num_layers:
@@ -186,8 +218,8 @@ class CCModel(nn.Module):
             return AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
             )
-        except (OSError, ValueError) as err:
-            raise CCError(f"cannot load a causal LM from '{path}': {first_line(err)}") from None
+        except Exception as err:  # noqa: BLE001 - every loader failure becomes one line, never a traceback
+            raise CCError(f"cannot load a causal LM from '{path}': {_load_failure(path, err)}") from None
 
     @classmethod
     def from_base(
@@ -207,6 +239,7 @@ class CCModel(nn.Module):
         dtype=None,
         trust_remote_code: bool = False,
         base_model: str | None = None,
+        load_transform: bool = True,
         **kwargs,
     ) -> CCModel:
         """Load a folder written by :meth:`save_pretrained` (or any plain HF folder, as method ``none``).
@@ -237,7 +270,8 @@ class CCModel(nn.Module):
         model = cls(base, cc_config)
         if cc_config.method == "cc":
             model.load_decision_maker(path / DECISION_MAKER_NAME)
-            model.set_transform(TransformMatrix.load(path))
+            if load_transform:  # fit-matrix loads without it: it replaces a stale one
+                model.set_transform(TransformMatrix.load(path))
         model.eval()
         return model
 
@@ -272,7 +306,14 @@ class CCModel(nn.Module):
         file = Path(file)
         if not file.is_file():
             raise CCError(f"{file}: missing (a CC-Tuning folder needs its Decision Maker weights)")
-        tensors = load_file(str(file))
+        try:
+            tensors = load_file(str(file))
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type
+            raise CCError(f"{file}: not a readable safetensors file ({first_line(err)})") from None
+        if "weight" not in tensors:
+            raise CCError(f"{file}: no Decision Maker 'weight' tensor")
+        if not all(torch.isfinite(t).all() for t in tensors.values()):
+            raise CCError(f"{file}: the Decision Maker holds NaN or infinite values; retrain the model")
         weight = tensors["weight"]
         expected = tuple(self.decision_maker.proj.weight.shape)
         if tuple(weight.shape) != expected:
@@ -305,6 +346,10 @@ class CCModel(nn.Module):
             base_sd = {k[len("base.") :]: v for k, v in state_dict.items() if k.startswith("base.")}
             dm_weight = state_dict.get("decision_maker.proj.weight", dm_weight)
             gate = state_dict.get("fusion.gate", gate)
+        check_finite(base_sd if base_sd is not None else self.base.state_dict(), "model weights")
+        for name, tensor in (("Decision Maker", dm_weight), ("fusion gate", gate)):
+            if tensor is not None:
+                check_finite({name: tensor}, name)
         with staged_dir(path) as stage:
             self.base.save_pretrained(stage, state_dict=base_sd)
             if tokenizer is not None:
@@ -457,6 +502,15 @@ class CCModel(nn.Module):
             position_ids=position_ids,
             **kwargs,
         )
+
+
+def check_finite(tensors: dict, what: str) -> None:
+    """Refuse to save NaN or infinite values (a diverged run must not pass for a result)."""
+    for name, tensor in tensors.items():
+        if torch.is_tensor(tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CCError(
+                f"refusing to save: the {what} hold NaN or infinite values ({name}); the run diverged"
+            )
 
 
 def adapter_base(path: str | Path, cc_config: CCConfig) -> str:

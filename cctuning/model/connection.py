@@ -82,6 +82,19 @@ def injected(model, inj: Injection):
         yield
 
 
+@contextmanager
+def layer_sampling(model, seed: int):
+    """Within the block the Decision Maker samples its layer with Gumbel noise, as the official
+    inference code does, from a generator seeded with ``seed`` (outside it: the argmax)."""
+    saved = (model.cc_config.sample_layer, model.generator)
+    model.cc_config.sample_layer = True
+    model.generator = torch.Generator().manual_seed(seed)
+    try:
+        yield
+    finally:
+        model.cc_config.sample_layer, model.generator = saved
+
+
 def source_activations(
     model,
     connection: str,

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from cctuning.errors import CCError
+from cctuning.errors import CCError, first_line
 from cctuning.io import save_safetensors, write_json
 
 MATRIX_NAME = "transform_matrix.safetensors"
@@ -53,6 +53,8 @@ class TransformMatrix:
 
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
+        if not torch.isfinite(self.matrix).all():
+            raise CCError("refusing to save a transform matrix with NaN or infinite values")
         meta = {k: json.dumps(v) for k, v in self.meta.items()}
         save_safetensors(folder / MATRIX_NAME, {"matrix": self.matrix.float()}, metadata=meta)
         write_json(folder / MATRIX_REPORT_NAME, self.meta)
@@ -64,9 +66,14 @@ class TransformMatrix:
         file = Path(folder) / MATRIX_NAME
         if not file.is_file():
             return None
-        with safe_open(str(file), framework="pt") as fh:
-            raw = fh.metadata() or {}
-            matrix = fh.get_tensor("matrix")
+        try:
+            with safe_open(str(file), framework="pt") as fh:
+                raw = fh.metadata() or {}
+                matrix = fh.get_tensor("matrix")
+        except Exception as err:  # noqa: BLE001 - safetensors raises its own error type
+            raise CCError(f"{file}: not a readable transform matrix ({first_line(err)}); refit it") from None
+        if not torch.isfinite(matrix).all():
+            raise CCError(f"{file}: the transform matrix holds NaN or infinite values; refit it")
         meta = {}
         for k, v in raw.items():
             try:

@@ -88,6 +88,9 @@ class TrainConfig:
     logging_steps: int = opt(10, "log the loss every N steps")
     save_steps: int = opt(0, "save a checkpoint every N steps (0: once per epoch)")
     save_total_limit: int = opt(2, "keep at most this many checkpoints")
+    overwrite: bool = opt(
+        False, "replace the run already in --output (its files and checkpoints are removed first)"
+    )
     resume: str | None = opt(
         None, "resume from the last checkpoint in --output ('last') or from a folder", metavar="last|DIR"
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -16,11 +17,13 @@ from cctuning.data.collator import CCCollator
 from cctuning.data.encoding import IGNORE_INDEX, PromptEncoder, PromptFormat, encode_records
 from cctuning.data.records import LoadReport, load_records
 from cctuning.errors import CCError, DataError, first_line
-from cctuning.io import is_incomplete, write_json
+from cctuning.io import INCOMPLETE_MARKER, check_output_folder, folder_lock, is_incomplete, write_json
 from cctuning.loading import load_tokenizer, resolve_model_path
-from cctuning.model.ccmodel import CCConfig, CCModel
+from cctuning.model.ccmodel import CONFIG_NAME, DECISION_MAKER_NAME, CCConfig, CCModel
 from cctuning.model.lora import add_lora
+from cctuning.model.transform import MATRIX_NAME, MATRIX_REPORT_NAME
 from cctuning.training.args import TrainConfig
+from cctuning.training.trainer import LAYER_CHOICE_NAME, CCTrainer
 from cctuning.versions import versions
 
 TRAIN_RESULTS_NAME = "train_results.json"
@@ -170,13 +173,98 @@ def prepare(cfg: TrainConfig):
 
 
 def check_required(cfg: TrainConfig) -> None:
+    """Options that cannot make a run: one line each, before anything is loaded."""
     for name in ("model", "data", "output"):
         if not getattr(cfg, name):
             raise CCError(f"--{name} is required")
     if cfg.bf16 and cfg.fp16:
         raise CCError("--bf16 and --fp16 exclude each other")
-    if cfg.dm_lr_scale <= 0:
-        raise CCError(f"--dm-lr-scale must be > 0, got {cfg.dm_lr_scale}")
+    for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
+        if getattr(cfg, name) <= 0:
+            raise CCError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    for name in ("lr", "dm_lr_scale", "tau"):
+        if not getattr(cfg, name) > 0:  # also refuses nan
+            raise CCError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
+    if cfg.max_steps <= 0 and not cfg.epochs > 0:
+        raise CCError(
+            f"nothing to train: --max-steps {cfg.max_steps} and --epochs {cfg.epochs} make a run of zero steps"
+        )
+    if not 0 <= cfg.warmup_ratio <= 1:
+        raise CCError(f"--warmup-ratio must be between 0 and 1, got {cfg.warmup_ratio}")
+    if cfg.save_steps < 0 or cfg.save_total_limit < 0:
+        raise CCError("--save-steps and --save-total-limit must be ≥ 0")
+
+
+# what a training run writes into --output: what --overwrite clears (nothing else is touched)
+RUN_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "adapter_model.safetensors",
+    "adapter_config.json",
+    "training_args.bin",
+    CONFIG_NAME,
+    DECISION_MAKER_NAME,
+    MATRIX_NAME,
+    MATRIX_REPORT_NAME,
+    LAYER_CHOICE_NAME,
+    TRAIN_RESULTS_NAME,
+    INCOMPLETE_MARKER,
+)
+RUN_PATTERNS = ("checkpoint-*", "model-*-of-*.safetensors", ".stage-*", "eval", "runs")
+
+
+def run_entries(folder: str | Path) -> list[Path]:
+    """The files and folders of a training run (ours and the Trainer's) in ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = {folder / name for name in RUN_FILES if (folder / name).exists()}
+    for pattern in RUN_PATTERNS:
+        found.update(folder.glob(pattern))
+    return sorted(found)
+
+
+def check_output_target(cfg: TrainConfig) -> Path:
+    """``--output`` is never the base model's folder (or inside it), never a file, and writable;
+    checked before anything is created there."""
+    out = Path(cfg.output).resolve()
+    base = Path(cfg.model)
+    if base.is_dir() and (out == base.resolve() or base.resolve() in out.parents):
+        raise CCError(
+            f"--output {cfg.output} is the base model's folder or inside it: training would replace its "
+            "weights; choose another --output"
+        )
+    return check_output_folder(cfg.output)
+
+
+def check_output(cfg: TrainConfig) -> None:
+    """Never silently over another run: a folder holding one is refused unless ``--overwrite`` (which
+    clears that run's files first) or ``--resume`` (which continues it)."""
+    entries = run_entries(cfg.output)
+    if not entries or cfg.resume:
+        return
+    names = ", ".join(p.name for p in entries[:4]) + (", ..." if len(entries) > 4 else "")
+    if not cfg.overwrite:
+        raise CCError(
+            f"--output {cfg.output} holds another run ({names}); use --overwrite to replace it or "
+            "--resume last to continue it"
+        )
+    logger.info("--overwrite: removing the previous run from %s (%s)", cfg.output, names)
+    for entry in entries:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def resume_checkpoint(cfg: TrainConfig) -> str | None:
@@ -198,10 +286,21 @@ def resume_checkpoint(cfg: TrainConfig) -> str | None:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train and save; returns the output folder."""
-    from cctuning.training.trainer import CCTrainer
-
+    """Train and save; returns the output folder. The output folder is locked for the run (a second
+    process gets a one-line error naming the holder) and checked first (:func:`check_output`)."""
     check_required(cfg)
+    if _is_main_process():
+        with folder_lock(check_output_target(cfg), "cctuning train"):
+            check_output(cfg)
+            return _train(cfg)
+    return _train(cfg)
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0") or 0) == 0
+
+
+def _train(cfg: TrainConfig) -> Path:
     resume = resume_checkpoint(cfg)  # before anything slow: a wrong --resume fails at once
     # the TrainingArguments first: under DeepSpeed ZeRO-3 they make from_pretrained load the model
     # already partitioned (HfDeepSpeedConfig), instead of whole on every rank
@@ -250,13 +349,16 @@ def train_or_reuse(cfg: TrainConfig) -> bool:
         previous = json.loads(done.read_text(encoding="utf-8"))["config"]
         defaults = asdict(TrainConfig())
         # options added in later versions count as unchanged while they keep their defaults;
-        # `resume` says how a run was started, not what it trains
-        if all(previous.get(k, defaults[k]) == v for k, v in asdict(cfg).items() if k != "resume"):
+        # `resume` and `overwrite` say how a run was started, not what it trains
+        started = ("resume", "overwrite")
+        if all(previous.get(k, defaults[k]) == v for k, v in asdict(cfg).items() if k not in started):
             logger.info("%s: already trained with these settings, reusing it", cfg.output)
             return False
         raise CCError(f"{cfg.output} holds a run with other settings; delete it or choose another --output")
     if last_checkpoint(cfg.output):
         cfg.resume = "last"
+    else:  # the folder holds at most the remains of a run killed before its first checkpoint
+        cfg.overwrite = True
     train(cfg)
     return True
 

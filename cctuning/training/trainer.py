@@ -47,6 +47,25 @@ class _TemperatureSchedule(TrainerCallback):
         self.model.tau = cfg.tau * (cfg.tau_end / cfg.tau) ** progress
 
 
+class _FiniteGradients(TrainerCallback):
+    """Stops the run, before the optimizer applies it, at the first step whose gradient norm is not
+    finite (a NaN step would otherwise turn every weight into NaN and the run would still "save").
+    The last good checkpoint stays as it was."""
+
+    def __init__(self, model: CCModel):
+        self.model = model
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        if grads:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+            if not torch.isfinite(norm):
+                raise CCError(
+                    f"step {state.global_step + 1}: the gradient norm is {float(norm)}; training stopped "
+                    "before applying it (lower --lr?); the last saved checkpoint is unchanged"
+                )
+
+
 class CCTrainer(Trainer):
     """``connection_lr_scale`` multiplies the learning rate of the Decision Maker and the fusion gates."""
 
@@ -54,6 +73,8 @@ class CCTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.connection_lr_scale = connection_lr_scale
         model = self._cc_model()
+        if not self.is_deepspeed_enabled:  # DeepSpeed keeps the gradients itself, partitioned
+            self.add_callback(_FiniteGradients(model))
         if model.cc_config.tau_end is not None and model.uses_connection:
             self.add_callback(_TemperatureSchedule(model))
         layers = model.arch.num_layers if model.uses_connection else 0
@@ -89,6 +110,12 @@ class CCTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if not torch.isfinite(loss.detach()).all():
+            raise CCError(
+                f"step {self.state.global_step + 1}: the loss is {float(loss.detach().float().mean())}; "
+                "training stopped (lower --lr?); the last saved checkpoint is unchanged"
+            )
         choice = self._cc_model().last_layer_choice
         if choice is not None and model.training:
             counts = torch.bincount(choice.cpu(), minlength=len(self.layer_counts))
