@@ -40,6 +40,7 @@ from bench.generation import GenerateSetup, bench_generate
 from bench.matrix_fit import summarise_fits
 from bench.report import update_readme, write_markdown
 from bench.train import VARIANTS, TrainSetup, bench_train_time
+from cctuning.config import split_list
 
 SECTIONS = ("train", "generate", "matrix", "eval", "memory")
 BENCH_DIR = Path(__file__).resolve().parent
@@ -263,8 +264,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--no-readme", action="store_true", help="do not rewrite the table in bench/README.md"
     )
     args = parser.parse_args(argv)
-    args.models = [m.strip() for m in args.models.split(",") if m.strip()]
-    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    args.models = split_list(args.models)
+    args.sections = split_list(args.sections)
     for value, known, what in ((args.models, MODELS, "model"), (args.sections, SECTIONS, "section")):
         bad = [v for v in value if v not in known]
         if bad:

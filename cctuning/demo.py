@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cctuning.config import split_list
 from cctuning.experiment import ExperimentConfig, eval_dir, resolve_cells, run_experiment, stage_key
 from cctuning.io import write_json, write_text
 from cctuning.training.args import opt
@@ -54,10 +55,6 @@ class DemoConfig:
     nll_per_lang: int = opt(4, "held-out records per language for the NLL metric")
 
 
-def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
-
-
 # the demo's cells: (name, column title in the summary, training method, connection)
 CELLS = (
     ("sft", "SFT", "sft", "none"),
@@ -69,13 +66,13 @@ CELLS = (
 def experiment_config(cfg: DemoConfig) -> ExperimentConfig:
     """The demo as an experiment: one seed, the three cells, the demo's budget and benchmark limits."""
     benchmarks = {
-        "names": ",".join(_csv(cfg.benchmarks)),
+        "names": ",".join(split_list(cfg.benchmarks)),
         "limit": cfg.eval_limit,
         "limits": {"XLSum": cfg.xlsum_limit},
         "max_new_tokens": cfg.max_new_tokens,
     }
     if cfg.eval_langs != "all":
-        benchmarks["langs"] = ",".join(_csv(cfg.eval_langs))
+        benchmarks["langs"] = ",".join(split_list(cfg.eval_langs))
     return ExperimentConfig(
         model=cfg.model,
         output=cfg.output,
@@ -182,7 +179,7 @@ def _table_rows(cfg: DemoConfig, bench_runs: list[Path], nll_runs: list[Path]) -
         "|---|" + "---|" * len(names),
     ]
     # the demo's order of benchmarks (a results.json lists them by name)
-    order = [resolve_name(b) for b in _csv(cfg.benchmarks)]
+    order = [resolve_name(b) for b in split_list(cfg.benchmarks)]
     for bench in sorted(results[0]["benchmarks"], key=lambda b: order.index(b) if b in order else len(order)):
         metric = results[0]["primary_metric"][bench]
         cells = []

@@ -23,6 +23,7 @@ import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from cctuning.config import split_list
 from cctuning.errors import CCError
 from cctuning.io import write_json, write_text
 from cctuning.model.connection import CONNECTIONS
@@ -116,9 +117,9 @@ def _check_benchmarks(spec: dict, path) -> None:
         coerce(value, BENCHMARK_KEYS[key], f"{path}: benchmarks: option '{key}'")
     if not spec.get("names"):
         raise CCError(f"{path}: benchmarks: 'names' is missing")
-    for name in str(spec["names"]).split(","):
+    for name in split_list(str(spec["names"])):
         try:
-            resolve_name(name.strip())
+            resolve_name(name)
         except CCError as err:
             raise CCError(f"{path}: benchmarks: option 'names': {err}") from None
     for name, value in (spec.get("limits") or {}).items():
@@ -295,7 +296,7 @@ def _seed_data(cfg: ExperimentConfig, root: Path, seed: int) -> tuple[Path, Path
     from cctuning.data.mix import sample_mix
     from cctuning.io import write_jsonl
 
-    langs = None if cfg.langs == "all" else [x.strip() for x in cfg.langs.split(",")]
+    langs = None if cfg.langs == "all" else split_list(cfg.langs)
     data_dir = root / "data" / f"seed{seed}"
     train_file, held_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
     if not train_file.is_file():
@@ -396,8 +397,8 @@ def bench_config(
     b = cfg.benchmarks
     return EvalConfig(
         model=model,
-        benchmarks=[x.strip() for x in str(b.get("names", "")).split(",")],
-        langs=[x.strip() for x in str(b["langs"]).split(",")] if b.get("langs") else None,
+        benchmarks=split_list(str(b.get("names", ""))),
+        langs=split_list(str(b["langs"])) if b.get("langs") else None,
         limit=b.get("limit"),
         limits={str(k): int(v) for k, v in (b.get("limits") or {}).items()},
         connection=connection,

@@ -15,7 +15,7 @@ import pytest
 
 from cctuning import presets
 from cctuning.errors import CCError
-from cctuning.presets import PRESETS, registry
+from cctuning.presets import PRESETS, conversion
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "requirements" / "presets.txt"
 # A fresh forward on another CPU (other kernels, other thread count) may differ in the last bits;
@@ -46,7 +46,7 @@ def test_a_file_is_not_a_model_folder(tmp_path):
 
 
 def test_preset_without_its_package_says_how_to_install(monkeypatch, tmp_path):
-    monkeypatch.setattr(registry, "missing_packages", lambda preset: list(preset.packages))
+    monkeypatch.setattr(conversion, "missing_packages", lambda preset: list(preset.packages))
     with pytest.raises(CCError) as info:
         presets.resolve_model("smollm2-135m", cache_dir=tmp_path)
     assert "\n" not in str(info.value)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torch import nn
 
+from cctuning.config import split_list
 from cctuning.errors import CCError, first_line
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def is_peft(model: nn.Module) -> bool:
 def _targets(target: str | None) -> str | list[str]:
     if not target or target.strip() == ALL_LINEAR:
         return ALL_LINEAR
-    names = [t.strip() for t in target.split(",") if t.strip()]
+    names = split_list(target)
     if not names:
         raise CCError(f"--lora-target '{target}' names no module")
     return names

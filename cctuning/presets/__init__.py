@@ -8,15 +8,22 @@ Hugging Face folder under the cache (``~/.cache/cctuning/models/NAME``), and eve
 from disk, must give the same logits as the GGUF-loaded model on a fixed prompt; those GGUF
 logits are stored beside the weights so that tests can re-check a fresh forward pass cheaply.
 
-* :mod:`~cctuning.presets.registry`: the presets, the cache paths, :func:`resolve_model`;
-* :mod:`~cctuning.presets.conversion`: GGUF → float32 folder, and its verification;
+* :mod:`~cctuning.presets.registry`: the presets and the cache paths;
+* :mod:`~cctuning.presets.conversion`: GGUF → float32 folder, its verification, :func:`resolve_model`;
 * :mod:`~cctuning.presets.publish`: the atomic rename into the cache, abandoned-build cleanup;
 * ``python -m cctuning.presets [NAME ...]`` (:mod:`~cctuning.presets.__main__`): convert ahead of time.
 
 See docs/presets.md for the licences (Gemma needs its Terms of Use accepted).
 """
 
-from cctuning.presets.conversion import LOGIT_ATOL, REFERENCE_PROMPT, convert, locate_gguf, reference_diff
+from cctuning.presets.conversion import (
+    LOGIT_ATOL,
+    REFERENCE_PROMPT,
+    convert,
+    locate_gguf,
+    reference_diff,
+    resolve_model,
+)
 from cctuning.presets.registry import (
     CACHE_ENV,
     GGUF_PIN,
@@ -28,7 +35,6 @@ from cctuning.presets.registry import (
     install_command,
     is_installed,
     preset_dir,
-    resolve_model,
 )
 
 __all__ = [

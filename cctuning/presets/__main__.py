@@ -6,7 +6,8 @@ import argparse
 import logging
 
 from cctuning.errors import CCError
-from cctuning.presets.registry import CACHE_ENV, PRESETS, is_installed, resolve_model
+from cctuning.presets.conversion import resolve_model
+from cctuning.presets.registry import CACHE_ENV, PRESETS, is_installed
 
 logger = logging.getLogger("cctuning.presets")  # not __name__, which is "__main__" here
 

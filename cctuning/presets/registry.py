@@ -1,5 +1,5 @@
-"""The presets themselves: where each GGUF comes from, where its converted folder lives, and
-:func:`resolve_model`, which turns a preset name into that folder (converting it the first time)."""
+"""The presets themselves: where each GGUF comes from and where its converted folder lives.
+:func:`~cctuning.presets.conversion.resolve_model` turns a preset name into that folder."""
 
 from __future__ import annotations
 
@@ -157,33 +157,3 @@ def is_converted(folder: Path, preset: Preset) -> bool:
         and (folder / "config.json").is_file()
         and (folder / REFERENCE_FILE).is_file()
     )
-
-
-def resolve_model(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
-    """A model folder for ``name_or_path``: an existing folder as is, a preset converted once then reused.
-
-    Anything else is a user error, reported in one line with the presets and how to install one.
-    """
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    preset = PRESETS.get(name_or_path)
-    if preset is None:
-        what = "a file, not a model folder" if os.path.exists(name_or_path) else "no such folder"
-        raise CCError(
-            f"model '{name_or_path}': {what}, and not a preset (presets: {', '.join(sorted(PRESETS))}; "
-            f"install one with scripts/install_presets.sh NAME or e.g. {install_command('smollm2-135m')})"
-        )
-    target = preset_dir(preset.name, cache_dir)
-    if is_converted(target, preset):
-        logger.debug("preset %s: reusing %s", preset.name, target)
-        return str(target)
-    missing = missing_packages(preset)
-    if missing:
-        raise CCError(
-            f"preset '{preset.name}' is not converted yet and needs {', '.join(missing)}: "
-            f"{install_command(preset.name)} (or scripts/install_presets.sh {preset.name})"
-        )
-    from cctuning.presets.conversion import convert  # conversion imports this module
-
-    convert(preset.name, cache_dir)
-    return str(target)
