@@ -5,7 +5,10 @@ file: the decoder layers are found generically (``get_decoder().layers`` or the 
 with ``num_hidden_layers`` entries), and the "FFN activation" is the output of the sub-module of a
 layer whose result is added to the residual stream (docs/method.md §2.1: after ``down_proj``, before
 the residual add). For most models that is ``mlp``; models that normalise the MLP output before
-the residual add (Gemma 2/3, OLMo 2) use ``post_feedforward_layernorm``.
+the residual add (Gemma 2/3, OLMo 2) use ``post_feedforward_layernorm``. A mixture-of-experts block
+counts as one FFN (its output: the routed experts' weighted sum, plus any shared expert); with a
+parallel residual (GPT-NeoX, Phi-2) the FFN output is the MLP's term of the layer's sum, not the
+layer's whole update (docs/method.md §2.1.1). Architectures with no FFN at all are refused.
 """
 
 from __future__ import annotations
@@ -24,6 +27,12 @@ FFN_OUTPUT_BY_MODEL_TYPE: dict[str, str] = {
     "olmo2": "post_feedforward_layernorm",
 }
 FFN_CANDIDATES = ("mlp", "feed_forward", "block_sparse_moe", "ffn")
+# model_type -> why CC-Tuning cannot run on it
+UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
+    model_type: "a state-space model: its blocks have no feed-forward (MLP) sub-layer whose output "
+    "CC-Tuning could read"
+    for model_type in ("mamba", "mamba2", "falcon_mamba")
+}
 LAYER_LIST_NAMES = ("layers", "h", "blocks")
 
 
@@ -59,6 +68,12 @@ def _text_config(model: nn.Module):
 def locate(model: nn.Module, layers_path: str | None = None, ffn_name: str | None = None) -> Architecture:
     """Find the decoder layers, their FFN output modules and the input embeddings of ``model``."""
     config = _text_config(model)
+    model_type = getattr(config, "model_type", "")
+    if model_type in UNSUPPORTED_MODEL_TYPES:
+        raise CCError(
+            f"{type(model).__name__} (model_type '{model_type}') is not supported: "
+            f"{UNSUPPORTED_MODEL_TYPES[model_type]}"
+        )
     n_layers = getattr(config, "num_hidden_layers", None)
     named = dict(model.named_modules())
     layers, found_path = None, None
@@ -86,7 +101,6 @@ def locate(model: nn.Module, layers_path: str | None = None, ffn_name: str | Non
                 f"num_hidden_layers={n_layers} modules; pass --layers-path (e.g. model.layers)"
             )
         found_path = next(n for n, m in named.items() if m is layers)
-    model_type = getattr(config, "model_type", "")
     candidates = (
         [ffn_name] if ffn_name else [FFN_OUTPUT_BY_MODEL_TYPE.get(model_type, "")] + list(FFN_CANDIDATES)
     )
@@ -95,6 +109,12 @@ def locate(model: nn.Module, layers_path: str | None = None, ffn_name: str | Non
         raise CCError(
             f"cannot find the feed-forward block of {type(layers[0]).__name__} (model_type '{model_type}'): "
             f"looked for the attributes {', '.join(c for c in candidates if c)}; pass --ffn-module NAME"
+        )
+    missing = [i for i, layer in enumerate(layers) if not isinstance(getattr(layer, chosen, None), nn.Module)]
+    if missing:
+        raise CCError(
+            f"decoder layer {missing[0]} of {len(layers)} has no '{chosen}' (layers without it: "
+            f"{', '.join(map(str, missing))}): CC-Tuning needs a feed-forward block in every layer"
         )
     ffn = [getattr(layer, chosen) for layer in layers]
     # the English pass only needs the layers: run the decoder without the LM head when we can
