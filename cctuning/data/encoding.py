@@ -16,6 +16,13 @@ Rules (docs/method.md §2.2-2.3, with the official code's bugs fixed):
 * Truncation never cuts the prompt tail that holds p: the response is cut first (keeping at least
   one token), then tokens from the *start of the instruction*. The English prompt is truncated to
   ``max_length`` on its own (official bug §2.7.5). Every cut is counted.
+* Memory stays bounded for any record size: with a token budget, a text longer than
+  ``CHARS_PER_TOKEN`` characters per token of budget is cut at the character level *before* it
+  reaches the template and the tokenizer, keeping the side the token cut keeps (the instruction's
+  tail, the response's head). The result must still exceed the budget by ``PRECUT_MARGIN`` tokens,
+  so that the ragged edge of the character cut is among the tokens dropped anyway; otherwise the
+  cut is redone with more characters. The ids are those of the uncut text; the token counts of such
+  cuts are lower bounds, and the characters cut first are counted apart (``precut_chars``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,21 @@ PLAIN_HEAD = "### Instruction:\n"
 PLAIN_TAIL = "\n\n### Response:\n"
 _PLACEHOLDER = "\u2063CCTUNING_INSTRUCTION\u2063"
 IGNORE_INDEX = -100
+#: characters handed to the tokenizer per token of budget (a token rarely spans more than ~16)
+CHARS_PER_TOKEN = 32
+#: tokens beyond the budget that a text cut at the character level must still give
+PRECUT_MARGIN = 16
+
+
+def precut(text: str, budget: int | None, scale: int, keep: str) -> tuple[str, int]:
+    """``text`` cut to ``budget * CHARS_PER_TOKEN * scale`` characters, keeping its ``head`` or its
+    ``tail``, and the number of characters cut (0 when it fits or there is no budget)."""
+    if budget is None:
+        return text, 0
+    room = max(budget, 1) * CHARS_PER_TOKEN * scale
+    if len(text) <= room:
+        return text, 0
+    return (text[:room] if keep == "head" else text[-room:]), len(text) - room
 
 
 class EncodingError(CCError):
@@ -66,6 +88,7 @@ class EncodedPrompt:
     ids: list[int]
     position: int
     instruction_cut: int = 0
+    precut_chars: int = 0
 
 
 @dataclass
@@ -78,6 +101,7 @@ class EncodedExample:
     response_cut: int = 0
     instruction_cut: int = 0
     en_instruction_cut: int = 0
+    precut_chars: int = 0
 
     def features(self) -> dict:
         out = {"input_ids": self.input_ids, "labels": self.labels, "cc_position": self.position}
@@ -97,9 +121,13 @@ class TruncationStats:
     en_instruction_cut_examples: int = 0
     en_instruction_cut_tokens: int = 0
     boundary_merges: int = 0
+    precut_examples: int = 0
+    precut_chars: int = 0
 
     def add(self, ex: EncodedExample) -> None:
         self.examples += 1
+        self.precut_examples += ex.precut_chars > 0
+        self.precut_chars += ex.precut_chars
         self.response_cut_examples += ex.response_cut > 0
         self.response_cut_tokens += ex.response_cut
         self.instruction_cut_examples += ex.instruction_cut > 0
@@ -113,6 +141,12 @@ class TruncationStats:
             f"({self.response_cut_tokens} tokens), instructions cut in {self.instruction_cut_examples} "
             f"({self.instruction_cut_tokens} tokens), English prompts cut in "
             f"{self.en_instruction_cut_examples} ({self.en_instruction_cut_tokens} tokens)"
+            + (
+                f"; {self.precut_examples} over-long records cut by {self.precut_chars} characters "
+                "before tokenising"
+                if self.precut_examples
+                else ""
+            )
         )
 
 
@@ -197,7 +231,18 @@ class PromptEncoder:
         return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
 
     def encode_prompt(self, instruction: str, max_length: int | None = None) -> EncodedPrompt:
-        """Tokenise a prompt; cut tokens from the start of the instruction to fit ``max_length``."""
+        """Tokenise a prompt; cut tokens from the start of the instruction to fit ``max_length``
+        (a huge instruction is cut at the character level first: see the module's rules)."""
+        scale = 1
+        while True:
+            part, chars = precut(instruction, max_length, scale, keep="tail")
+            prompt = self._encode_prompt(part, max_length)
+            if not chars or prompt.instruction_cut >= PRECUT_MARGIN:
+                prompt.precut_chars = chars
+                return prompt
+            scale *= 8  # the characters kept gave too few tokens: keep more
+
+    def _encode_prompt(self, instruction: str, max_length: int | None) -> EncodedPrompt:
         text, span = self.render_prompt(instruction)
         enc = self._tokenize(text, offsets=span is not None and max_length is not None)
         ids = list(enc["input_ids"])
@@ -228,8 +273,25 @@ class PromptEncoder:
         self, instruction: str, output: str, instruction_en: str | None = None
     ) -> EncodedExample:
         """One training example: prompt + response with response-only labels, and the English prompt."""
+        scale = 1
+        while (ex := self._encode_example(instruction, output, instruction_en, scale)) is None:
+            scale *= 8  # a character cut kept too few tokens: keep more
+        self.stats.add(ex)
+        return ex
+
+    def _encode_example(
+        self, instruction: str, output: str, instruction_en: str | None, scale: int
+    ) -> EncodedExample | None:
+        """:meth:`encode_example` with texts cut to ``scale`` times the character bound; None when a
+        character cut left too few tokens to be sure it changed nothing."""
+        limit = self.max_length
+        whole_instruction = instruction
+        instruction, instruction_chars = precut(instruction, limit, scale, keep="tail")
+        output, output_chars = precut(output, limit, scale, keep="head")
         text, _ = self.render_prompt(instruction)
         full_prompt = list(self._tokenize(text)["input_ids"])
+        if instruction_chars and len(full_prompt) < limit + PRECUT_MARGIN:
+            return None
         completion_text = self.render_completion(instruction, output, text)
         joint = list(self._tokenize(text + completion_text)["input_ids"])
         if joint[: len(full_prompt)] == full_prompt:
@@ -239,25 +301,27 @@ class PromptEncoder:
             completion = list(self._tokenize(completion_text)["input_ids"])
         if not completion:
             raise EncodingError("output", "the response tokenises to nothing")
-        limit = self.max_length
+        if output_chars and len(completion) < limit + PRECUT_MARGIN:
+            return None
         response_cut = 0
         if limit is not None and len(full_prompt) + len(completion) > limit:
             keep = max(limit - len(full_prompt), 1)
             response_cut = len(completion) - keep
             completion = completion[:keep]
-            prompt = self.encode_prompt(instruction, limit - keep)
+            prompt = self.encode_prompt(whole_instruction, limit - keep)
         else:
             prompt = EncodedPrompt(
                 ids=full_prompt, position=len(full_prompt) - 1 - self.format.position_offset
             )
             if prompt.position < 0:
-                prompt = self.encode_prompt(instruction)  # raises the clear error
+                prompt = self.encode_prompt(whole_instruction)  # raises the clear error
         ex = EncodedExample(
             input_ids=prompt.ids + completion,
             labels=[IGNORE_INDEX] * len(prompt.ids) + completion,
             position=prompt.position,
             response_cut=response_cut,
             instruction_cut=prompt.instruction_cut,
+            precut_chars=prompt.precut_chars + output_chars,
         )
         if instruction_en is not None:
             try:
@@ -265,7 +329,7 @@ class PromptEncoder:
             except CCError as err:
                 raise EncodingError("instruction_en", str(err)) from None
             ex.en_input_ids, ex.en_position, ex.en_instruction_cut = en.ids, en.position, en.instruction_cut
-        self.stats.add(ex)
+            ex.precut_chars += en.precut_chars
         return ex
 
 
@@ -276,9 +340,17 @@ def encode_example(encoder: PromptEncoder, rec, with_english: bool) -> EncodedEx
             rec.instruction, rec.output, rec.instruction_en if with_english else None
         )
     except EncodingError as err:
-        raise DataError(rec.path, rec.line, err.field, err.reason) from None
+        raise _record_error(rec, err.field, err.reason) from None
     except CCError as err:
-        raise DataError(rec.path, rec.line, "instruction", str(err)) from None
+        raise _record_error(rec, "instruction", str(err)) from None
+
+
+def _record_error(rec, field: str, reason: str) -> DataError:
+    """The error about a field of ``rec``, named as in its file (line or row, the data's own field
+    name) when ``rec`` is a loaded :class:`~cctuning.data.records.Record`."""
+    if hasattr(rec, "error"):
+        return rec.error(field, reason)
+    return DataError(rec.path, rec.line, field, reason)
 
 
 def encode_records(records, encoder: PromptEncoder, with_english: bool) -> list[dict]:
