@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from cctuning.errors import CCError, first_line
-from cctuning.model.ccmodel import CONFIG_NAME, CCConfig, CCModel, adapter_base
+from cctuning.model.baseref import find_base
+from cctuning.model.ccmodel import CONFIG_NAME, CCConfig, CCModel
 from cctuning.model.lora import ADAPTER_CONFIG_NAME
 
 
@@ -36,19 +37,19 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     return tok
 
 
-def lora_base_path(folder: str | Path) -> str | None:
+def lora_base_path(folder: str | Path, base_model: str | None = None) -> str | None:
     """The resolved base model folder of a LoRA run (None for a folder with full weights): the
-    model records its base as a folder or a preset name, which only this layer can resolve."""
+    model records its base as a folder (absolute and relative to the run) or a preset name, which only
+    this layer can resolve, and a weights fingerprint (:func:`~cctuning.model.baseref.find_base`).
+    ``base_model`` (a folder or preset name) overrides the record."""
     folder = Path(folder)
     if not (folder / ADAPTER_CONFIG_NAME).is_file():
         return None
     config = (
         CCConfig.load(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else CCConfig(method="none")
     )
-    try:
-        return resolve_model_path(adapter_base(folder, config))
-    except CCError as err:
-        raise CCError(f"{folder}: base model of the LoRA adapter: {err}") from None
+    given = resolve_model_path(base_model) if base_model else None
+    return find_base(folder, config, given=given, resolve_name=resolve_model_path)
 
 
 def load_for_inference(model: str, trust_remote_code: bool = False, dtype=None, load_transform: bool = True):

@@ -8,7 +8,8 @@ use) plus our own small files, PEFT-style:
 * ``decision_maker.safetensors``: the Decision Maker weight (``weight``: num_layers × hidden).
 
 With LoRA the base weights are not saved: the folder holds PEFT's adapter files instead and
-``cctuning_config.json`` names the base model. Loading never runs code from the folder (no
+``cctuning_config.json`` names the base model portably (absolute, relative, preset name and a
+weights fingerprint: :mod:`cctuning.model.baseref`). Loading never runs code from the folder (no
 ``trust_remote_code`` unless asked) and reads our own weights from safetensors only.
 """
 
@@ -37,6 +38,7 @@ from cctuning.io import (
 )
 from cctuning.model import connection
 from cctuning.model.arch import Architecture, locate
+from cctuning.model.baseref import find_base, record_base
 from cctuning.model.decision import DecisionMaker
 from cctuning.model.fusion import Fusion
 from cctuning.model.hooks import ConnectionHooks
@@ -66,7 +68,10 @@ class CCConfig:
     num_layers: int | None = None
     hidden_size: int | None = None
     prompt_format: PromptFormat = field(default_factory=PromptFormat)
-    base_model: str | None = None
+    base_model: str | None = None  # the base folder (absolute) or preset name; see model/baseref.py
+    base_model_relative: str | None = None  # the base folder relative to this folder, when near
+    base_model_id: str | None = None  # the preset name (or another name) of the base, when known
+    base_model_fingerprint: str | None = None  # baseref.weights_fingerprint of a LoRA folder's base
     layer_choice: str = "learned"  # learned | random | mean | fixed:K (ablations of the Decision Maker)
     # beyond the paper, opt-in (docs/method.md §5); the defaults are the paper's behaviour
     fusion: str = "add"  # add | scaled | gated | gated-scalar (model/fusion.py)
@@ -244,9 +249,11 @@ class CCModel(nn.Module):
     ) -> CCModel:
         """Load a folder written by :meth:`save_pretrained` (or any plain HF folder, as method ``none``).
 
-        A LoRA folder loads its base model from ``base_model`` (a folder) or else the folder recorded
-        at training time; preset names are resolved by :func:`cctuning.loading.load_for_inference`,
-        which hands the folder in. A folder whose last save was interrupted is refused.
+        A LoRA folder loads its base model from ``base_model`` (a folder) or else the one recorded at
+        training time (:func:`~cctuning.model.baseref.find_base`: the absolute folder, the relative one,
+        checked against the weights fingerprint); preset names are resolved by
+        :func:`cctuning.loading.load_for_inference`, which hands the folder in. A folder whose last save
+        was interrupted is refused.
         """
         path = Path(path)
         if not path.is_dir():
@@ -260,7 +267,7 @@ class CCModel(nn.Module):
         ours = config_file.is_file()
         cc_config = CCConfig.load(config_file) if ours else CCConfig(method="none")
         if (path / ADAPTER_CONFIG_NAME).is_file():
-            base_path = cls._adapter_base(path, cc_config, base_model)
+            base_path = find_base(path, cc_config, given=base_model)
             base = cls._load_base(base_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
             base = load_adapter(base, path)
         else:
@@ -274,17 +281,6 @@ class CCModel(nn.Module):
                 model.set_transform(TransformMatrix.load(path))
         model.eval()
         return model
-
-    @staticmethod
-    def _adapter_base(path: Path, cc_config: CCConfig, base_model: str | None) -> str:
-        """The base model folder of a LoRA folder: given, or the one recorded (see :func:`adapter_base`)."""
-        ref = base_model or adapter_base(path, cc_config)
-        if not Path(ref).is_dir():
-            raise CCError(
-                f"{path}: base model of the LoRA adapter: model folder '{ref}' does not exist "
-                "(pass base_model=PATH, or load with cctuning.loading.load_for_inference to resolve a preset name)"
-            )
-        return str(ref)
 
     def set_transform(self, transform) -> None:
         """Attach a :class:`TransformMatrix`, checked against this model's layers and hidden size and,
@@ -362,6 +358,7 @@ class CCModel(nn.Module):
                 if self.decision_maker_sha256:  # saved together: the matrix belongs to this Decision Maker
                     self.transform.meta[DECISION_MAKER_STAMP] = self.decision_maker_sha256
                 self.transform.save(stage)
+            record_base(self.cc_config, path, self.base_folder)
             data = asdict(self.cc_config)
             data["versions"] = versions()
             write_json(stage / CONFIG_NAME, data)
@@ -380,6 +377,15 @@ class CCModel(nn.Module):
     @property
     def uses_lora(self) -> bool:
         return is_peft(self.base)
+
+    @property
+    def base_folder(self) -> str | None:
+        """The folder a LoRA model's base weights were loaded from (None without LoRA, or for a base
+        built in memory)."""
+        if not self.uses_lora:
+            return None
+        name = getattr(self.base.get_base_model().config, "name_or_path", None)
+        return name if name and Path(name).is_dir() else None
 
     @contextmanager
     def _english_pass_checkpointing(self, grad: bool):
@@ -511,18 +517,3 @@ def check_finite(tensors: dict, what: str) -> None:
             raise CCError(
                 f"refusing to save: the {what} hold NaN or infinite values ({name}); the run diverged"
             )
-
-
-def adapter_base(path: str | Path, cc_config: CCConfig) -> str:
-    """The base model a LoRA folder names: recorded by us at training time, else by PEFT (a folder
-    or a preset name, unresolved)."""
-    ref = cc_config.base_model
-    if not ref:
-        try:
-            peft_config = json.loads((Path(path) / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
-            ref = peft_config.get("base_model_name_or_path")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-            ref = None
-    if not ref:
-        raise CCError(f"{path}: a LoRA folder that does not name its base model; pass base_model=PATH")
-    return str(ref)
