@@ -25,7 +25,7 @@ from pathlib import Path
 
 from cctuning.config import split_list
 from cctuning.errors import CCError
-from cctuning.io import write_json, write_text
+from cctuning.io import folder_lock, write_json, write_text
 from cctuning.model.connection import CONNECTIONS
 
 logger = logging.getLogger(__name__)
@@ -93,6 +93,18 @@ class ExperimentConfig:
     matrix_samples: int = 200
     benchmarks: dict = field(default_factory=dict)  # {names, langs, limit, limits, scoring, max_new_tokens}
     eval_batch_size: int = 8
+    # the user's data instead of samples of the bundled mix (any `cctuning train --data` source,
+    # read as data_format, columns and split say); every seed trains on the whole of `data`
+    data: str | None = None  # training records (also fit the Transform Matrix)
+    heldout_data: str | None = None  # records of the held-out NLL
+    data_format: str = "auto"  # auto | official | messages | prompt-completion
+    columns: str | dict | None = None  # FIELD=COLUMN,... or a mapping
+    split: str | None = None  # the split of a DatasetDict folder given as `data`
+    heldout_split: str | None = None  # ... as `heldout_data`
+
+
+# options of the experiment's data: set at its top level, not per cell or in `train:`
+DATA_KEYS = ("data", "data_format", "columns", "split")
 
 
 BENCHMARK_KEYS = {
@@ -176,15 +188,35 @@ def load_config(path: str | Path) -> ExperimentConfig:
             elif key != "name":
                 if key not in train_hints:
                     raise CCError(f"{path}: cell '{cell['name']}': unknown option '{key}'")
+                if key in DATA_KEYS:
+                    raise CCError(
+                        f"{where}: every cell trains on the experiment's data (set at its top level)"
+                    )
                 coerce(value, train_hints[key], where)
     for key, value in cfg.train.items():
         if key not in train_hints:
             raise CCError(f"{path}: train: unknown option '{key}'")
+        if key in DATA_KEYS:
+            raise CCError(f"{path}: train: option '{key}': set the data at the top level of the experiment")
         coerce(value, train_hints[key], f"{path}: train: option '{key}'")
     if cfg.baseline is not None and cfg.baseline not in names:
         raise CCError(f"{path}: baseline '{cfg.baseline}' is not a cell")
     _check_benchmarks(cfg.benchmarks, path)
+    try:
+        data_options(cfg, heldout=False)
+        data_options(cfg, heldout=True)
+    except CCError as err:
+        raise CCError(f"{path}: {err}") from None
     return cfg
+
+
+def data_options(cfg: ExperimentConfig, heldout: bool):
+    """How the user's ``data`` (or ``heldout_data``) is read; None for the bundled mix's samples."""
+    from cctuning.data.formats import DataOptions
+
+    if not (cfg.heldout_data if heldout else cfg.data):
+        return None
+    return DataOptions.of(cfg.data_format, cfg.columns, cfg.heldout_split if heldout else cfg.split)
 
 
 # cell keys that say how a cell is evaluated, not how it is trained
@@ -268,6 +300,8 @@ class _SeedRun:
     held_file: Path
     stages: StageClock
     progress: bool
+    train_options: typing.Any = None  # DataOptions of the user's training data (None: the mix sample)
+    held_options: typing.Any = None  # ... of the user's held-out data
 
 
 def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
@@ -276,32 +310,47 @@ def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
     from cctuning.versions import versions
 
     root = Path(cfg.output)
-    root.mkdir(parents=True, exist_ok=True)
-    write_json(root / "experiment_config.json", {"config": asdict(cfg), "versions": versions()})
-    model_path = resolve_model_path(cfg.model)
-    cells = resolve_cells(cfg)
-    stages = StageClock(root / STAGES_NAME)
-    started = time.time()
-    cell_runs: dict[str, dict[int, dict]] = {}
-    for seed in cfg.seeds:
-        train_file, held_file = _seed_data(cfg, root, seed)
-        run = _SeedRun(root, str(model_path), seed, train_file, held_file, stages, progress)
-        for cell in cells:
-            cell_runs.setdefault(cell.name, {})[seed] = _run_cell(cfg, cell, run)
-    return _write_report(cfg, root, cell_runs, stages.seconds, time.time() - started, model_path)
+    with folder_lock(root, "cctuning experiment"):  # a second runner on the same folder is refused
+        write_json(root / "experiment_config.json", {"config": asdict(cfg), "versions": versions()})
+        model_path = resolve_model_path(cfg.model)
+        cells = resolve_cells(cfg)
+        stages = StageClock(root / STAGES_NAME)
+        started = time.time()
+        cell_runs: dict[str, dict[int, dict]] = {}
+        for seed in cfg.seeds:
+            train_file, held_file = _seed_data(cfg, root, seed)
+            run = _SeedRun(
+                root,
+                str(model_path),
+                seed,
+                train_file,
+                held_file,
+                stages,
+                progress,
+                data_options(cfg, heldout=False),
+                data_options(cfg, heldout=True),
+            )
+            for cell in cells:
+                cell_runs.setdefault(cell.name, {})[seed] = _run_cell(cfg, cell, run)
+        return _write_report(cfg, root, cell_runs, stages.seconds, time.time() - started, model_path)
 
 
 def _seed_data(cfg: ExperimentConfig, root: Path, seed: int) -> tuple[Path, Path]:
-    """The seed's training sample and the held-out sample (written once, then reused)."""
+    """The seed's training sample and the held-out sample (written once, then reused); the user's
+    ``data`` and ``heldout_data`` instead where given."""
     from cctuning.data.mix import sample_mix
     from cctuning.io import write_jsonl
 
     langs = None if cfg.langs == "all" else split_list(cfg.langs)
     data_dir = root / "data" / f"seed{seed}"
     train_file, held_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
-    if not train_file.is_file():
+    if cfg.data:
+        train_file = Path(cfg.data)
+    elif not train_file.is_file():
         write_jsonl(train_file, sample_mix("train", cfg.train_per_lang, langs, seed))
-    if not held_file.is_file():
+    if cfg.heldout_data:
+        held_file = Path(cfg.heldout_data)
+    elif not held_file.is_file():
         # the held-out items are the same for every seed, so that seeds can be compared pairwise
         write_jsonl(held_file, sample_mix("heldout", cfg.heldout_per_lang, langs, cfg.heldout_seed))
     return train_file, held_file
@@ -336,6 +385,11 @@ def _train_stage(cell: Cell, tdir: Path, run: _SeedRun) -> None:
             **cell.options,
             "model": run.model_path,
             "data": str(run.train_file),
+            **(
+                {"data_format": o.format, "columns": dict(o.columns) or None, "split": o.split}
+                if (o := run.train_options)
+                else {}
+            ),
             "output": str(tdir),
             "seed": run.seed,
         }
@@ -354,7 +408,14 @@ def _matrix_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, run: _SeedRun) 
     with run.stages(stage_key("matrix", cell.train_name, run.seed)):
         model, tok, _ = load_for_inference(str(tdir))
         fit = fit_matrix_from_file(
-            model, tok, run.train_file, tdir, samples=cfg.matrix_samples, seed=run.seed, progress=run.progress
+            model,
+            tok,
+            run.train_file,
+            tdir,
+            data_options=run.train_options,
+            samples=cfg.matrix_samples,
+            seed=run.seed,
+            progress=run.progress,
         )
     if fit.heldout:
         logger.info(
@@ -385,6 +446,7 @@ def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: _S
             progress=run.progress,
             model_name=str(tdir),
             sample_layer=cell.sample_layer,
+            data_options=run.held_options,
         )
 
 

@@ -131,6 +131,21 @@ def test_a_lock_left_by_a_killed_process_does_not_block(base_dir, data_file, tmp
     assert not (out / LOCK_NAME).exists()  # a finished holder removes it
 
 
+def test_a_second_experiment_on_the_same_folder_is_refused_before_it_writes(base_dir, tmp_path):
+    from cctuning.experiment import load_config, run_experiment
+
+    path = tmp_path / "exp.yaml"
+    path.write_text(
+        f"model: {base_dir}\noutput: {tmp_path / 'exp'}\nseeds: [1]\ntrain_per_lang: 1\n"
+        "heldout_per_lang: 1\nlangs: sw\ntrain: {max_steps: 1, batch_size: 1}\n"
+        "cells:\n  - {name: sft, method: sft}\n"
+    )
+    with folder_lock(tmp_path / "exp", "cctuning experiment"):
+        with pytest.raises(CCError, match=rf"in use by pid {os.getpid()} \(cctuning experiment\)"):
+            run_experiment(load_config(path), progress=False)
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == []
+
+
 # -- numeric guards ------------------------------------------------------------------------------------
 def test_a_diverging_run_stops_naming_the_step_and_keeps_the_last_good_checkpoint(
     base_dir, data_file, tmp_path, capsys
