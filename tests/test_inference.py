@@ -7,9 +7,11 @@ import torch
 from transformers import AutoTokenizer
 
 from cctuning.cli import main
+from cctuning.errors import CCError
 from cctuning.inference import CCGenerator, TransformMatrix
 from cctuning.inference.generate import stop_token_ids
 from cctuning.model import CCConfig, CCModel
+from cctuning.model.connection import connected_forward
 from cctuning.testing import tiny_model
 from tests.conftest import flags
 
@@ -176,3 +178,51 @@ def test_fit_matrix_and_generate_cli_on_a_trained_model(base_dir, data_file, tmp
         english=[json.loads(line)["instruction_en"] for line in data_file.read_text().splitlines()],
     )
     assert [a.text for a in api] == [r["generation"] for r in rows]
+
+
+def test_decoding_fuses_at_the_prefill_only(tokenizer):
+    """transformers' ``generate`` after our prefill equals a hand-written greedy loop: one forward over
+    the prompt with the connection at p, then plain cached steps."""
+    cc = connected_model(tokenizer, "llama", seed=2)
+    gen = CCGenerator(cc, tokenizer, 8, batch_size=5)
+    for prompt, out in zip(PROMPTS, gen.generate(PROMPTS, "transform")):
+        enc = gen.encoder.encode_prompt(prompt)
+        ids = torch.tensor([enc.ids])
+        with torch.no_grad():
+            res = connected_forward(cc, "transform", ids, None, torch.tensor([enc.position]), use_cache=True)
+            tokens = []
+            for _ in range(8):
+                nxt = int(res.logits[0, -1].argmax())
+                if nxt in gen.stop_ids:
+                    break
+                tokens.append(nxt)
+                res = cc.base(
+                    input_ids=torch.tensor([[nxt]]), past_key_values=res.past_key_values, use_cache=True
+                )
+        assert out.token_ids == tokens
+
+
+def test_generation_options_are_transformers_own(tokenizer):
+    """Sampling and repetition penalty go through ``generate``: with connection none the output is
+    ``model.base.generate``'s with the same options and seed."""
+    cc = connected_model(tokenizer, "llama", seed=2)
+    gen = CCGenerator(cc, tokenizer, 8, batch_size=1)
+    options = [{"repetition_penalty": 3.0}, {"do_sample": True, "temperature": 0.7, "top_k": 20}]
+    for kwargs in options:
+        torch.manual_seed(5)
+        ours = gen.generate(PROMPTS[:2], "none", generation_kwargs=kwargs)
+        torch.manual_seed(5)
+        for prompt, out in zip(PROMPTS[:2], ours):
+            ids = torch.tensor([gen.encoder.encode_prompt(prompt).ids])
+            ref = cc.base.generate(
+                ids, max_new_tokens=8, eos_token_id=sorted(gen.stop_ids), pad_token_id=gen.pad_id, **kwargs
+            )[0, ids.shape[1] :].tolist()
+            assert out.token_ids == ref[: len(out.token_ids)] and len(out.token_ids) in (
+                len(ref),
+                len(ref) - 1,
+            )
+    greedy = gen.generate(PROMPTS, "transform")
+    penalised = gen.generate(PROMPTS, "transform", generation_kwargs={"repetition_penalty": 3.0})
+    assert any(g.token_ids != p.token_ids for g, p in zip(greedy, penalised))
+    with pytest.raises(CCError, match="num_beams"):
+        gen.generate(PROMPTS, "none", generation_kwargs={"num_beams": 2})

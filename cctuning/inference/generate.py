@@ -1,4 +1,4 @@
-"""Greedy generation with the simulated connection at the prefill (docs/method.md §2.5), batched.
+"""Generation with the simulated connection at the prefill (docs/method.md §2.5), batched.
 
 Connection modes:
 
@@ -10,36 +10,57 @@ Connection modes:
 Fast path: with causal attention the tokens before p are identical in the collecting pass and in
 the fused pass, so the prefix ``[0, p)`` is run once into the KV cache; only the tail from p is
 run twice. With a cache that can be cut back (``DynamicLayer``), one pass over ``[0, p]`` fills the
-cache and collects ``f_l[p]``, the cache is cut back to p and the tail is run once more, fused;
-otherwise (e.g. sliding-window layers) the prefix is run alone and the tail collected on a copy of
-the cache. The overhead over plain generation is about one extra token step instead of a second
-prefill. ``naive=True`` runs the
-official two-full-prefill path (used by tests and benchmarks to check and measure the fast one).
+cache and collects ``f_l[p]``, and the cache is cut back to p; otherwise (e.g. sliding-window
+layers) the prefix is run alone and the tail collected on a copy of the cache. The fused pass over
+the tail is the first forward of ``transformers``' ``generate``, which continues from our cache
+with the injection armed for that one forward only. The overhead over plain generation is about
+one extra token step instead of a second prefill. ``naive=True`` runs the official two-full-prefill
+path (used by tests and benchmarks to check and measure the fast one).
 
-Decoding is greedy with the KV cache and no fusion after the prefill. Generation stops on the
+Decoding is ``transformers``' ``generate`` (no fusion after the prefill): greedy by default, as in
+the paper; ``generation_kwargs`` passes any ``GenerationConfig`` option (``do_sample``,
+``temperature``, ``top_p``, ``repetition_penalty``, ...), and ``stop_strings`` stop a row when its
+text contains one of them (the text keeps the stop string). Settings the call does not give come
+from the model folder's ``generation_config.json``, as in ``transformers``. Generation stops on the
 tokenizer's eos, the model's ``generation_config.eos_token_id`` and every special token that the
 chat template puts after an assistant turn (e.g. ``<|im_end|>``, ``<|eot_id|>``,
-``<end_of_turn>``); special tokens are stripped from the text.
+``<end_of_turn>``); the stop token is not returned and special tokens are stripped from the text.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache
+from transformers import DynamicCache, GenerationConfig
 from transformers.cache_utils import DynamicLayer
+from transformers.generation import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from cctuning.data.collator import pad_rows, pad_token_id
-from cctuning.data.encoding import PromptEncoder
+from cctuning.data.encoding import EncodedPrompt, PromptEncoder
 from cctuning.errors import CCError
 from cctuning.model.ccmodel import CCModel, positions_from_mask
 from cctuning.model.connection import default_connection, injected, injection, resolve_connection
 
 logger = logging.getLogger(__name__)
+
+# one sequence per prompt: beams and multiple return sequences would need the prefilled cache and
+# the injection expanded with them
+_REFUSED = {"num_beams": 1, "num_return_sequences": 1}
+# options set by the generator itself
+_OWN = (
+    "max_new_tokens",
+    "max_length",
+    "eos_token_id",
+    "pad_token_id",
+    "stop_strings",
+    "return_dict_in_generate",
+    "output_logits",
+)
 
 
 @dataclass
@@ -69,8 +90,42 @@ def stop_token_ids(tokenizer, model=None, encoder: PromptEncoder | None = None) 
     return ids
 
 
+class _StopStrings(StoppingCriteria):
+    """``transformers``' stop-string criterion that also records, per row, how many new tokens it had
+    when a stop string first appeared (-1: never), so that the padding after it is not returned."""
+
+    def __init__(self, tokenizer, stop_strings: list[str], prompt_width: int, rows: int, device):
+        self.inner = StopStringCriteria(tokenizer=tokenizer, stop_strings=stop_strings)
+        self.width = prompt_width
+        self.lengths = torch.full((rows,), -1, dtype=torch.long, device=device)
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        done = self.inner(input_ids, scores, **kwargs)
+        first = done & (self.lengths < 0)
+        self.lengths[first] = input_ids.shape[1] - self.width
+        return done
+
+
+@contextlib.contextmanager
+def _injected_once(model: CCModel, inj):
+    """The injection applies to the next forward through layer k only (the prefill of ``generate``);
+    the decoding steps after it run without fusion."""
+    if inj is None:
+        yield
+        return
+    with contextlib.ExitStack() as armed:
+        armed.enter_context(injected(model, inj))
+        # registered after the injection hook, so it runs after it and disarms it for later forwards
+        layer = model.arch.layers[model.cc_config.inject_layer]
+        handle = layer.register_forward_hook(lambda *_: armed.close())
+        try:
+            yield
+        finally:
+            handle.remove()
+
+
 class CCGenerator:
-    """Batched greedy generation for a :class:`CCModel` (any method; ``none`` works for all)."""
+    """Batched generation for a :class:`CCModel` (any method; ``none`` works for all)."""
 
     def __init__(
         self,
@@ -109,29 +164,71 @@ class CCGenerator:
         return_first_logits: bool = False,
         progress: bool = False,
         max_new_tokens: int | None = None,
+        generation_kwargs: dict | None = None,
+        stop_strings: list[str] | None = None,
     ) -> list[Generation]:
-        """Greedy generations of ``prompts`` (``max_new_tokens`` overrides the generator's for this call)."""
+        """Generations of ``prompts``, rendered by the model's prompt format (``max_new_tokens``
+        overrides the generator's for this call; ``generation_kwargs`` and ``stop_strings``: see the
+        module docstring)."""
         connection = resolve_connection(
             self.model, connection, english is not None and len(english) == len(prompts)
         )
-        new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
-        if new_tokens <= 0:
-            raise CCError(f"--max-new-tokens must be > 0, got {new_tokens}")
+        new_tokens = self._new_tokens(max_new_tokens)
         budget = self._prompt_budget(new_tokens)
         encoded = [self.encoder.encode_prompt(p, budget) for p in prompts]
         en_encoded = [self.encoder.encode_prompt(e, budget) for e in english] if english else None
-        # longest first, so that batches hold prompts of similar length (less padding)
-        order = sorted(range(len(prompts)), key=lambda i: -len(encoded[i].ids))
-        results: list[Generation | None] = [None] * len(prompts)
-        bar = tqdm(total=len(prompts), desc=f"generate ({connection})", unit="prompt", disable=not progress)
+        return self.generate_encoded(
+            encoded,
+            connection,
+            en_encoded,
+            naive=naive,
+            return_first_logits=return_first_logits,
+            progress=progress,
+            max_new_tokens=new_tokens,
+            generation_kwargs=generation_kwargs,
+            stop_strings=stop_strings,
+            sort=True,
+        )
+
+    def generate_encoded(
+        self,
+        encoded: list[EncodedPrompt],
+        connection: str | None = None,
+        english: list[EncodedPrompt] | None = None,
+        naive: bool = False,
+        return_first_logits: bool = False,
+        progress: bool = False,
+        max_new_tokens: int | None = None,
+        generation_kwargs: dict | None = None,
+        stop_strings: list[str] | None = None,
+        sort: bool = True,
+    ) -> list[Generation]:
+        """Generations of prompts already tokenised (``EncodedPrompt.position`` is p, counted in the
+        prompt's own ids). ``sort=False`` keeps the given order in the batches (the caller batched)."""
+        connection = resolve_connection(
+            self.model, connection, english is not None and len(english) == len(encoded)
+        )
+        new_tokens = self._new_tokens(max_new_tokens)
+        options = self._generation_options(generation_kwargs)
+        order = list(range(len(encoded)))
+        if sort:  # longest first, so that batches hold prompts of similar length (less padding)
+            order.sort(key=lambda i: -len(encoded[i].ids))
+        results: list[Generation | None] = [None] * len(encoded)
+        bar = tqdm(total=len(encoded), desc=f"generate ({connection})", unit="prompt", disable=not progress)
         was_training = self.model.training
         self.model.eval()
         try:
             for start in range(0, len(order), self.batch_size):
                 idx = order[start : start + self.batch_size]
-                batch_en = [en_encoded[i] for i in idx] if en_encoded else None
                 outs = self._generate_batch(
-                    [encoded[i] for i in idx], batch_en, connection, naive, return_first_logits, new_tokens
+                    [encoded[i] for i in idx],
+                    [english[i] for i in idx] if english else None,
+                    connection,
+                    naive,
+                    return_first_logits,
+                    new_tokens,
+                    options,
+                    stop_strings,
                 )
                 for i, out in zip(idx, outs):
                     results[i] = out
@@ -142,24 +239,39 @@ class CCGenerator:
         return results
 
     # -- internals -----------------------------------------------------------------------------
+    def _new_tokens(self, max_new_tokens: int | None) -> int:
+        new_tokens = self.max_new_tokens if max_new_tokens is None else max_new_tokens
+        if new_tokens <= 0:
+            raise CCError(f"--max-new-tokens must be > 0, got {new_tokens}")
+        return new_tokens
+
+    @staticmethod
+    def _generation_options(generation_kwargs: dict | None) -> dict:
+        """The ``GenerationConfig`` options of a call: greedy unless asked otherwise."""
+        options = {"do_sample": False, **(generation_kwargs or {})}
+        for key in _OWN:
+            if key in options:
+                raise CCError(
+                    f"generation option '{key}' is set by cctuning itself; pass it as its own argument"
+                )
+        for key, only in _REFUSED.items():
+            if options.get(key, only) != only:
+                raise CCError(
+                    f"generation option {key}={options[key]} is not supported (one sequence per prompt)"
+                )
+        return options
+
     def _prompt_budget(self, new_tokens: int | None = None) -> int | None:
         """Tokens a prompt may keep so that it and ``new_tokens`` fit the context."""
         new_tokens = self.max_new_tokens if new_tokens is None else new_tokens
         limit = self.max_length or getattr(self.model.config, "max_position_embeddings", None)
         return None if limit is None else max(1, limit - new_tokens)
 
-    def _forward(self, ids, mask, positions, cache, inject=None, logits=True):
-        """One chunk through the model with the cache; ``inject``: an :class:`Injection` at chunk positions."""
-        module = self.model.base if logits else self.model.arch.decoder
-        kwargs = dict(
+    def _forward(self, ids, mask, positions, cache):
+        """One chunk through the decoder (no LM head), filling the cache."""
+        return self.model.arch.decoder(
             input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
         )
-        if logits:
-            kwargs["logits_to_keep"] = 1
-        if inject is None:
-            return module(**kwargs)
-        with injected(self.model, inject):
-            return module(**kwargs)
 
     def _english_acts(self, en_batch) -> torch.Tensor:
         ids, mask, shift = pad_rows([e.ids for e in en_batch], self.pad_id, "left")
@@ -168,96 +280,82 @@ class CCGenerator:
 
     @torch.no_grad()
     def _generate_batch(
-        self, batch, en_batch, connection, naive, return_first_logits, new_tokens
+        self, batch, en_batch, connection, naive, return_first_logits, new_tokens, options, stop_strings
     ) -> list[Generation]:
-        ids, mask, _ = pad_rows([e.ids for e in batch], self.pad_id, "left")
+        ids, mask, shift = pad_rows([e.ids for e in batch], self.pad_id, "left")
         ids, mask = ids.to(self.device), mask.to(self.device)
         pos = positions_from_mask(mask)
         width = ids.shape[1]
-        offset = self.model.cc_config.prompt_format.position_offset
-        p = width - 1 - offset  # left padding: the connection position is the same column in every row
+        # left padding: each row's p is its own position shifted by its padding
+        column = (torch.tensor([e.position for e in batch]) + shift).to(self.device)
+        p = int(column.min())  # the prefix [0, p) is the same in the collecting and the fused pass
         cache = DynamicCache(config=self.model.base.config)
-        layers = None
-        if connection == "none":
-            out = self._forward(ids, mask, pos, cache)
-        elif naive:
+        inj = None
+        if connection != "none" and naive:
             if connection == "transform":
-                acts = self.model.collect_activations(
-                    ids, mask, torch.full((len(batch),), p, device=self.device)
-                )
+                acts = self.model.collect_activations(ids, mask, column)
             else:
                 acts = self._english_acts(en_batch)
-            column = torch.full((len(batch),), p, device=self.device)
             inj = injection(self.model, connection, acts, ids, column)
-            layers = inj.layers
-            out = self._forward(ids, mask, pos, cache, inject=inj)
-        else:
-            tail, first = ids[:, p:], torch.zeros(len(batch), dtype=torch.long, device=self.device)
+        elif connection != "none":
             if connection == "transform" and _croppable(cache):
-                # one pass over [0, p] fills the cache and captures f_l[p]; the cache is then cut back
-                # to [0, p), so the only extra work over plain generation is the fused pass from p
-                column = torch.full((len(batch),), p, device=self.device)
+                # one pass over [0, max p] fills the cache and captures f_l[p]; the cache is then cut
+                # back to [0, p), so the only extra work over plain generation is the fused pass from p
+                end = int(column.max()) + 1
                 with self.model.hooks.capturing(column):
-                    self._forward(ids[:, : p + 1], mask[:, : p + 1], pos[:, : p + 1], cache, logits=False)
+                    self._forward(ids[:, :end], mask[:, :end], pos[:, :end], cache)
                     acts = self.model.hooks.stacked()
-                cache.crop(-1)
+                cache.crop(p - end)  # remove the tokens from p on
             else:
                 if p > 0:
-                    self._forward(ids[:, :p], mask[:, :p], pos[:, :p], cache, logits=False)
+                    self._forward(ids[:, :p], mask[:, :p], pos[:, :p], cache)
                 if connection == "transform":  # a cache that cannot be cut back: collect on a copy
                     snapshot = copy.deepcopy(cache)
-                    with self.model.hooks.capturing(first):
-                        self._forward(tail, mask, pos[:, p:], cache, logits=False)
+                    with self.model.hooks.capturing(column - p):
+                        self._forward(ids[:, p:], mask, pos[:, p:], cache)
                         acts = self.model.hooks.stacked()
                     cache = snapshot
                 else:
                     acts = self._english_acts(en_batch)
-            inj = injection(self.model, connection, acts, tail, first)
-            layers = inj.layers
-            out = self._forward(tail, mask, pos[:, p:], cache, inject=inj)
-        cache = out.past_key_values
-        first_logits = out.logits[:, -1].float()
-        tokens = self._decode(first_logits, cache, mask, pos[:, -1], new_tokens)
+            inj = injection(self.model, connection, acts, ids[:, p:], column - p)
+        criteria = (
+            _StopStrings(self.tokenizer, list(stop_strings), width, len(batch), self.device)
+            if stop_strings
+            else None
+        )
+        config = GenerationConfig(
+            max_new_tokens=new_tokens,
+            eos_token_id=sorted(self.stop_ids),
+            pad_token_id=self.pad_id,
+            return_dict_in_generate=True,
+            output_logits=return_first_logits,
+            **options,
+        )
+        with _injected_once(self.model, inj):
+            out = self.model.base.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                past_key_values=cache,
+                generation_config=config,
+                stopping_criteria=StoppingCriteriaList([criteria]) if criteria else None,
+            )
+        new = out.sequences[:, width:].tolist()
         results = []
-        for i, toks in enumerate(tokens):
+        for i, toks in enumerate(new):
+            if criteria is not None and int(criteria.lengths[i]) >= 0:
+                toks = toks[: int(criteria.lengths[i])]
+            cut = next((j for j, t in enumerate(toks) if t in self.stop_ids), len(toks))
+            toks = toks[:cut]
             results.append(
                 Generation(
                     text=self.tokenizer.decode(toks, skip_special_tokens=True),
                     token_ids=toks,
-                    layer=None if layers is None else int(layers[i]),
+                    layer=None if inj is None or inj.layers is None else int(inj.layers[i]),
                     prompt_tokens=len(batch[i].ids),
-                    first_logits=first_logits[i].cpu() if return_first_logits else None,
+                    first_logits=out.logits[0][i].float().cpu() if return_first_logits else None,
                 )
             )
         return results
-
-    def _decode(self, logits, cache, mask, last_pos, new_tokens: int) -> list[list[int]]:
-        """Greedy decoding from the prefill's last logits; stops per row on a stop id."""
-        n = logits.shape[0]
-        done = torch.zeros(n, dtype=torch.bool, device=logits.device)
-        out: list[list[int]] = [[] for _ in range(n)]
-        stop = torch.tensor(sorted(self.stop_ids), device=logits.device, dtype=torch.long)
-        for step in range(new_tokens):
-            nxt = logits.argmax(-1)
-            is_stop = torch.isin(nxt, stop)
-            for i in range(n):
-                if not done[i] and not is_stop[i]:
-                    out[i].append(int(nxt[i]))
-            done |= is_stop
-            if bool(done.all()) or step == new_tokens - 1:
-                break
-            nxt = torch.where(done, torch.full_like(nxt, self.pad_id), nxt)
-            mask = torch.cat([mask, torch.ones(n, 1, dtype=mask.dtype, device=mask.device)], dim=1)
-            last_pos = last_pos + 1
-            res = self.model.base(
-                input_ids=nxt[:, None],
-                attention_mask=mask,
-                position_ids=last_pos[:, None],
-                past_key_values=cache,
-                use_cache=True,
-            )
-            cache, logits = res.past_key_values, res.logits[:, -1].float()
-        return out
 
 
 def _croppable(cache) -> bool:
