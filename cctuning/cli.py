@@ -264,6 +264,29 @@ def _cmd_transfer_task(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from cctuning.inference.export import export_model
+
+    result = export_model(
+        args.model,
+        args.output,
+        merge_lora=args.merge_lora,
+        overwrite=args.overwrite,
+        base_model=args.base_model,
+        trust_remote_code=args.trust_remote_code,
+    )
+    what = {"full": "model", "merged": "model with the LoRA adapter merged", "adapter": "LoRA adapter"}
+    print(f"exported {result.method} {what[result.kind]} to {result.output}")
+    if result.merge_ignored:
+        print("note: not a LoRA run, nothing to merge (--merge-lora ignored)")
+    if result.kind == "adapter":
+        print(
+            f"note: the adapter needs its base model ({result.base_model}); --merge-lora writes a "
+            "self-contained folder"
+        )
+    return 0
+
+
 # -- the parser: one function per command ----------------------------------------------------------
 
 _MODEL_HELP = "a model folder (CC-Tuning, SFT or plain Hugging Face)"
@@ -426,6 +449,25 @@ def _add_transfer_task(sub) -> None:
     p.set_defaults(func=_cmd_transfer_task)
 
 
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export", help="write a trained run as a self-contained folder (LoRA merged with --merge-lora)"
+    )
+    p.add_argument("--model", required=True, help="a trained run folder (CC-Tuning, SFT, LoRA or not)")
+    p.add_argument("--output", required=True, help="a new or empty folder")
+    p.add_argument(
+        "--merge-lora",
+        action="store_true",
+        help="merge a LoRA run's adapter into the base weights (else the adapter is exported as is)",
+    )
+    p.add_argument(
+        "--base-model", help="a LoRA run's base model (folder or preset), when the one it records moved"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier export in --output")
+    p.add_argument("--trust-remote-code", action="store_true")
+    p.set_defaults(func=_cmd_export)
+
+
 COMMANDS = (
     _add_train,
     _add_fit_matrix,
@@ -435,6 +477,7 @@ COMMANDS = (
     _add_experiment,
     _add_report,
     _add_transfer_task,
+    _add_export,
 )
 
 

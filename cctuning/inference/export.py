@@ -1,0 +1,235 @@
+"""``cctuning export``: a trained run as a self-contained folder for serving or sharing.
+
+What goes in: the model (full weights; for a LoRA run with ``merge_lora`` the adapter merged into the
+base weights by PEFT's ``merge_and_unload``, else the adapter itself), the tokenizer files as they are,
+the Decision Maker with its fusion gates, the Transform Matrix (re-stamped with the Decision Maker it
+belongs to) and ``cctuning_config.json`` with the base model recorded portably
+(:mod:`cctuning.model.baseref`) and an ``export`` entry saying where it came from. Checkpoints, eval
+results, logs and the Trainer's pickles stay behind.
+
+A LoRA run exported without ``merge_lora`` is an adapter folder: small, and still in need of its base
+model, which it records (absolute and relative to the export, preset name, fingerprint).
+
+The export is built in a hidden sibling of the output folder and moved in by rename once complete;
+while the files move the folder holds the incomplete-save marker, which loaders refuse. The run is
+locked while it is read and the output folder while it is written, as ``train`` and ``fit-matrix`` do.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from cctuning.errors import CCError
+from cctuning.io import (
+    INCOMPLETE_MARKER,
+    LOCK_NAME,
+    check_output_folder,
+    folder_lock,
+    is_incomplete,
+    write_json,
+    write_text,
+)
+from cctuning.loading import lora_base_path, resolve_model_path
+from cctuning.model.ccmodel import CONFIG_NAME, CCConfig, CCModel
+from cctuning.model.lora import ADAPTER_CONFIG_NAME
+
+logger = logging.getLogger(__name__)
+
+# copied byte for byte from the run (or, for a LoRA run without them, from its base)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+# what makes a folder a model folder, which --overwrite may replace (a typo must not empty a home)
+MODEL_MARKERS = ("config.json", ADAPTER_CONFIG_NAME, CONFIG_NAME, INCOMPLETE_MARKER)
+KINDS = ("full", "merged", "adapter")
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export_model` wrote. ``kind``: ``full`` (a run with full weights, or a plain model),
+    ``merged`` (a LoRA run merged into its base) or ``adapter`` (a LoRA run as an adapter, which still
+    loads its base: ``base_model``)."""
+
+    output: Path
+    kind: str
+    method: str
+    files: list[str] = field(default_factory=list)
+    base_model: str | None = None
+    merge_ignored: bool = False  # merge_lora asked of a run that has no adapter
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_export_paths(source: Path, output: Path, overwrite: bool, base: str | None = None) -> None:
+    """Refuse an output that is the run or inside it, a non-empty output without ``overwrite``, and
+    with ``overwrite`` anything but a model folder, or one that holds the run or its base."""
+    src, out = source.resolve(), output.resolve()
+    if _inside(out, src):
+        raise CCError(f"--output {output} is the model folder or inside it; choose a folder outside {source}")
+    if not out.is_dir():
+        return
+    entries = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME)
+    if not entries:
+        return
+    listed = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+    if not overwrite:
+        raise CCError(
+            f"--output {output} is not empty ({listed}); choose a new or empty folder, or --overwrite to "
+            "replace an earlier export"
+        )
+    for held, what in ((src, "the model folder"), (Path(base).resolve() if base else None, "its base model")):
+        if held is not None and _inside(held, out):
+            raise CCError(
+                f"--output {output} holds {what}; --overwrite would delete it, choose another folder"
+            )
+    if not any((out / name).exists() for name in MODEL_MARKERS):
+        raise CCError(
+            f"--output {output} holds files that are not a model folder ({listed}); --overwrite replaces "
+            "only an earlier export, choose a new or empty folder"
+        )
+
+
+@contextlib.contextmanager
+def _read_lock(folder: Path):
+    """Lock the run while it is read (train and fit-matrix write it under the same lock); a folder we
+    may not write into cannot be locked, and nobody writes it through us: read it unlocked."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(folder_lock(folder, "cctuning export"))
+        except PermissionError:
+            logger.debug("%s: not writable, read without a lock", folder)
+        yield
+
+
+def _merged(cc: CCModel) -> CCModel:
+    """A CCModel on the LoRA-merged base, with the same Decision Maker, gates and Transform Matrix."""
+    merged = CCModel(cc.base.merge_and_unload(), cc.cc_config)
+    cc.hooks.remove()  # the decoder layers are shared with the new model: its hooks only
+    if cc.decision_maker is not None:
+        merged.decision_maker.load_state_dict(cc.decision_maker.state_dict())
+        merged.fusion.load_state_dict(cc.fusion.state_dict())
+        merged.decision_maker_sha256 = cc.decision_maker_sha256
+        merged.set_transform(cc.transform)
+    merged.eval()
+    return merged
+
+
+def _copy_tokenizer(sources: list[Path], stage: Path) -> list[str]:
+    for source in sources:
+        found = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+        if found:
+            for name in found:
+                shutil.copy2(source / name, stage / name)
+            return found
+    logger.warning("no tokenizer files in %s: the export has none", ", ".join(map(str, sources)))
+    return []
+
+
+def _publish(stage: Path, output: Path) -> None:
+    """Move the built files into the (locked) output folder: the incomplete-save marker first, then an
+    earlier export's files out, the new ones in by rename, the marker last."""
+    write_text(output / INCOMPLETE_MARKER, "an interrupted export left this folder incomplete\n")
+    for old in output.iterdir():
+        if old.name in (LOCK_NAME, INCOMPLETE_MARKER):
+            continue
+        shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    for item in sorted(stage.iterdir()):
+        os.replace(item, output / item.name)
+    os.unlink(output / INCOMPLETE_MARKER)
+
+
+def _stage_prefix(output: Path) -> str:
+    return f".{output.name}.export-"
+
+
+def _remove_abandoned_stages(output: Path) -> None:
+    """Stages a killed export left beside ``output`` (only the holder of its lock makes them)."""
+    for stale in output.parent.glob(glob.escape(_stage_prefix(output)) + "*"):
+        if stale.is_dir():
+            logger.info("removing %s, left by an interrupted export", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def export_model(
+    model: str | Path,
+    output: str | Path,
+    merge_lora: bool = False,
+    overwrite: bool = False,
+    base_model: str | None = None,
+    trust_remote_code: bool = False,
+) -> ExportResult:
+    """Export the run ``model`` (a folder or preset name) into ``output`` (see the module docstring).
+
+    ``base_model`` (a folder or preset name) replaces the base a LoRA run records, for a run whose base
+    has moved. ``output`` must be new or empty; ``overwrite`` replaces an earlier export (a model
+    folder), never the run, its base or a folder of other files."""
+    source = Path(resolve_model_path(str(model)))
+    output = Path(output)
+    if is_incomplete(source):
+        raise CCError(f"{source}: an interrupted save left this folder incomplete; save it again first")
+    check_export_paths(source, output, overwrite)
+    check_output_folder(output)
+    with _read_lock(source), folder_lock(output, "cctuning export"):
+        base = lora_base_path(source, base_model)
+        check_export_paths(source, output, overwrite, base)  # again, under the lock and with the base
+        _remove_abandoned_stages(output)
+        stage = Path(tempfile.mkdtemp(prefix=_stage_prefix(output), dir=output.parent))
+        try:
+            kind, method, merge_ignored = _build(source, stage, base, merge_lora, trust_remote_code)
+            _publish(stage, output)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+    logger.info("exported %s (%s) to %s", source, kind, output)
+    saved = CCConfig.load(output / CONFIG_NAME)
+    return ExportResult(
+        output=output,
+        kind=kind,
+        method=method,
+        files=sorted(p.name for p in output.iterdir() if not p.name.startswith(".")),
+        base_model=saved.base_model if kind == "adapter" else None,
+        merge_ignored=merge_ignored,
+    )
+
+
+def _build(
+    source: Path, stage: Path, base: str | None, merge_lora: bool, trust_remote_code: bool
+) -> tuple[str, str, bool]:
+    """Load the run, merge its adapter when asked, save it and its tokenizer into ``stage``;
+    ``(kind, method, whether merge_lora was asked of a run without adapter)``."""
+    cc = CCModel.from_pretrained(source, dtype="auto", trust_remote_code=trust_remote_code, base_model=base)
+    lora = cc.uses_lora
+    kind = "full" if not lora else "merged" if merge_lora else "adapter"
+    if kind == "merged":
+        cc = _merged(cc)
+    cc.save_pretrained(stage)
+    _copy_tokenizer([source] + ([Path(base)] if base else []), stage)
+    if kind == "adapter":  # PEFT's own loaders (AutoModelForCausalLM, AutoPeftModel) read the base here
+        adapter_config = json.loads((stage / ADAPTER_CONFIG_NAME).read_text(encoding="utf-8"))
+        adapter_config["base_model_name_or_path"] = str(Path(base).resolve())
+        write_json(stage / ADAPTER_CONFIG_NAME, adapter_config)
+    config = json.loads((stage / CONFIG_NAME).read_text(encoding="utf-8"))
+    config["export"] = {
+        "source": str(source.resolve()),
+        "kind": kind,
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(stage / CONFIG_NAME, config)
+    return kind, cc.cc_config.method, merge_lora and not lora
