@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from cctuning import loading
 from cctuning.cli import main
 from cctuning.errors import CCError
 from cctuning.inference import TransformMatrix
@@ -202,6 +203,31 @@ def test_lora_run_records_its_base_portably_and_still_loads_after_a_move(project
             load()
         message = str(err.value)
         assert "\n" not in message and str(base.resolve()) in message and "../../base" in message
+
+
+def test_a_base_named_by_preset_is_recorded_by_name_and_found_through_the_loading_layer(
+    tmp_path, tokenizer, monkeypatch
+):
+    preset = save_base(tmp_path / "cache" / "tiny-preset", tokenizer)
+    (preset / "cctuning_preset.json").write_text(json.dumps({"preset": "tiny-preset"}))
+    torch.manual_seed(0)
+    cc = CCModel.from_base(add_lora(CCModel._load_base(preset), 4), CCConfig(base_model="tiny-preset"))
+    run = tmp_path / "run"
+    cc.save_pretrained(run, tokenizer=tokenizer)
+    config = json.loads((run / "cctuning_config.json").read_text())
+    assert config["base_model"] == config["base_model_id"] == "tiny-preset"
+    assert config["base_model_relative"] is None  # a preset is found by name, not by a path
+    assert config["base_model_fingerprint"] == weights_fingerprint(preset)
+    # the preset folder moves (rebuilt elsewhere): PEFT's absolute path breaks, the name still resolves
+    moved = tmp_path / "cache2" / "tiny-preset"
+    shutil.move(preset, moved)
+    with pytest.raises(CCError, match="load_for_inference to resolve a preset name"):
+        CCModel.from_pretrained(run)
+    monkeypatch.setattr(
+        loading, "resolve_model_path", lambda name: str(moved) if name == "tiny-preset" else name
+    )
+    assert loading.lora_base_path(run) == str(moved)
+    assert load_for_inference(str(run))[0].uses_lora
 
 
 def test_a_folder_saved_before_the_portable_fields_still_loads(project, tokenizer):
