@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-from cctuning.config import add_dataclass_arguments, build_config, split_list
+from cctuning.config import add_dataclass_arguments, apply_yaml_defaults, build_config, split_list
 from cctuning.errors import CCError
 from cctuning.model.connection import CONNECTIONS, resolve_connection
 
@@ -36,9 +36,10 @@ def _given_flags(args: argparse.Namespace) -> dict:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from cctuning.training import TrainConfig, train
+    from cctuning.training import train
+    from cctuning.training.options import build_train_config
 
-    cfg = build_config(TrainConfig, args.config, _given_flags(args))
+    cfg = build_train_config(args.config, _given_flags(args))
     out = train(cfg)
     if int(os.environ.get("RANK", "0") or 0) == 0:  # one line per run, not per process
         results = out / "train_results.json"
@@ -306,20 +307,30 @@ def _add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
 
 
-def _add_config_command(sub, name: str, help: str, cls, func) -> None:
+def _add_config_command(sub, name: str, help: str, cls, func) -> argparse.ArgumentParser:
     """A command whose options are the fields of the dataclass ``cls``, from flags or ``--config``."""
     p = sub.add_parser(name, help=help)
     p.add_argument("--config", help=_CONFIG_HELP)
     add_dataclass_arguments(p, cls)
     p.set_defaults(func=func)
+    return p
+
+
+def _add_yaml_config(p: argparse.ArgumentParser) -> None:
+    """``--config FILE.yaml`` for a command built with plain add_argument calls: the file's options
+    become the command's defaults (:func:`_apply_config_file`), so flags override them."""
+    p.add_argument("--config", help=_CONFIG_HELP)
+    p.yaml_defaults = True
 
 
 def _add_train(sub) -> None:
     from cctuning.training import TrainConfig
+    from cctuning.training.options import add_trainer_arguments
 
-    _add_config_command(
+    p = _add_config_command(
         sub, "train", "fine-tune with CC-Tuning (or plain SFT with --method sft)", TrainConfig, _cmd_train
     )
+    add_trainer_arguments(p)  # every other TrainingArguments field, generated
 
 
 def _add_fit_matrix(sub) -> None:
@@ -340,6 +351,7 @@ def _add_fit_matrix(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records instead of stopping")
     p.add_argument("--trust-remote-code", action="store_true")
+    _add_yaml_config(p)
     p.set_defaults(func=_cmd_fit_matrix)
 
 
@@ -359,6 +371,7 @@ def _add_generate(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --sample-layer")
     p.add_argument("--trust-remote-code", action="store_true")
+    _add_yaml_config(p)
     p.set_defaults(func=_cmd_generate)
 
 
@@ -411,6 +424,7 @@ def _add_eval(sub) -> None:
         "--overwrite", action="store_true", help="replace results of another model or settings in --output"
     )
     p.add_argument("--trust-remote-code", action="store_true")
+    _add_yaml_config(p)
     p.set_defaults(func=_cmd_eval)
 
 
@@ -493,8 +507,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None:
+    """``--config FILE.yaml`` of a command marked by :func:`_add_yaml_config`, read before the command
+    line is parsed: the file's options become the command's defaults, so the flags override them."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    position = next((i for i, token in enumerate(argv) if not token.startswith("-")), None)
+    command = sub.choices.get(argv[position]) if position is not None else None
+    if command is None or not getattr(command, "yaml_defaults", False):
+        return
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    path = pre.parse_known_args(argv[position + 1 :])[0].config
+    if path:
+        apply_yaml_defaults(command, path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
+    try:
+        _apply_config_file(parser, argv)
+    except CCError as err:
+        print(f"cctuning: error: {err}", file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     _setup_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

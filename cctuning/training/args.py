@@ -26,7 +26,9 @@ class TrainConfig:
     max_length: int = opt(1024, "maximum tokens of a training sequence (and of the English prompt)")
     seed: int = opt(42, "random seed (data order, Decision Maker init, Gumbel noise)")
     scheduler: str = opt("cosine", "learning-rate schedule (any transformers SchedulerType)")
-    warmup_ratio: float = opt(0.1, "fraction of steps used for linear warmup")
+    warmup_ratio: float = opt(
+        0.1, "fraction of the training steps used for linear warmup, 0 to 1 (--warmup-steps N: a step count)"
+    )
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "gradient clipping norm")
     # the mechanism
@@ -95,7 +97,16 @@ class TrainConfig:
         None, "resume from the last checkpoint in --output ('last') or from a folder", metavar="last|DIR"
     )
     trust_remote_code: bool = opt(False, "allow code from the model folder to run (only if you trust it)")
-    report_to: str = opt("none", "Trainer integrations to report to (none, tensorboard, wandb, ...)")
+    report_to: str | list[str] = opt(
+        "none",
+        "Trainer integrations to log to, one or more: none, tensorboard (extra cctuning[tensorboard]), "
+        "wandb (WANDB_MODE=offline without an account), all, ...",
+        metavar="NAME",
+    )
     trainer: dict = field(
-        default_factory=dict, metadata={"help": "extra transformers.TrainingArguments fields (YAML only)"}
+        default_factory=dict,
+        metadata={
+            "help": "any other transformers.TrainingArguments fields (their flags: training/options.py)",
+            "cli": False,
+        },
     )

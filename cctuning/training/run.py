@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -23,6 +24,7 @@ from cctuning.model.ccmodel import CONFIG_NAME, DECISION_MAKER_NAME, CCConfig, C
 from cctuning.model.lora import add_lora
 from cctuning.model.transform import MATRIX_NAME, MATRIX_REPORT_NAME
 from cctuning.training.args import TrainConfig
+from cctuning.training.options import resolve_trainer_options
 from cctuning.training.trainer import LAYER_CHOICE_NAME, CCTrainer
 from cctuning.versions import versions
 
@@ -84,9 +86,41 @@ def _has_accelerator() -> bool:
     return torch.cuda.is_available()
 
 
+def warmup_steps_value(ratio: float) -> float:
+    """``--warmup-ratio`` as the Trainer's ``warmup_steps``: a float below 1 is a fraction of the
+    training steps (``ceil(steps × fraction)`` warmup steps), 1 or more a step count. So a ratio below
+    1 passes as it is and a ratio of 1 (warm up over the whole run) as the largest float below 1, which
+    gives ``ceil(steps × (1 - 2⁻⁵³)) = steps`` for any run shorter than 2⁵² steps."""
+    return ratio if ratio < 1 else math.nextafter(1.0, 0.0)
+
+
+# integrations of --report-to that need a package we can name: how to install it
+_REPORT_PACKAGES = {
+    "tensorboard": ("is_tensorboard_available", "pip install 'cctuning[tensorboard]'"),
+    "wandb": ("is_wandb_available", "pip install wandb (WANDB_MODE=offline to log without an account)"),
+}
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """Each --report-to integration is one the Trainer knows and, for those in _REPORT_PACKAGES,
+    installed: a one-line error instead of the Trainer's traceback."""
+    from transformers import integrations
+
+    known = getattr(integrations.integration_utils, "INTEGRATION_TO_CALLBACK", None)
+    for name in report_to:
+        if known is not None and name not in known:
+            raise CCError(f"--report-to {name}: not an integration of the Trainer ({', '.join(known)})")
+        check, install = _REPORT_PACKAGES.get(name, (None, None))
+        if check and not getattr(integrations, check)():
+            raise CCError(f"--report-to {name}: its package is not installed; {install}")
+
+
 def build_training_arguments(cfg: TrainConfig):
+    """The Trainer's arguments: ours from ``cfg``, then the TrainingArguments fields the user gave
+    (``cfg.trainer``, checked by :func:`resolve_trainer_options`), which override our defaults."""
     from transformers import TrainingArguments
 
+    cfg = resolve_trainer_options(cfg)
     kwargs = dict(
         output_dir=cfg.output,
         per_device_train_batch_size=cfg.batch_size,
@@ -95,7 +129,7 @@ def build_training_arguments(cfg: TrainConfig):
         num_train_epochs=cfg.epochs,
         max_steps=cfg.max_steps,
         lr_scheduler_type=cfg.scheduler,
-        warmup_steps=cfg.warmup_ratio,
+        warmup_steps=warmup_steps_value(cfg.warmup_ratio),
         weight_decay=cfg.weight_decay,
         max_grad_norm=cfg.max_grad_norm,
         logging_steps=cfg.logging_steps,
@@ -124,6 +158,7 @@ def build_training_arguments(cfg: TrainConfig):
         args = TrainingArguments(**kwargs)
     except (TypeError, ValueError) as err:
         raise CCError(f"invalid training arguments: {first_line(err)}") from None
+    check_report_to(args.report_to)
     launched = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if launched > 1 and args.world_size != launched:
         raise CCError(
@@ -288,6 +323,7 @@ def resume_checkpoint(cfg: TrainConfig) -> str | None:
 def train(cfg: TrainConfig) -> Path:
     """Train and save; returns the output folder. The output folder is locked for the run (a second
     process gets a one-line error naming the holder) and checked first (:func:`check_output`)."""
+    cfg = resolve_trainer_options(cfg)
     check_required(cfg)
     if _is_main_process():
         with folder_lock(check_output_target(cfg), "cctuning train"):
@@ -344,6 +380,7 @@ def train_or_reuse(cfg: TrainConfig) -> bool:
     """Train into ``cfg.output`` unless it already holds a finished run with the same settings, which
     is reused; an interrupted run resumes from its last complete checkpoint. A finished run with
     other settings is refused. Returns whether it trained."""
+    cfg = resolve_trainer_options(cfg)
     done = Path(cfg.output) / TRAIN_RESULTS_NAME
     if done.is_file():
         previous = json.loads(done.read_text(encoding="utf-8"))["config"]
