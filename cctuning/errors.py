@@ -12,11 +12,16 @@ class CCError(Exception):
 
 
 class DataError(CCError):
-    """A problem with one record of a data file; names the file, the line and the field."""
+    """A problem with one record of a data file; names the file, the line and the field:
+    ``data.jsonl:3: field 'output': empty``. A record of a table (parquet, arrow, csv, a datasets
+    folder) is named by its 0-based ``row`` instead: ``data.parquet: row 17: field 'x': missing``."""
 
-    def __init__(self, path: str, line: int | None, field: str | None, message: str):
-        self.path, self.line, self.field, self.reason = str(path), line, field, message
-        where = self.path if line is None else f"{self.path}:{line}"
+    def __init__(self, path: str, line: int | None, field: str | None, message: str, row: int | None = None):
+        self.path, self.line, self.field, self.reason, self.row = str(path), line, field, message, row
+        if row is not None:
+            where = f"{self.path}: row {row}"
+        else:
+            where = self.path if line is None else f"{self.path}:{line}"
         what = f"field '{field}': " if field else ""
         super().__init__(f"{where}: {what}{message}")
 

@@ -6,6 +6,17 @@ instruction only) and an optional ``lang``. Every record is checked before any t
 the first bad one stops the run with ``file:line: field 'x': what is wrong``. With
 ``skip_invalid`` bad records are skipped instead and counted, never silently.
 
+The same records may come as conversational ``messages`` or as ``prompt``/``completion`` pairs,
+under other column names (:mod:`cctuning.data.formats`), and from parquet, arrow and csv files or
+``datasets`` folders (:mod:`cctuning.data.tabular`, ``pip install cctuning[data]``), where a
+record is named by its 0-based row: ``data.parquet: row 17: field 'instruction_en': missing``. In
+a table a null cell is a missing field. Every record of every source goes through
+:func:`validate_record`.
+
+Memory: a JSON/JSONL file is read whole (its bytes) and a table is streamed (files) or memory-mapped
+(``datasets`` folders); either way the loaded records (their strings) are held in a list, which the
+tokenised features of the whole data set follow.
+
 A JSONL file is read line by line (bytes), so a line that is not UTF-8 or not JSON is one bad
 record like any other; a JSON array is one document, so a syntax error in it stops the load even
 with ``skip_invalid``. A UTF-8 BOM (also at the start of a later line, as left by concatenating
@@ -14,11 +25,21 @@ files), CRLF or CR line ends, blank lines and indentation are accepted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from cctuning.data.formats import (
+    Converter,
+    DataOptions,
+    apply_columns,
+    detect_format,
+    json_type,
+    text_problem,
+)
+from cctuning.data.tabular import is_table, iter_table
 from cctuning.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -36,11 +57,25 @@ class Record:
     instruction_en: str | None = None
     lang: str | None = None
     path: str = ""
-    line: int = 0
+    line: int | None = 0  # the line of a JSON/JSONL record (None for a row of a table)
+    row: int | None = None  # the 0-based row of a table's record
+    system: str | None = None  # a conversation's system turn (the same in every record of a file)
+    # our field -> the data's name for it (its column, or 'messages'), for errors
+    names: dict | None = field(default=None, compare=False, repr=False)
 
     @property
     def where(self) -> str:
-        return f"{self.path}:{self.line}"
+        return f"{self.path}: row {self.row}" if self.row is not None else f"{self.path}:{self.line}"
+
+    @property
+    def location(self) -> str:
+        """``line 3`` or ``row 17`` (without the file)."""
+        return f"row {self.row}" if self.row is not None else f"line {self.line}"
+
+    def error(self, field: str | None, reason: str) -> DataError:
+        """A :class:`DataError` about ``field`` (our name) of this record, in the data's own names."""
+        name = (self.names or {}).get(field, field) if field else field
+        return DataError(self.path, self.line, name, reason, row=self.row)
 
 
 @dataclass
@@ -48,6 +83,7 @@ class LoadReport:
     loaded: int = 0
     skipped: int = 0
     first_errors: list[str] | None = None
+    format: str | None = None  # the records' format (official, messages, prompt-completion)
 
 
 def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
@@ -89,21 +125,6 @@ def _parse_json_value(path: Path, text: str, start: int, line: int, line_base: i
         raise DataError(str(path), line, None, "malformed JSON: nested too deeply") from None
     except ValueError as err:  # e.g. an integer literal longer than Python converts
         raise DataError(str(path), line, None, f"malformed JSON: {str(err).splitlines()[0]}") from None
-
-
-_JSON_TYPE_NAMES = {
-    "dict": "object",
-    "list": "array",
-    "NoneType": "null",
-    "bool": "boolean",
-    "int": "number",
-    "float": "number",
-}
-
-
-def _json_type(value: object) -> str:
-    name = type(value).__name__
-    return _JSON_TYPE_NAMES.get(name, name)
 
 
 def _iter_jsonl(path: Path, raw: bytes):
@@ -180,32 +201,36 @@ def _iter_raw(path: Path):
 
 
 def validate_record(
-    value: object, path: str, line: int, require_english: bool, output_required: bool = True
+    value: object,
+    path: str,
+    line: int | None,
+    require_english: bool,
+    output_required: bool = True,
+    *,
+    row: int | None = None,
+    names: dict | None = None,
+    system: str | None = None,
 ) -> Record:
-    """Check one decoded record and turn it into a :class:`Record` (or raise :class:`DataError`)."""
+    """Check one decoded record in the official schema and turn it into a :class:`Record` (or raise
+    :class:`DataError`). ``names`` gives the data's name of each field for the errors (after a
+    column mapping or a format conversion); ``row`` names a table's record."""
     if isinstance(value, DataError):
         raise value
+    where = Record("", None, path=path, line=line, row=row, names=names)
     if not isinstance(value, dict):
-        raise DataError(path, line, None, f"a record must be a JSON object, got {_json_type(value)}")
+        raise where.error(None, f"a record must be a JSON object, got {json_type(value)}")
     required = REQUIRED_FIELDS if output_required else ("instruction",)
     fields = required + ((ENGLISH_FIELD,) if require_english else ())
     for name in fields:
         if name not in value:
-            raise DataError(path, line, name, "missing")
+            raise where.error(name, "missing")
     optional = tuple(f for f in REQUIRED_FIELDS + (ENGLISH_FIELD,) + OPTIONAL_FIELDS if f not in fields)
     for name in fields + optional:
         if name not in value or (name not in fields and value[name] is None):
             continue
-        item = value[name]
-        if not isinstance(item, str):
-            raise DataError(path, line, name, f"must be a string, got {_json_type(item)}")
-        if not item.strip():
-            raise DataError(path, line, name, "empty")
-        try:
-            item.encode("utf-8")
-        except UnicodeEncodeError as err:  # a "\ud800" escape decodes to a lone surrogate
-            reason = f"invalid Unicode (lone surrogate at character {err.start})"
-            raise DataError(path, line, name, reason) from None
+        problem = text_problem(value[name])
+        if problem:
+            raise where.error(name, problem)
     english = value.get(ENGLISH_FIELD)
     return Record(
         instruction=value["instruction"],
@@ -214,22 +239,10 @@ def validate_record(
         lang=value.get("lang"),
         path=path,
         line=line,
+        row=row,
+        system=system,
+        names=names,
     )
-
-
-def load_prompts(path: str | Path, require_english: bool = False) -> list[Record]:
-    """Inference inputs: records with ``instruction`` (``output`` optional: the gold response,
-    ``instruction_en`` needed for the English oracle). Same validation and errors as training data."""
-    path = Path(path)
-    check_data_file(path)
-    records = []
-    for line, value in _iter_raw(path):
-        if isinstance(value, dict) and "output" not in value:
-            value = {**value, "output": None}
-        records.append(validate_record(value, str(path), line, require_english, output_required=False))
-    if not records:
-        raise DataError(str(path), None, None, "no records")
-    return records
 
 
 def check_data_file(path: Path) -> None:
@@ -249,37 +262,185 @@ def check_data_file(path: Path) -> None:
         raise DataError(str(path), None, None, "is not a regular file")
 
 
+def _short(text: str | None) -> str:
+    if text is None:
+        return "none"
+    return repr(text if len(text) <= 40 else text[:37] + "...")
+
+
+class _Loader:
+    """Reads the records of one data path in one format: the converter is chosen from the first
+    record (JSON) or the columns (a table), which are also checked against ``--columns``."""
+
+    def __init__(self, options: DataOptions, require_english: bool, output_required: bool):
+        self.options, self.require_english, self.output_required = options, require_english, output_required
+        self.converter: Converter | None = None
+        self.format: str | None = None
+        self.first: Record | None = None  # its system turn is the file's
+        self.seen: set[str] = set()  # mapped columns found in some JSON record
+
+    def start(self, name: str, value: dict, table: bool) -> None:
+        options = self.options
+        mapped = apply_columns(value, options.columns)
+        self.format = detect_format(mapped) if options.format == "auto" else options.format
+        self.converter = Converter(self.format, options.columns, name)
+        how = "detected" if options.format == "auto" else "--format"
+        logger.debug("%s: %s records (%s)", name, self.format, how)
+        if not table:
+            return
+        columns = ", ".join(value)
+        for ours, theirs in options.columns:
+            if theirs not in value:
+                raise DataError(
+                    name,
+                    None,
+                    None,
+                    f"--columns maps {ours} to '{theirs}', which is not a column ({columns})",
+                )
+        for group in self.converter.required_fields(self.require_english, self.output_required):
+            if not any(col in value for col in group):
+                what = " or ".join(f"'{col}'" for col in group)
+                raise DataError(
+                    name,
+                    None,
+                    group[0],
+                    f"missing: the {self.format} format needs a column {what}; the columns are {columns} "
+                    "(map them with --columns FIELD=COLUMN)",
+                )
+
+    def record(self, name: str, line: int | None, row: int | None, value: object) -> Record:
+        if isinstance(value, dict):
+            self.seen.update(theirs for _, theirs in self.options.columns if theirs in value)
+        if self.converter is None:  # before the first object: a bad line or a non-object
+            return validate_record(value, name, line, self.require_english, self.output_required, row=row)
+        conv = self.converter.convert(value, line, row, self.require_english, self.output_required)
+        if not self.output_required and isinstance(conv.value, dict) and conv.value.get("output") is None:
+            conv.value = {**conv.value, "output": None}
+        rec = validate_record(
+            conv.value,
+            name,
+            line,
+            self.require_english,
+            self.output_required,
+            row=row,
+            names=conv.names,
+            system=conv.system,
+        )
+        if self.first is None:
+            self.first = rec
+        elif rec.system != self.first.system:
+            raise rec.error(
+                "instruction",
+                f"its system turn ({_short(rec.system)}) differs from that of {self.first.location} "
+                f"({_short(self.first.system)}): every prompt of a run is rendered with one system prompt",
+            )
+        return rec
+
+    def unused_columns(self) -> list[str]:
+        """Mapped columns that no JSON record has (a typo in ``--columns``)."""
+        return [f"{ours}={theirs}" for ours, theirs in self.options.columns if theirs not in self.seen]
+
+
+def _source(path: Path, split: str | None):
+    """The name records are reported under, whether it is a table, and an iterator of
+    ``(line, row, value)`` (a table's null cells dropped: a null is a missing field)."""
+    if is_table(path):
+        if not path.is_dir():
+            check_data_file(path)
+        name, rows = iter_table(path, split)
+        return name, True, rows
+    check_data_file(path)
+    if split is not None:
+        raise DataError(str(path), None, None, f"--split {split}: only a DatasetDict folder has splits")
+    return str(path), False, _iter_raw(path)
+
+
+def _load(
+    path: str | Path,
+    require_english: bool,
+    output_required: bool,
+    skip_invalid: bool,
+    report: LoadReport,
+    options: DataOptions | None,
+) -> tuple[str, list[Record]]:
+    options = options or DataOptions()
+    name, table, source = _source(Path(path), options.split)
+    loader = _Loader(options, require_english, output_required)
+    report.first_errors = report.first_errors or []
+    records: list[Record] = []
+    with contextlib.closing(source):
+        for position, value in source:
+            line, row = (None, position) if table else (position, None)
+            if table:
+                if loader.converter is None:
+                    loader.start(name, value, table=True)
+                value = {k: v for k, v in value.items() if v is not None}
+            elif loader.converter is None and isinstance(value, dict):
+                loader.start(name, value, table=False)
+            try:
+                records.append(loader.record(name, line, row, value))
+            except DataError as err:
+                if not skip_invalid:
+                    raise
+                report.skipped += 1
+                if len(report.first_errors) < 5:
+                    report.first_errors.append(str(err))
+    unused = loader.unused_columns() if not table and records else []
+    if unused:
+        raise DataError(name, None, None, f"--columns {', '.join(unused)}: no record has that column")
+    report.format = loader.format
+    return name, records
+
+
+def load_prompts(
+    path: str | Path, require_english: bool = False, options: DataOptions | None = None
+) -> list[Record]:
+    """Inference inputs: records with ``instruction`` (``output`` optional: the gold response,
+    ``instruction_en`` needed for the English oracle). Same validation and errors as training data."""
+    name, records = _load(path, require_english, False, False, LoadReport(), options)
+    if not records:
+        raise DataError(name, None, None, "no records")
+    return records
+
+
 def load_records(
     path: str | Path,
     require_english: bool = True,
     skip_invalid: bool = False,
     report: LoadReport | None = None,
+    options: DataOptions | None = None,
 ) -> list[Record]:
-    """Read every record of ``path`` (``.json`` array or ``.jsonl``), validated.
+    """Read every record of ``path``, validated: a ``.json`` array or ``.jsonl`` file, or a table
+    (parquet, arrow, csv, a ``datasets`` folder) read as ``options`` say (format, column mapping,
+    split).
 
     ``require_english`` is True for CC-Tuning and False for plain SFT. With ``skip_invalid`` a
     bad record (in JSONL also a line that is not UTF-8 or not JSON) is skipped and counted in
     ``report``; a malformed JSON array still stops the load.
     """
-    path = Path(path)
-    check_data_file(path)
     report = report if report is not None else LoadReport()
-    report.first_errors = report.first_errors or []
-    records: list[Record] = []
-    for line, value in _iter_raw(path):
-        try:
-            records.append(validate_record(value, str(path), line, require_english))
-        except DataError as err:
-            if not skip_invalid:
-                raise
-            report.skipped += 1
-            if len(report.first_errors) < 5:
-                report.first_errors.append(str(err))
+    name, records = _load(path, require_english, True, skip_invalid, report, options)
     if not records:
-        raise DataError(str(path), None, None, "no valid records")
+        raise DataError(name, None, None, "no valid records")
     report.loaded = len(records)
     if report.skipped:
         logger.warning(
-            "%s: skipped %d invalid records (first: %s)", path, report.skipped, report.first_errors[0]
+            "%s: skipped %d invalid records (first: %s)", name, report.skipped, report.first_errors[0]
         )
     return records
+
+
+def system_prompt_of(records: list[Record], configured: str | None, model: bool = False) -> str | None:
+    """The system prompt that renders ``records``: their system turn (one per file, checked on
+    load) or ``configured``. For training (``model`` False) the data's turn is taken when nothing
+    is configured; for a trained model (``model`` True: ``configured`` is the model's, saved with
+    it) the data's turn must be the model's. A conflict is a one-line error."""
+    data = records[0].system if records else None
+    if data is None or data == configured:
+        return configured
+    if configured is None and not model:
+        return data
+    what = "the model's system prompt (set when it was trained)" if model else "--system-prompt"
+    raise records[0].error(
+        "instruction", f"the system turn {_short(data)} differs from {what}: {_short(configured)}"
+    )
