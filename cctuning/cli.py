@@ -75,6 +75,7 @@ def _load(
 def _cmd_fit_matrix(args: argparse.Namespace) -> int:
     from cctuning.inference.matrix import fit_matrix_from_file
 
+    data_options = _data_options(args)  # checked before the model loads
     # without the matrix already there: refitting replaces it (it may be a retrained model's stale one)
     model, tok, path = _load(args.model, args.trust_remote_code, load_transform=False)
     if not model.uses_connection:
@@ -87,6 +88,7 @@ def _cmd_fit_matrix(args: argparse.Namespace) -> int:
         args.data,
         path,
         skip_invalid=args.skip_invalid,
+        data_options=data_options,
         samples=args.samples,
         ridge=args.ridge,
         per_layer=args.per_layer,
@@ -171,6 +173,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     if args.nll:
         return _cmd_eval_nll(args)
+    if args.data_format != "auto" or args.columns or args.split:
+        raise CCError("--format, --columns and --split say how to read the --nll data; give --nll")
     cfg = EvalConfig(
         model=args.model,
         benchmarks=split_list(args.benchmarks) or list(BENCHMARKS),
@@ -198,6 +202,7 @@ def _cmd_eval_nll(args: argparse.Namespace) -> int:
     from cctuning.eval.nll import evaluate_nll
     from cctuning.loading import load_for_inference
 
+    data_options = _data_options(args)  # checked before the model loads
     model, tok, path = load_for_inference(args.model, args.trust_remote_code)
     sampled = f"-sampled{args.sample_layer}" if args.sample_layer else ""
     output = args.output or str(Path(path) / "eval" / f"nll-{args.connection or 'default'}{sampled}")
@@ -213,6 +218,7 @@ def _cmd_eval_nll(args: argparse.Namespace) -> int:
         model_name=args.model,
         sample_layer=args.sample_layer,
         min_response_tokens=args.min_response_tokens,
+        data_options=data_options,
     )
     print(f"held-out NLL of {args.nll} (connection {report['connection']}), saved to {output}")
     print(f"{'lang':6} {'items':>6} {'tokens':>7} {'NLL':>8} {'95% CI':>17} {'PPL':>9}")
@@ -294,6 +300,33 @@ _MODEL_HELP = "a model folder (CC-Tuning, SFT or plain Hugging Face)"
 _CONFIG_HELP = "YAML file with any of the options below (flags override it)"
 
 
+def _add_data_options(p: argparse.ArgumentParser, data_flag: str = "--data") -> None:
+    """``--format``, ``--columns`` and ``--split``: how the records of ``data_flag`` are read (as
+    train's options of the same names; README "Data formats")."""
+    from cctuning.data.formats import FORMATS
+
+    p.add_argument(
+        "--format",
+        dest="data_format",
+        choices=FORMATS,
+        default="auto",
+        help=f"format of the {data_flag} records (default: auto, detected from the fields)",
+    )
+    p.add_argument(
+        "--columns",
+        metavar="FIELD=COLUMN,...",
+        help=f"read fields of the {data_flag} records from columns of other names, e.g. instruction=question",
+    )
+    p.add_argument("--split", help=f"the split of a DatasetDict folder given as {data_flag}")
+
+
+def _data_options(args: argparse.Namespace):
+    """The :class:`~cctuning.data.formats.DataOptions` of ``--format``, ``--columns``, ``--split``."""
+    from cctuning.data.formats import DataOptions
+
+    return DataOptions.of(args.data_format, args.columns, args.split)
+
+
 def _add_connection(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--connection",
@@ -339,6 +372,7 @@ def _add_fit_matrix(sub) -> None:
     p.add_argument(
         "--data", required=True, help="parallel records (instruction, instruction_en), e.g. the training file"
     )
+    _add_data_options(p)
     p.add_argument("--samples", type=int, default=1000, help="number of records to use (seeded sample)")
     p.add_argument("--ridge", type=float, default=0.0, help="ridge λ: solve (SᵀS + λI) M = SᵀT")
     p.add_argument(
@@ -402,9 +436,11 @@ def _add_eval(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--nll",
-        metavar="FILE.jsonl",
-        help="instead of benchmarks: per-token NLL of the gold responses of these records (held-out)",
+        metavar="DATA",
+        help="instead of benchmarks: per-token NLL of the gold responses of these records (held-out): "
+        "a file or folder as train's --data",
     )
+    _add_data_options(p, "--nll")
     p.add_argument(
         "--sample-layer",
         type=int,

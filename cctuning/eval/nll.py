@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 
 from cctuning.data.collator import CCCollator, pad_token_id
 from cctuning.data.encoding import PromptEncoder, encode_example
-from cctuning.data.records import load_records
+from cctuning.data.formats import DataOptions
+from cctuning.data.records import load_records, system_prompt_of
 from cctuning.errors import CCError
 from cctuning.io import check_output_folder, folder_lock, write_json, write_text
 from cctuning.model.ccmodel import positions_from_mask
@@ -103,10 +104,19 @@ def summarize(items: list[dict], reps: int = 1000, seed: int = 0) -> dict:
     return out
 
 
-def encode_nll_records(model, tokenizer, data: str | Path, connection: str, max_length: int):
-    """The records of ``data``, their features (with the English prompts for ``english``) and how
-    much of each the token budget cut (``response_cut``, ``instruction_cut`` in tokens)."""
-    records = load_records(data, require_english=connection == "english")
+def encode_nll_records(
+    model,
+    tokenizer,
+    data: str | Path,
+    connection: str,
+    max_length: int,
+    data_options: DataOptions | None = None,
+):
+    """The records of ``data`` (read as ``data_options`` say), their features (with the English
+    prompts for ``english``) and how much of each the token budget cut (``response_cut``,
+    ``instruction_cut`` in tokens)."""
+    records = load_records(data, require_english=connection == "english", options=data_options)
+    system_prompt_of(records, model.cc_config.prompt_format.system_prompt, model=True)
     encoder = PromptEncoder(tokenizer, model.cc_config.prompt_format, max_length)
     features, cuts = [], []
     for rec in records:
@@ -148,7 +158,7 @@ def score_records(
                     rec = records[start + j]
                     layers = [None if r[2] is None else int(r[2][j]) for r in runs]
                     item = {
-                        "line": rec.line,
+                        **({"row": rec.row} if rec.row is not None else {"line": rec.line}),
                         "lang": rec.lang,
                         "nll_sum": sum(float(r[0][j]) for r in runs) / len(runs),
                         "tokens": int(counts[j]),
@@ -185,8 +195,11 @@ def evaluate_nll(
     model_name: str | None = None,
     sample_layer: int = 0,
     min_response_tokens: int = 4,
+    data_options: DataOptions | None = None,
 ) -> dict:
-    """Score the gold responses of ``data`` (training-format records) and write ``nll.json``.
+    """Score the gold responses of ``data`` (training records, in any format and source
+    :func:`~cctuning.data.records.load_records` reads as ``data_options`` say) and write
+    ``nll.json``.
 
     ``sample_layer`` = K > 0: the official stochastic layer choice, K seeded draws per item, averaged.
     Every cut the token budget made is recorded per item and counted in the report; an item whose
@@ -202,7 +215,7 @@ def evaluate_nll(
     with folder_lock(output, "cctuning eval --nll") if output is not None else contextlib.nullcontext():
         return _evaluate_nll(
             model, tokenizer, data, connection, output, batch_size, max_length, seed, reps, progress,
-            model_name, sample_layer, min_response_tokens,
+            model_name, sample_layer, min_response_tokens, data_options,
         )  # fmt: skip
 
 
@@ -220,8 +233,9 @@ def _evaluate_nll(
     model_name,
     sample_layer,
     min_response_tokens,
+    data_options=None,
 ) -> dict:
-    records, features, cuts = encode_nll_records(model, tokenizer, data, connection, max_length)
+    records, features, cuts = encode_nll_records(model, tokenizer, data, connection, max_length, data_options)
     started = time.time()
     items = score_records(
         model,
@@ -259,6 +273,7 @@ def _evaluate_nll(
         )
     report = {
         "data": str(data),
+        **({"data_options": data_options.describe()} if data_options and data_options.describe() else {}),
         "connection": connection,
         "method": model.cc_config.method,
         "model": model_name,
@@ -286,14 +301,15 @@ def load_items(run_dir: str | Path) -> list[dict]:
 def paired_difference(a: list[dict], b: list[dict], reps: int = 1000, seed: int = 0) -> dict:
     """Per language and overall: NLL(a) − NLL(b) on the same items, with a paired bootstrap 95% interval
     (the same resampled items for both runs). Negative means run a fits the responses better."""
-    key_a = {(r["line"], r["lang"]): r for r in a}
-    key_b = {(r["line"], r["lang"]): r for r in b}
+    # an item is its file line (JSON/JSONL) or its row (a table) and its language
+    key_a = {(r.get("line", -1), r.get("row", -1), r["lang"]): r for r in a}
+    key_b = {(r.get("line", -1), r.get("row", -1), r["lang"]): r for r in b}
     if set(key_a) != set(key_b):
         raise CCError("the two NLL runs were not made on the same items")
-    keys = sorted(key_a, key=lambda k: (str(k[1]), k[0]))
+    keys = sorted(key_a, key=lambda k: (str(k[2]), k[0], k[1]))
     groups: dict[str, list] = {}
     for k in keys:
-        groups.setdefault(k[1] or "?", []).append(k)
+        groups.setdefault(k[2] or "?", []).append(k)
     out = {}
     rng = random.Random(seed)
     for name, ks in sorted(groups.items()) + [("all", keys)]:

@@ -24,7 +24,8 @@ from tqdm.auto import tqdm
 
 from cctuning.data.collator import pad_rows, pad_token_id
 from cctuning.data.encoding import PromptEncoder
-from cctuning.data.records import load_records
+from cctuning.data.formats import DataOptions
+from cctuning.data.records import load_records, system_prompt_of
 from cctuning.errors import CCError
 from cctuning.io import check_output_folder, folder_lock
 from cctuning.model.transform import DECISION_MAKER_STAMP, TransformMatrix, apply_matrix
@@ -316,12 +317,19 @@ def fit_transform_matrix(
 
 
 def fit_matrix_from_file(
-    model, tokenizer, data: str | Path, folder: str | Path, skip_invalid: bool = False, **options
+    model,
+    tokenizer,
+    data: str | Path,
+    folder: str | Path,
+    skip_invalid: bool = False,
+    data_options: DataOptions | None = None,
+    **options,
 ) -> FitReport:
-    """Fit the Transform Matrix on the records of ``data`` (a CC-Tuning JSONL file with English
-    counterparts), record that file in its metadata and save it into ``folder`` beside the model.
-    ``options`` are :func:`fit_transform_matrix`'s. The folder is locked while fitting; a matrix
-    already there (a stale one, after retraining) is replaced."""
+    """Fit the Transform Matrix on the records of ``data`` (CC-Tuning records with English
+    counterparts, in any format :func:`~cctuning.data.records.load_records` reads as
+    ``data_options`` say), record that data in its metadata and save it into ``folder`` beside the
+    model. ``options`` are :func:`fit_transform_matrix`'s. The folder is locked while fitting; a
+    matrix already there (a stale one, after retraining) is replaced."""
     check_fit_options(
         options.get("samples", 1000),
         options.get("ridge", 0.0),
@@ -329,8 +337,11 @@ def fit_matrix_from_file(
         options.get("batch_size", 16),
     )
     with folder_lock(check_output_folder(folder, "model folder"), "cctuning fit-matrix"):
-        records = load_records(data, require_english=True, skip_invalid=skip_invalid)
+        records = load_records(data, require_english=True, skip_invalid=skip_invalid, options=data_options)
+        system_prompt_of(records, model.cc_config.prompt_format.system_prompt, model=True)
         matrix, report = fit_transform_matrix(model, tokenizer, records, **options)
         matrix.meta["data"] = str(data)
+        if data_options is not None and data_options.describe():
+            matrix.meta["data_options"] = data_options.describe()
         matrix.save(folder)
     return report

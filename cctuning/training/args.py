@@ -13,7 +13,25 @@ def opt(default, help: str, **meta):
 @dataclass
 class TrainConfig:
     model: str | None = opt(None, "base model: a Hugging Face folder or a preset name")
-    data: str | None = opt(None, "training records, .json or .jsonl")
+    data: str | None = opt(
+        None,
+        "training records: .json, .jsonl, .parquet, .arrow, .csv or a datasets save_to_disk folder "
+        "(README: Data formats)",
+    )
+    data_format: str = opt(
+        "auto",
+        "record format: official (instruction, output, instruction_en), messages (one user and one "
+        "assistant turn), prompt-completion (prompt, completion, prompt_en) or auto (detected)",
+        choices=["auto", "official", "messages", "prompt-completion"],
+        aliases=("--format",),
+    )
+    columns: str | dict | None = opt(
+        None,
+        "read fields from columns of other names: instruction=question,output=answer,... "
+        "(in YAML also a mapping)",
+        metavar="FIELD=COLUMN,...",
+    )
+    split: str | None = opt(None, "the split of a DatasetDict folder (needed when it has several)")
     output: str | None = opt(None, "output folder (a Hugging Face model folder plus CC-Tuning files)")
     method: str = opt(
         "cc", "cc: CC-Tuning; sft: plain multilingual SFT on the same pipeline", choices=["cc", "sft"]

@@ -16,8 +16,9 @@ from torch.utils.data import Dataset
 
 from cctuning.data.collator import CCCollator
 from cctuning.data.encoding import IGNORE_INDEX, PromptEncoder, PromptFormat, encode_records
-from cctuning.data.records import LoadReport, load_records
-from cctuning.errors import CCError, DataError, first_line
+from cctuning.data.formats import DataOptions
+from cctuning.data.records import LoadReport, load_records, system_prompt_of
+from cctuning.errors import CCError, first_line
 from cctuning.io import INCOMPLETE_MARKER, check_output_folder, folder_lock, is_incomplete, write_json
 from cctuning.loading import load_tokenizer, resolve_model_path
 from cctuning.model.ccmodel import CONFIG_NAME, DECISION_MAKER_NAME, CCConfig, CCModel
@@ -63,9 +64,7 @@ def check_context(records, features: list[dict], context: int | None) -> None:
             checks.append(("instruction_en", len(feat["en_input_ids"]), "English prompt"))
         for name, length, what in checks:
             if length > context:
-                raise DataError(
-                    rec.path,
-                    rec.line,
+                raise rec.error(
                     name,
                     f"the {what} needs {length} tokens, more than the model's context of {context} "
                     f"(max_position_embeddings); set --max-length {context} or less to truncate",
@@ -174,13 +173,24 @@ def prepare(cfg: TrainConfig):
     model_path = resolve_model_path(cfg.model)
     report = LoadReport()
     records = load_records(
-        cfg.data, require_english=cfg.method == "cc", skip_invalid=cfg.skip_invalid, report=report
+        cfg.data,
+        require_english=cfg.method == "cc",
+        skip_invalid=cfg.skip_invalid,
+        report=report,
+        options=data_options(cfg),
     )
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
-    fmt = PromptFormat(cfg.template, cfg.system_prompt, cfg.position_offset)
+    # a conversation's system turn (one per file) is the run's system prompt, saved with the model
+    fmt = PromptFormat(cfg.template, system_prompt_of(records, cfg.system_prompt), cfg.position_offset)
     encoder = PromptEncoder(tokenizer, fmt, cfg.max_length)
     features = encode_records(records, encoder, with_english=cfg.method == "cc")
-    logger.info("data: %d records (%d skipped); %s", report.loaded, report.skipped, encoder.stats.summary())
+    logger.info(
+        "data: %d %s records (%d skipped); %s",
+        report.loaded,
+        report.format,
+        report.skipped,
+        encoder.stats.summary(),
+    )
     from transformers import set_seed
 
     set_seed(cfg.seed)
@@ -207,6 +217,11 @@ def prepare(cfg: TrainConfig):
     return model, tokenizer, FeatureDataset(features), report, encoder.stats
 
 
+def data_options(cfg) -> DataOptions:
+    """How to read ``cfg.data``: ``--format``, ``--columns``, ``--split`` (checked, one-line errors)."""
+    return DataOptions.of(cfg.data_format, cfg.columns, cfg.split)
+
+
 def check_required(cfg: TrainConfig) -> None:
     """Options that cannot make a run: one line each, before anything is loaded."""
     for name in ("model", "data", "output"):
@@ -228,6 +243,7 @@ def check_required(cfg: TrainConfig) -> None:
         raise CCError(f"--warmup-ratio must be between 0 and 1, got {cfg.warmup_ratio}")
     if cfg.save_steps < 0 or cfg.save_total_limit < 0:
         raise CCError("--save-steps and --save-total-limit must be ≥ 0")
+    data_options(cfg)  # a bad --format or --columns fails before anything is loaded
 
 
 # what a training run writes into --output: what --overwrite clears (nothing else is touched)
