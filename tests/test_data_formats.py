@@ -10,7 +10,6 @@ import sys
 import pytest
 
 from cctuning.cli import main
-from cctuning.config import build_config
 from cctuning.data.formats import DataOptions, parse_columns
 from cctuning.data.mix import sample_mix
 from cctuning.data.records import LoadReport, load_records
@@ -18,6 +17,7 @@ from cctuning.errors import CCError, DataError
 from cctuning.model.transform import MATRIX_REPORT_NAME
 from cctuning.testing import tiny_tokenizer
 from cctuning.training import TrainConfig
+from cctuning.training.options import build_train_config
 from cctuning.training.run import prepare
 from tests.conftest import FAST, flags, write_jsonl
 
@@ -229,14 +229,12 @@ def test_table_rows_are_named_by_their_index(rows, tmp_path):
 
 
 def test_a_yaml_mapping_or_string_for_columns(tmp_path):
-    (tmp_path / "a.yaml").write_text("columns:\n  instruction: q\n  output: a\ndata_format: messages\n")
-    (tmp_path / "b.yaml").write_text("columns: instruction=q, output=a\n")
-    a, b = (
-        build_config(TrainConfig, tmp_path / "a.yaml", {}),
-        build_config(TrainConfig, tmp_path / "b.yaml", {}),
-    )
+    (tmp_path / "a.yaml").write_text("columns:\n  instruction: q\n  output: a\nformat: messages\n")
+    (tmp_path / "b.yaml").write_text("columns: instruction=q, output=a\ndata_format: prompt-completion\n")
+    a, b = build_train_config(tmp_path / "a.yaml", {}), build_train_config(tmp_path / "b.yaml", {})
     assert parse_columns(a.columns) == parse_columns(b.columns) == (("instruction", "q"), ("output", "a"))
-    assert a.data_format == "messages"
+    assert (a.data_format, b.data_format) == ("messages", "prompt-completion")
+    assert build_train_config(tmp_path / "a.yaml", {"data_format": "official"}).data_format == "official"
 
 
 # -- errors --------------------------------------------------------------------------------------------

@@ -191,15 +191,27 @@ def _fold(values: dict, extra: dict, where: str | None) -> dict:
     return values
 
 
+def _yaml_aliases() -> dict[str, str]:
+    """YAML keys named after a field's alias flag (``format`` for ``--format``) → the field's name."""
+    return {
+        alias.lstrip("-").replace("-", "_"): f.name
+        for f in dataclasses.fields(TrainConfig)
+        for alias in f.metadata.get("aliases", ())
+    }
+
+
 def _yaml_layer(path: str | Path) -> dict:
-    """A YAML file's options: ours, TrainingArguments fields at the top level and under ``trainer:``."""
+    """A YAML file's options: ours, TrainingArguments fields at the top level and under ``trainer:``.
+    A key may also be the name of an option's alias flag (``format:`` for ``data_format``)."""
     hints = typing.get_type_hints(TrainConfig)
     fields = trainer_fields()
+    aliases = _yaml_aliases()
     values: dict = {}
     extra: dict = {}
     top: dict = {}
     for key, value in read_yaml(path).items():
         name = str(key).replace("-", "_")
+        name = aliases.get(name, name) if name not in hints else name
         if name == "trainer":
             extra = dict(coerce(value, dict, f"{path}: option 'trainer'") or {})
         elif name in hints:
