@@ -122,6 +122,15 @@ def _generate_records(args: argparse.Namespace) -> list[dict]:
     return [r.__dict__ for r in load_prompts(args.input, require_english=args.connection == "english")]
 
 
+def _check_system_turn(records: list[dict], model) -> None:
+    """A conversation's system turn in --input must be the model's system prompt: every prompt is
+    rendered with that one (a one-line error otherwise, not a silently different prompt)."""
+    from cctuning.data.records import Record, system_prompt_of
+
+    if records and records[0].get("system") is not None:
+        system_prompt_of([Record(**records[0])], model.cc_config.prompt_format.system_prompt, model=True)
+
+
 def _generation_rows(records: list[dict], outs, connection: str) -> list[str]:
     """One JSON line per generation: the instruction, the text, the chosen layer (and the language)."""
     rows = []
@@ -147,6 +156,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     model, tok, _ = _load(args.model, args.trust_remote_code, args.seed, args.sample_layer)
     gen = CCGenerator(model, tok, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     records = _generate_records(args)
+    _check_system_turn(records, model)
     connection = resolve_connection(model, args.connection)
     outs = gen.generate(
         [r["instruction"] for r in records],

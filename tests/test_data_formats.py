@@ -528,3 +528,31 @@ cells:
     assert [json.loads(x)["row"] for x in items] == [0, 1, 2, 3]
     assert report["cells"]["cc"]["nll"]["all"]["mean"] > 0
     assert not (tmp_path / "exp" / "data").exists()  # no mix sample was drawn
+
+
+def test_generate_reads_conversations_and_refuses_a_foreign_system_turn(rows, base_dir, tmp_path, capsys):
+    plain = write_jsonl(tmp_path / "p.jsonl", [messages_of(r) for r in rows[:2]])
+    out = tmp_path / "gens.jsonl"
+    code = main(
+        [
+            "generate",
+            "--model",
+            str(base_dir),
+            "--input",
+            str(plain),
+            "--max-new-tokens",
+            "2",
+            "--output",
+            str(out),
+        ]
+    )
+    assert code == 0, capsys.readouterr().err
+    assert [json.loads(x)["instruction"] for x in out.read_text().splitlines()] == [
+        r["instruction"] for r in rows[:2]
+    ]
+    system = write_jsonl(tmp_path / "s.jsonl", [messages_of(r, system="Be brief.") for r in rows[:2]])
+    assert main(["generate", "--model", str(base_dir), "--input", str(system), "--max-new-tokens", "2"]) == 2
+    assert (
+        "s.jsonl:1: field 'messages': the system turn 'Be brief.' differs from the model's system prompt"
+        in _one_error(capsys)
+    )
