@@ -528,6 +528,24 @@ def _add_export(sub) -> None:
     p.set_defaults(func=_cmd_export)
 
 
+def _cmd_lm_eval(args: argparse.Namespace) -> int:
+    from cctuning.eval.lmeval import run_cli
+
+    return run_cli(args.lm_eval_args)
+
+
+def _add_lm_eval(sub) -> None:
+    # every argument after `lm-eval` is lm-eval's (no option of ours: prefix_chars matches none)
+    p = sub.add_parser(
+        "lm-eval",
+        help="lm-evaluation-harness with the model 'cctuning' and our tasks (all lm-eval arguments pass through)",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    p.add_argument("lm_eval_args", nargs="*")
+    p.set_defaults(func=_cmd_lm_eval)
+
+
 COMMANDS = (
     _add_train,
     _add_fit_matrix,
@@ -538,6 +556,7 @@ COMMANDS = (
     _add_report,
     _add_transfer_task,
     _add_export,
+    _add_lm_eval,
 )
 
 

@@ -190,6 +190,16 @@ def load_benchmark(
         raise DataError(
             str(path), None, None, f"no such file (languages with data: {', '.join(known) or 'none'})"
         )
+    items = read_items(path, spec.name, lang)
+    return items if limit is None else items[:limit]
+
+
+def read_items(path: str | Path, name: str, lang: str) -> list[Item]:
+    """All items of one benchmark file (any path), in file order, validated as :func:`load_benchmark` does."""
+    spec = get_spec(name)
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(str(path), None, None, "no such file")
     raw = path.read_bytes()
     try:
         text = raw.decode("utf-8-sig")
@@ -212,4 +222,4 @@ def load_benchmark(
     if not items:
         raise DataError(str(path), None, None, "no items")
     logger.debug("loaded %d %s items for %s from %s", len(items), spec.name, lang, path)
-    return items if limit is None else items[:limit]
+    return items
