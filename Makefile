@@ -8,14 +8,16 @@ PYTEST_ARGS ?=
 PRESETS ?= smollm2-135m
 PRESETS_STAMP := $(VENV)/.presets-$(subst $(eval) ,+,$(PRESETS))
 CONFIG ?=
+# exact versions of everything installed (pyproject.toml declares ranges); `make lock` rewrites it
+CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: install presets test lint demo bench clean
+.PHONY: install presets test lint demo bench compat lock clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	# torch first, from the CPU wheel, so nothing pulls a multi-GB CUDA build
-	$(BIN)/pip install torch==2.13.0
-	$(BIN)/pip install -e '.[dev,eval,data,tensorboard]'
+	$(BIN)/pip install -c $(CONSTRAINTS) torch==2.13.0
+	$(BIN)/pip install -c $(CONSTRAINTS) -e '.[dev,eval,data,tensorboard]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -41,6 +43,14 @@ demo: $(STAMP) $(PRESETS_STAMP)
 # timing benchmarks (not tests): ratios of CC-Tuning to SFT and plain generation, see bench/README.md
 bench: $(STAMP) $(PRESETS_STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# cctuning installs beside trl without downgrading anything (pip --dry-run in a fresh venv; needs PyPI)
+compat: $(STAMP)
+	$(BIN)/python scripts/deps.py compat
+
+# rewrite $(CONSTRAINTS) from what the install resolves to in .venv (after upgrading on purpose)
+lock: $(STAMP)
+	$(BIN)/python scripts/deps.py lock
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
