@@ -88,6 +88,8 @@ def test_flags_reach_the_trainer_and_only_those(tmp_path):
     # a field given as a flag overrides one of our defaults
     args = build_training_arguments(train_config(*flags(output=tmp_path / "o", data_seed=7)))
     assert args.data_seed == 7 and args.seed == 42
+    # a fixed field given our own value is accepted
+    assert train_config("--no-remove-unused-columns").trainer == {}
 
 
 def test_deepspeed_and_report_to_lists_are_parsed(tmp_path):
@@ -121,7 +123,7 @@ def test_twins_set_our_options_and_disagreeing_ones_are_refused(tmp_path, capsys
 @pytest.mark.parametrize(
     "argv,expected",
     [
-        (["--remove-unused-columns"], "--remove-unused-columns: cctuning sets it"),
+        (["--remove-unused-columns"], "--remove-unused-columns: cctuning sets it to False"),
         (["--adam-beta2", "high"], "--adam-beta2: expected float, got 'high'"),
         (["--log-level", "loud"], "--log-level: expected one of detail"),
         (["--warmup-ratio", "0.2", "--warmup-steps", "3"], "both set the warmup"),

@@ -9,7 +9,7 @@ fields' types, defaults and help), not written by hand, so a new field is a new 
 * **Twins map to our option.** A field that one of our options sets under another name (:data:`TWINS`:
   ``learning_rate`` is ``--lr``, ``output_dir`` is ``--output``, ...) can be given either way; both
   in one place with different values is a one-line error.
-* **Fixed fields are refused** (:data:`FIXED`): the run depends on their value.
+* **Fixed fields are refused** (:data:`FIXED`) unless given the value we set: the run depends on it.
 * **Only what the user gave reaches the Trainer**: every other field keeps our default (set in
   ``build_training_arguments``) or the Trainer's.
 
@@ -51,9 +51,12 @@ TWINS = {
     "resume_from_checkpoint": "resume",
 }
 
-# fields whose value the run depends on: field → why
+# fields whose value the run depends on: field → (the value we set, why)
 FIXED = {
-    "remove_unused_columns": "the Trainer would drop the English prompt's columns that the connection needs",
+    "remove_unused_columns": (
+        False,
+        "the Trainer would drop the English prompt's columns that the connection needs",
+    ),
 }
 
 # fields that ``build_training_arguments`` sets to a value of ours unless the user gives one: field → the
@@ -96,6 +99,11 @@ def trainer_fields() -> dict[str, TrainerField]:
     }
 
 
+def tf_type(name: str):
+    """The type of the TrainingArguments field ``name``."""
+    return trainer_fields()[name].type
+
+
 def twins() -> dict[str, str]:
     """Every TrainingArguments field that one of our options sets: field → option (same-named fields
     such as ``seed`` and ``max_steps`` included)."""
@@ -132,7 +140,8 @@ def add_trainer_arguments(parser) -> list[str]:
         if name in twin:
             action.help = f"the Trainer's name of {_flag(twin[name])}: sets it"
         elif name in FIXED:
-            action.help = f"set by cctuning: {FIXED[name]}"
+            value, why = FIXED[name]
+            action.help = f"set by cctuning to {value}: {why}"
         elif name in OUR_DEFAULTS:
             text = str(trainer_fields()[name].field.metadata.get("help", "")).replace("%", "%%")
             action.help = f"{text} (cctuning's default: {OUR_DEFAULTS[name]})"
@@ -164,7 +173,10 @@ def _fold(values: dict, extra: dict, where: str | None) -> dict:
         if name not in fields:
             raise CCError(f"{prefix}{label(str(key))}: not a transformers.TrainingArguments field")
         if name in FIXED:
-            raise CCError(f"{prefix}{label(name)}: cctuning sets it ({FIXED[name]})")
+            value, why = FIXED[name]
+            if coerce(extra[key], tf_type(name), prefix + label(name)) == value:
+                continue  # our own value: nothing to do
+            raise CCError(f"{prefix}{label(name)}: cctuning sets it to {value} ({why})")
         if name in twin:
             own = twin[name]
             converted = coerce(value, hints[own], prefix + label(name))
