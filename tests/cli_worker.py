@@ -8,6 +8,15 @@ variables so that the library itself carries no test hooks:
 * ``CCT_TEST_PAUSE_AT=N``: while saving checkpoint-N, after some of its files have landed, write
   ``<output>/paused`` and sleep, so that the test can SIGKILL the run at a known point.
 * ``CCT_TEST_THREADS=N``: torch threads (match the test process to get the same numerics).
+* ``CCT_TEST_PROBE=DIR``: for the sharded tests (FSDP, DeepSpeed ZeRO-3), each rank writes
+  ``DIR/probe<R>.pt``: the engine, what its weights look like outside a forward, the inputs, captured
+  activations and Decision Maker inputs of its first training step, the examples of every step, the
+  logged losses, and the logits of the trained (still sharded) model on its first batch.
+* ``CCT_TEST_ZERO3_RELEASE_ALL=1``: DeepSpeed ZeRO-3 keeps no weight gathered between forwards
+  (``stage3_param_persistence_threshold`` 0; by default weights under 100k elements, all of a tiny
+  model's, stay gathered), so every weight is an empty placeholder outside its module's forward.
+* ``CCT_TEST_NO_NOISE=1``: the Decision Maker picks its layer without Gumbel noise (argmax, with the
+  same straight-through gradient), so that runs that split a batch differently choose alike.
 """
 
 from __future__ import annotations
@@ -61,6 +70,104 @@ def _install_dump(folder: Path) -> None:
     CCTrainer.compute_loss, CCTrainer.train = recording_compute_loss, dumping_train
 
 
+def no_noise_gumbel_softmax(logits: torch.Tensor, tau: float = 1.0, generator=None) -> torch.Tensor:
+    """``hard_gumbel_softmax`` with zero noise: one-hot of the argmax forward, softmax gradient backward."""
+    y_soft = (logits.float() / tau).softmax(-1)
+    y_hard = torch.zeros_like(y_soft).scatter_(-1, y_soft.argmax(-1, keepdim=True), 1.0)
+    return (y_hard - y_soft.detach() + y_soft).to(logits.dtype)
+
+
+def _install_no_noise() -> None:
+    import cctuning.model.decision as decision
+
+    decision.hard_gumbel_softmax = no_noise_gumbel_softmax
+
+
+def _rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:
+    """Each row's tokens without padding: the example, whatever the batch it was padded in."""
+    return [ids[mask.bool()].tolist() for ids, mask in zip(input_ids.cpu(), attention_mask.cpu())]
+
+
+def _weight_view(weight) -> dict:
+    """What a weight looks like outside a forward: its type, shape and local (this rank's) size."""
+    local = weight.to_local() if hasattr(weight, "to_local") else weight
+    return {
+        "type": type(weight).__name__,
+        "shape": tuple(weight.shape),
+        "local_numel": int(local.numel()),
+        "ds_shape": tuple(weight.ds_shape) if hasattr(weight, "ds_shape") else None,
+    }
+
+
+def _install_probe(folder: Path) -> None:
+    from cctuning.model.ccmodel import CCModel
+    from cctuning.model.decision import DecisionMaker
+    from cctuning.training.trainer import CCTrainer
+
+    probe: dict = {"steps": []}
+    collect, decide = CCModel.collect_activations, DecisionMaker.forward
+    compute_loss, train = CCTrainer.compute_loss, CCTrainer.train
+
+    def recording_collect(self, input_ids, attention_mask, positions, grad=False):
+        acts = collect(self, input_ids, attention_mask, positions, grad)
+        if self.training and "activations" not in probe:
+            probe["en_batch"] = {
+                "input_ids": input_ids,
+                "attention_mask": attention_mask,
+                "positions": positions,
+            }
+            probe["activations"] = acts.detach().clone()
+        return acts
+
+    def recording_decide(self, activations, embedding, *args, **kwargs):
+        if self.training and "dm_embedding" not in probe:
+            probe["dm_activations"] = activations.detach().clone()
+            probe["dm_embedding"] = embedding.detach().clone()
+        return decide(self, activations, embedding, *args, **kwargs)
+
+    def recording_compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training:
+            probe.setdefault("batch", {k: v.detach().clone() for k, v in inputs.items()})
+            probe["steps"].append(_rows(inputs["input_ids"], inputs["attention_mask"]))
+        return compute_loss(self, model, inputs, *args, **kwargs)
+
+    def probing_train(self, *args, **kwargs):
+        result = train(self, *args, **kwargs)
+        model = self._cc_model()
+        probe["engine"] = str(self.accelerator.distributed_type).rsplit(".", 1)[-1]
+        probe["world_size"] = self.accelerator.num_processes
+        probe["embedding_weight"] = _weight_view(model.arch.embeddings.weight)
+        probe["dm_weight"] = _weight_view(model.decision_maker.proj.weight)
+        probe["log_history"] = self.state.log_history
+        batch = probe["batch"]
+        plain = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        wrapped = self.model_wrapped  # the engine's module: its forward gathers the shards
+        wrapped.eval()
+        with torch.no_grad():
+            probe["logits_plain"] = wrapped(**plain).logits.detach().clone()
+            probe["logits_connected"] = wrapped(**batch).logits.detach().clone()
+        folder.mkdir(parents=True, exist_ok=True)
+        torch.save(probe, folder / f"probe{self.accelerator.process_index}.pt")
+        return result
+
+    CCModel.collect_activations, DecisionMaker.forward = recording_collect, recording_decide
+    CCTrainer.compute_loss, CCTrainer.train = recording_compute_loss, probing_train
+
+
+def _install_zero3_release_all() -> None:
+    from accelerate.utils import DeepSpeedPlugin
+
+    post_init = DeepSpeedPlugin.__post_init__
+
+    def releasing_post_init(self):
+        post_init(self)
+        zero = self.deepspeed_config.get("zero_optimization", {})
+        if zero.get("stage") == 3:
+            zero["stage3_param_persistence_threshold"] = 0
+
+    DeepSpeedPlugin.__post_init__ = releasing_post_init
+
+
 def _install_pause(step: int) -> None:
     """Stop inside the save of checkpoint-``step``, between two renames of the staged files."""
     import cctuning.io as io
@@ -84,6 +191,12 @@ def main() -> int:
         torch.set_num_threads(int(os.environ["CCT_TEST_THREADS"]))
     if os.environ.get("CCT_TEST_DUMP"):
         _install_dump(Path(os.environ["CCT_TEST_DUMP"]))
+    if os.environ.get("CCT_TEST_PROBE"):
+        _install_probe(Path(os.environ["CCT_TEST_PROBE"]))
+    if os.environ.get("CCT_TEST_NO_NOISE"):
+        _install_no_noise()
+    if os.environ.get("CCT_TEST_ZERO3_RELEASE_ALL"):
+        _install_zero3_release_all()
     if os.environ.get("CCT_TEST_PAUSE_AT"):
         _install_pause(int(os.environ["CCT_TEST_PAUSE_AT"]))
     from cctuning.cli import main as cli_main

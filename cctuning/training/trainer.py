@@ -25,12 +25,14 @@ from cctuning.errors import CCError
 from cctuning.io import atomic_path, write_json
 from cctuning.model.ccmodel import DECISION_MAKER_NAME, CCModel
 from cctuning.model.lora import ADAPTER_WEIGHTS_NAME, load_adapter_weights
+from cctuning.training.sharding import after_accelerator, before_accelerator
 
 logger = logging.getLogger(__name__)
 
 LAYER_CHOICE_NAME = "layer_choice.json"
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+FSDP_WEIGHTS_NAME = "pytorch_model_fsdp.bin"  # accelerate's full state dict in an FSDP checkpoint
 
 
 class _TemperatureSchedule(TrainerCallback):
@@ -80,6 +82,13 @@ class CCTrainer(Trainer):
         layers = model.arch.num_layers if model.uses_connection else 0
         self.layer_counts = torch.zeros(layers, dtype=torch.long)  # whole run
         self._window_counts = torch.zeros(layers, dtype=torch.long)  # since the last log
+
+    def create_accelerator_and_postprocess(self):
+        """The Trainer's, plus: FSDP2 runs on a CPU-only machine too, and a run launched for FSDP or
+        DeepSpeed never silently trains without it (:mod:`cctuning.training.sharding`)."""
+        before_accelerator(self.args)
+        super().create_accelerator_and_postprocess()
+        after_accelerator(self)
 
     def _cc_model(self) -> CCModel:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
@@ -157,7 +166,17 @@ class CCTrainer(Trainer):
         cc_model = self._cc_model() if model is None else self.accelerator.unwrap_model(model)
         ckpt = Path(resume_from_checkpoint)
         single, index = ckpt / SAFE_WEIGHTS_NAME, ckpt / SAFE_WEIGHTS_INDEX_NAME
-        if cc_model.uses_lora:
+        if self.is_fsdp_enabled:
+            # the parameters are sharded: accelerate loads its own full state dict of the whole CCModel
+            # (pytorch_model_fsdp.bin: base, Decision Maker, gates; torch.load weights_only) into them
+            if not (ckpt / FSDP_WEIGHTS_NAME).is_file():
+                raise CCError(
+                    f"{ckpt}: no {FSDP_WEIGHTS_NAME}: this checkpoint was not written under FSDP "
+                    "(FULL_STATE_DICT); resume it with the launcher config it was written with"
+                )
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            result = None
+        elif cc_model.uses_lora:
             load_adapter_weights(cc_model.base, ckpt / ADAPTER_WEIGHTS_NAME)
             result = None
         elif single.is_file():
@@ -176,11 +195,17 @@ class CCTrainer(Trainer):
                 )
             if hasattr(cc_model.base, "tie_weights"):
                 cc_model.base.tie_weights()
-        if cc_model.uses_connection:
+        if cc_model.uses_connection and not self.is_fsdp_enabled:
             cc_model.load_decision_maker(ckpt / DECISION_MAKER_NAME)
-        choice_file = ckpt / LAYER_CHOICE_NAME
-        if choice_file.is_file() and len(self.layer_counts):
-            import json
 
-            counts = json.loads(choice_file.read_text())["counts"]
-            self.layer_counts = torch.tensor(counts, dtype=torch.long)
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """The Trainer's; a resumed run continues the layer-choice counts of its checkpoint (here rather
+        than in :meth:`_load_from_checkpoint`, which DeepSpeed bypasses with its own loader)."""
+        if isinstance(resume_from_checkpoint, (str, os.PathLike)):
+            choice_file = Path(resume_from_checkpoint) / LAYER_CHOICE_NAME
+            if choice_file.is_file() and len(self.layer_counts):
+                import json
+
+                counts = json.loads(choice_file.read_text())["counts"]
+                self.layer_counts = torch.tensor(counts, dtype=torch.long)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
