@@ -271,11 +271,13 @@ def test_decision_maker_input_is_the_same_with_a_placeholder_embedding_weight(to
 
 
 def _trainer(args, fsdp=False, deepspeed=False, engine=DistributedType.MULTI_CPU):
+    zero3 = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+    plugin = SimpleNamespace(deepspeed_config=zero3)
     return SimpleNamespace(
         args=args,
         is_fsdp_enabled=fsdp,
         is_deepspeed_enabled=deepspeed,
-        accelerator=SimpleNamespace(distributed_type=engine),
+        accelerator=SimpleNamespace(distributed_type=engine, state=SimpleNamespace(deepspeed_plugin=plugin)),
     )
 
 
@@ -293,6 +295,17 @@ def test_a_run_launched_for_a_sharded_engine_never_trains_without_it(monkeypatch
     with pytest.raises(CCError, match=f"launched for {name}, but accelerate set up MULTI_CPU"):
         sharding.after_accelerator(_trainer(args))
     sharding.after_accelerator(_trainer(args, fsdp=name == "FSDP", deepspeed=name == "DeepSpeed"))
+
+
+def test_zero3_that_would_not_gather_the_weights_for_the_save_is_refused():
+    """Tried: without it the Trainer writes DeepSpeed's checkpoint and our folder gets no model weights."""
+    full = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True}}
+    sharding.check_zero3_saves_full_weights(full)
+    sharding.check_zero3_saves_full_weights({"zero_optimization": {"stage": 2}})  # ZeRO-2: full weights
+    for value in (False, None):
+        config = {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": value}}
+        with pytest.raises(CCError, match="zero3_save_16bit_model: true"):
+            sharding.check_zero3_saves_full_weights(config)
 
 
 def test_fsdp1_on_a_machine_without_an_accelerator_is_refused_in_one_line(monkeypatch):

@@ -15,7 +15,8 @@ its ``Accelerator``:
   FSDP1 cannot run there (accelerate's plugin and torch's FSDP both ask for an accelerator device)
   and is refused with one line.
 * **No silent fallback.** A run launched for FSDP or DeepSpeed whose Trainer ends up without that
-  engine stops with one line instead of training unsharded.
+  engine stops with one line instead of training unsharded; so does ZeRO-3 that would not gather
+  the full weights for our save (the folder would have no model weights).
 
 DeepSpeed needs nothing here: accelerate sets it up on CPU as well (DeepSpeed's CPU accelerator).
 """
@@ -75,7 +76,8 @@ def before_accelerator(args) -> None:
 
 
 def after_accelerator(trainer) -> None:
-    """Called right after the Trainer created its ``Accelerator``: the engine asked for is the one set up."""
+    """Called right after the Trainer created its ``Accelerator``: the engine asked for is the one set
+    up, and under ZeRO-3 it will hand full weights to our save."""
     engine = requested_engine(trainer.args)
     if engine is None:
         return
@@ -86,4 +88,20 @@ def after_accelerator(trainer) -> None:
             f"launched for {ENGINES[engine]}, but accelerate set up {got} (check use_cpu and "
             "distributed_type in the accelerate config); stopping rather than training without "
             f"{ENGINES[engine]}"
+        )
+    if engine == "deepspeed":
+        check_zero3_saves_full_weights(trainer.accelerator.state.deepspeed_plugin.deepspeed_config)
+
+
+def check_zero3_saves_full_weights(ds_config: dict) -> None:
+    """Under ZeRO-3 the model folder can only be written from weights DeepSpeed gathers at save time.
+    Without that the Trainer saves DeepSpeed's own checkpoint instead (zero_to_fp32.py) and hands our
+    save nothing: the folder would have no model weights (tried: ``CCModel.from_pretrained`` then fails)
+    and, for a Decision Maker above DeepSpeed's persistence threshold (100k elements), an empty
+    placeholder for it. Refused before training rather than after it."""
+    zero = ds_config.get("zero_optimization", {})
+    if zero.get("stage") == 3 and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        raise CCError(
+            "DeepSpeed ZeRO-3 without zero3_save_16bit_model: true (stage3_gather_16bit_weights_on_model_save) "
+            "gives the model folder no weights; set it in the accelerate or DeepSpeed config"
         )
