@@ -8,9 +8,17 @@ code's behaviour, §2.7.7) is available with a seeded generator.
 ``input_norm="rms"`` (ours, opt-in, §5): the input is ``mean_l(a_l / rms(a_l)) + e / rms(e)``, so
 that one near-constant layer of large norm (SmolLM2's last FFN output is 35× the residual) does
 not dominate the mean and every layer and the token embedding count alike.
+
+Precision: the input ``z``, the logits ``W z``, the Gumbel noise and the softmax are float32 whatever
+the model's dtype and under autocast (``--bf16``), so that a bf16 model chooses the layer as its
+float32 twin would on the same activations (bf16 logits keep about 3 significant digits, enough to
+flip a near tie). The weight ``W`` keeps the model's dtype. The official code ran all of it in bf16
+(docs/method.md §2.3). The chosen vector is returned in the activations' dtype.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from torch import nn
@@ -18,6 +26,26 @@ from torch import nn
 from cctuning.errors import CCError
 
 DM_INPUTS = ("raw", "rms")
+
+
+def float32_compute(device: torch.device):
+    """A block in which autocast is off on ``device``: what runs inside stays in the dtype given."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+class Float32Linear(nn.Linear):
+    """A linear layer computed in float32 whatever its weight's dtype (bf16, fp16) and under autocast.
+
+    The weight keeps the model's dtype (sharding engines such as FSDP flatten a unit's parameters
+    into one tensor of one dtype), and the layer is still called as a module (ZeRO-3 gathers a
+    module's parameters around its own forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with float32_compute(x.device):
+            bias = None if self.bias is None else self.bias.float()
+            return nn.functional.linear(x.float(), self.weight.float(), bias)
 
 
 def _rms_normalised(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -45,15 +73,17 @@ class DecisionMaker(nn.Module):
         if input_norm not in DM_INPUTS:
             raise CCError(f"unknown Decision Maker input '{input_norm}' (use {', '.join(DM_INPUTS)})")
         self.input_norm = input_norm
-        self.proj = nn.Linear(hidden_size, num_layers, bias=False)
+        self.proj = Float32Linear(hidden_size, num_layers, bias=False)
         nn.init.normal_(self.proj.weight, mean=0.0, std=init_std)
 
     def logits(self, activations: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
-        """``activations``: (batch, L, d) per-layer activations; ``embedding``: (batch, d) at p."""
+        """``activations``: (batch, L, d) per-layer activations; ``embedding``: (batch, d) at p. The
+        input, the projection and so the logits are float32 whatever the model's dtype."""
+        activations, embedding = activations.float(), embedding.float()
         if self.input_norm == "rms":
             activations, embedding = _rms_normalised(activations), _rms_normalised(embedding)
         z = activations.mean(dim=1) + embedding
-        return self.proj(z.to(self.proj.weight.dtype))
+        return self.proj(z)
 
     def forward(
         self,
@@ -65,9 +95,10 @@ class DecisionMaker(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns ``(fused, weights)``: the selected activation (batch, d) and the one-hot (batch, L)."""
         logits = self.logits(activations, embedding)
-        if sample:
-            weights = hard_gumbel_softmax(logits, tau, generator)
-        else:
-            weights = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+        with float32_compute(logits.device):
+            if sample:
+                weights = hard_gumbel_softmax(logits, tau, generator)
+            else:
+                weights = torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
         fused = (weights.unsqueeze(-1).to(activations.dtype) * activations).sum(dim=1)
         return fused, weights

@@ -8,6 +8,7 @@ layers, or ``L × d × d`` per layer). Fitting lives in :mod:`cctuning.inference
 from __future__ import annotations
 
 import json
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +40,12 @@ class TransformMatrix:
         return self.matrix.dim() == 3
 
     def apply(self, acts: torch.Tensor) -> torch.Tensor:
-        m = self.matrix.to(device=acts.device, dtype=acts.dtype)
-        return apply_matrix(m, acts)
+        """``acts @ M`` computed in float32 (autocast off) and returned in ``acts``' dtype: a bf16 model
+        gets the float32 product rounded once, not the product of a matrix rounded to bf16."""
+        m = self.matrix.to(device=acts.device, dtype=torch.float32)
+        device = acts.device.type
+        with torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else nullcontext():
+            return apply_matrix(m, acts.float()).to(acts.dtype)
 
     def check_fits(self, num_layers: int, hidden_size: int, where: str = MATRIX_NAME) -> None:
         shape = tuple(self.matrix.shape)
