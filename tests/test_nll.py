@@ -1,8 +1,10 @@
 """Held-out response NLL: equal to a hand computation, and reported pairwise."""
 
+import contextlib
 import json
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -159,3 +161,86 @@ def test_layer_histogram_counts_every_choice_and_spans_all_layers(tokenizer, tmp
     assert layer_histograms([("old", old)])["old"]["num_layers"] == 7
     build_report([str(tmp_path / "run")], tmp_path / "rep")
     assert (tmp_path / "rep" / "layers.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def old_items(model, tokenizer, rows, connection, batch_size, draws=0, seed=0):
+    """The per-item values as ``score_records`` computed them before the fast path: batches in record
+    order, right padding, one full forward per draw with the connection (a second full pass for
+    ``transform``) and the LM head over every position."""
+    from cctuning.data.collator import CCCollator
+    from cctuning.model.ccmodel import positions_from_mask
+    from cctuning.model.connection import connected_forward, layer_sampling
+
+    enc = PromptEncoder(tokenizer, model.cc_config.prompt_format, 1024)
+    english = connection == "english"
+    feats = [
+        enc.encode_example(r["instruction"], r["output"], r["instruction_en"] if english else None).features()
+        for r in rows
+    ]
+    sampled = draws > 0 and connection != "none"
+    out = []
+    with layer_sampling(model, seed) if sampled else contextlib.nullcontext(), torch.no_grad():
+        for start in range(0, len(rows), batch_size):
+            b = CCCollator(tokenizer.pad_token_id, "right")(feats[start : start + batch_size])
+            sums, layers = [], []
+            for _ in range(draws if sampled else 1):
+                logits = connected_forward(
+                    model, connection, b["input_ids"], b["attention_mask"], b["cc_position"],
+                    b.get("en_input_ids"), b.get("en_attention_mask"), b.get("en_cc_position"),
+                    position_ids=positions_from_mask(b["attention_mask"]), use_cache=False,
+                ).logits  # fmt: skip
+                target = b["labels"][:, 1:]
+                nll = F.cross_entropy(
+                    logits[:, :-1].transpose(1, 2).float(), target.clamp(min=0), reduction="none"
+                )
+                sums.append((nll * (target != -100)).sum(1))
+                layers.append(model.last_layer_choice)
+            for j in range(len(sums[0])):
+                out.append(
+                    {
+                        "nll_sum": sum(float(s[j]) for s in sums) / len(sums),
+                        "tokens": int((b["labels"][j, 1:] != -100).sum()),
+                        "layers": [None if la is None else int(la[j]) for la in layers],
+                    }
+                )
+    return out
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])  # a cache cut back; sliding-window layers
+def test_the_fast_nll_path_equals_the_old_per_item_values(tokenizer, tmp_path, arch):
+    """Left padding, length-sorted batches, the LM head on the scored columns only and the prompt's KV
+    cache reused by the fused pass give the old per-item values (same layers, NLL to float rounding)."""
+    torch.manual_seed(0)
+    cc = CCModel.from_base(
+        tiny_model(arch, tokenizer=tokenizer), CCConfig(prompt_format={"mode": "chat"})
+    ).eval()
+    d = cc.arch.hidden_size
+    with torch.no_grad():
+        cc.decision_maker.proj.weight.normal_(0, 1.0)
+    cc.set_transform(TransformMatrix(torch.eye(d) + 0.3 * torch.randn(d, d)))
+    rows = make_records(7)
+    for i, r in enumerate(rows):  # lengths that differ, in prompts and responses
+        r["instruction"] = r["instruction"] + " ziada" * (3 * i % 5)
+        r["output"] = r["output"] + " tena" * (2 * i % 7)
+    data = write_jsonl(tmp_path / "held.jsonl", rows)
+    for connection in ("none", "transform", "english"):
+        for batch_size, draws in ((1, 0), (3, 0), (3, 2)):
+            out = tmp_path / f"{connection}-{batch_size}-{draws}"
+            evaluate_nll(cc, tokenizer, data, connection, out, batch_size=batch_size, sample_layer=draws,
+                         progress=False)  # fmt: skip
+            new = load_items(out)
+            old = old_items(cc, tokenizer, rows, connection, batch_size, draws)
+            assert [i["tokens"] for i in new] == [o["tokens"] for o in old]
+            for n, o in zip(new, old):
+                assert math.isclose(n["nll_sum"], o["nll_sum"], rel_tol=1e-5, abs_tol=1e-5)
+                assert n.get("layers", [n["layer"]]) == o["layers"]
+    # the fused pass of transform starts at min p when the cache can be cut back, else at 0
+    widths = []
+    hook = cc.arch.layers[0].register_forward_pre_hook(lambda m, args, kw: widths.append(kw["hidden_states"].shape[1] if "hidden_states" in kw else args[0].shape[1]), with_kwargs=True)  # fmt: skip
+    try:
+        evaluate_nll(cc, tokenizer, data, "transform", batch_size=len(rows), progress=False)
+    finally:
+        hook.remove()
+    enc = PromptEncoder(tokenizer, cc.cc_config.prompt_format, 1024)
+    width = max(len(enc.encode_example(r["instruction"], r["output"]).input_ids) for r in rows)
+    assert widths[-1] < width if arch == "llama" else widths[-1] == width

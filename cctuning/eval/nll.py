@@ -15,6 +15,7 @@ Per-item sums are saved so that two runs on the same items can be compared pairw
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import logging
 import math
@@ -32,7 +33,13 @@ from cctuning.data.records import load_records, system_prompt_of
 from cctuning.errors import CCError
 from cctuning.io import check_output_folder, folder_lock, write_json, write_text
 from cctuning.model.ccmodel import positions_from_mask
-from cctuning.model.connection import connected_forward, layer_sampling, resolve_connection
+from cctuning.model.connection import (
+    injected,
+    injection,
+    layer_sampling,
+    resolve_connection,
+    source_activations,
+)
 from cctuning.versions import versions
 
 logger = logging.getLogger(__name__)
@@ -42,28 +49,126 @@ NLL_ITEMS_NAME = "nll_items.jsonl"
 
 
 def item_nll(model, batch: dict, connection: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """Per-row summed response NLL, response token counts and chosen layers for one batch."""
+    """Per-row summed response NLL, response token counts and chosen layers for one batch (left or
+    right padded, as :class:`~cctuning.data.collator.CCCollator` makes it)."""
+    return batch_nll(model, batch, connection)[0]
+
+
+def batch_nll(
+    model, batch: dict, connection: str, draws: int = 1
+) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """:func:`item_nll` of one batch, ``draws`` times (the Decision Maker chooses again each time; the
+    activations at p and the prompt's KV cache are computed once).
+
+    What is computed is what the plain forward computes, less what the response NLL does not need:
+
+    * the LM head runs only from the first column where some row is scored (``logits_to_keep``), not
+      over the whole vocabulary at every prompt position;
+    * ``transform``: one pass over ``[0, max p]`` fills a KV cache and captures ``f_l[p]``, the cache
+      is cut back to ``min p`` and only the tail from there runs again, fused, instead of a second
+      full pass (a cache that cannot be cut back, e.g. sliding-window layers: two full passes).
+
+    With left padding (what :func:`score_records` uses) every row's response ends in the last column,
+    so the scored columns are few."""
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    positions = positions_from_mask(mask)
+    start = _first_scored_column(labels)
+    keep = {"logits_to_keep": ids.shape[1] - start} if _keeps_logits(model) else {}
+    runs = []
     with torch.no_grad():
-        out = connected_forward(
-            model,
-            connection,
-            ids,
-            mask,
-            batch["cc_position"],
-            batch.get("en_input_ids"),
-            batch.get("en_attention_mask"),
-            batch.get("en_cc_position"),
-            position_ids=positions_from_mask(mask),
-            use_cache=False,
-        )
-    logits, layers = out.logits, model.last_layer_choice
-    shifted, target = logits[:, :-1].float(), labels[:, 1:]
+        if connection == "none":
+            out = model.base(
+                input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False, **keep
+            )
+            return [(*_response_nll(out.logits, labels), None)] * draws
+        column = batch["cc_position"]
+        cache = _prefix_cache(model, ids, mask, positions, column) if connection == "transform" else None
+        if cache is not None:
+            cache, acts, first = cache
+        else:  # f_l[p] depends on the tokens up to p only: the transform pass stops at max p
+            first, end = 0, int(column.max()) + 1 if connection == "transform" else ids.shape[1]
+            acts = source_activations(
+                model,
+                connection,
+                ids[:, :end],
+                mask[:, :end],
+                column,
+                batch.get("en_input_ids"),
+                batch.get("en_attention_mask"),
+                batch.get("en_cc_position"),
+            )
+        tail = {} if not keep else {"logits_to_keep": min(keep["logits_to_keep"], ids.shape[1] - first)}
+        for _ in range(draws):
+            inj = injection(model, connection, acts, ids[:, first:], column - first)
+            model.last_layer_choice = inj.layers
+            with injected(model, inj):
+                out = model.base(
+                    input_ids=ids[:, first:],
+                    attention_mask=mask,
+                    position_ids=positions[:, first:],
+                    past_key_values=cache,
+                    use_cache=cache is not None,
+                    **tail,
+                )
+            if cache is not None:
+                _cut_back(cache, first)  # back to the prompt prefix for the next draw
+            runs.append((*_response_nll(out.logits, labels), inj.layers))
+    return runs
+
+
+def _first_scored_column(labels: torch.Tensor) -> int:
+    """The first column whose logits predict a scored token (a label at column t is predicted at t - 1)."""
+    scored = (labels[:, 1:] != -100).any(0).nonzero()
+    return int(scored[0]) if len(scored) else labels.shape[1] - 1
+
+
+def _keeps_logits(model) -> bool:
+    """Whether the base model's forward takes ``logits_to_keep`` (most transformers causal LMs)."""
+    base = model.base.get_base_model() if model.uses_lora else model.base
+    return "logits_to_keep" in inspect.signature(base.forward).parameters
+
+
+def _response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed NLL and count of the labelled tokens, from the logits of the last ``logits.shape[1]``
+    columns (float32; positions that are not scored count 0 even where padding made them NaN)."""
+    kept = logits.shape[1]
+    shifted, target = logits[:, :-1].float(), labels[:, labels.shape[1] - kept + 1 :]
     valid = target != -100
     nll = torch.nn.functional.cross_entropy(
         shifted.reshape(-1, shifted.shape[-1]), target.clamp(min=0).reshape(-1), reduction="none"
     ).view(target.shape)
-    return (nll * valid).sum(1), valid.sum(1), layers
+    return torch.where(valid, nll, 0.0).sum(1), valid.sum(1)
+
+
+def _prefix_cache(model, ids, mask, positions, column):
+    """``(cache, f_l[p], min p)``: one decoder pass over ``[0, max p]`` into a KV cache, capturing
+    ``f_l[p]`` of every row, then the cache cut back to ``[0, min p)``; None when the model's cache
+    cannot be cut back (sliding-window or other non-dynamic layers)."""
+    from transformers import DynamicCache
+    from transformers.cache_utils import DynamicLayer
+
+    cache = DynamicCache(config=model.base.config)
+    if not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [])):
+        return None
+    end, first = int(column.max()) + 1, int(column.min())
+    with model.hooks.capturing(column):
+        model.arch.decoder(
+            input_ids=ids[:, :end],
+            attention_mask=mask[:, :end],
+            position_ids=positions[:, :end],
+            past_key_values=cache,
+            use_cache=True,
+        )
+        acts = model.hooks.stacked()
+    _cut_back(cache, first)
+    return cache, acts, first
+
+
+def _cut_back(cache, length: int) -> None:
+    """Keep the first ``length`` tokens of a dynamic KV cache."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
 
 
 def bootstrap_ratio(
@@ -140,22 +245,31 @@ def score_records(
     """One item per record (file line, language, summed response NLL, response tokens, chosen layer),
     scored ``batch_size`` records at a time in eval mode. With ``draws`` = K > 0 the layer is sampled
     with seeded Gumbel noise (the official inference) K times per item and the item's NLL is the mean
-    over the draws (``layers`` lists the K choices, ``layer`` is the most frequent)."""
-    collate = CCCollator(pad_id, "right")
+    over the draws (``layers`` lists the K choices, ``layer`` is the most frequent).
+
+    Batches are left-padded (every response ends in the last column, so :func:`batch_nll` runs the LM
+    head on few columns) and, unless the layer is sampled, made of records of similar length (sorted,
+    so little is spent on padding); the items come back in record order. Sampled runs keep the record
+    order in their batches, so that each item meets the same Gumbel draws whatever the speed-ups."""
+    collate = CCCollator(pad_id, "left")
     was_training = model.training
     model.eval()
-    items = []
     device = model.arch.embeddings.weight.device
     sampled = draws > 0 and connection != "none"
+    order = list(range(len(records)))
+    if not sampled:
+        order.sort(key=lambda i: len(features[i]["input_ids"]))
+    items: list[dict | None] = [None] * len(records)
     bar = tqdm(total=len(records), desc=f"nll ({connection})", unit="item", disable=not progress)
     try:
         with layer_sampling(model, seed) if sampled else contextlib.nullcontext():
-            for start in range(0, len(records), batch_size):
-                batch = {k: v.to(device) for k, v in collate(features[start : start + batch_size]).items()}
-                runs = [item_nll(model, batch, connection) for _ in range(draws if sampled else 1)]
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                batch = {k: v.to(device) for k, v in collate([features[i] for i in chunk]).items()}
+                runs = batch_nll(model, batch, connection, draws if sampled else 1)
                 counts = runs[0][1]
-                for j in range(len(counts)):
-                    rec = records[start + j]
+                for j, index in enumerate(chunk):
+                    rec = records[index]
                     layers = [None if r[2] is None else int(r[2][j]) for r in runs]
                     item = {
                         **({"row": rec.row} if rec.row is not None else {"line": rec.line}),
@@ -166,8 +280,8 @@ def score_records(
                     }
                     if sampled:
                         item["layers"] = layers
-                    items.append(item)
-                bar.update(len(counts))
+                    items[index] = item
+                bar.update(len(chunk))
     finally:
         bar.close()
         model.train(was_training)
