@@ -17,8 +17,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
 	# torch first, from the CPU wheel, so nothing pulls a multi-GB CUDA build
 	$(BIN)/pip install -c $(CONSTRAINTS) torch==2.13.0
-	# deepspeed: a pure-Python wheel built from its sdist in seconds (no CUDA toolkit; its ops compile
-	# only when used), so that the ZeRO-3 tests of tests/test_sharded.py run here on CPU
+	# deepspeed: a pure-Python wheel built from its sdist in seconds (no CUDA toolkit; its C++ ops are
+	# compiled only when used, and tests/test_sharded.py, whose ZeRO-3 runs need it, uses none)
 	$(BIN)/pip install -c $(CONSTRAINTS) -e '.[dev,eval,data,tensorboard,deepspeed]'
 	touch $(STAMP)
 

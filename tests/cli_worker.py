@@ -15,6 +15,10 @@ variables so that the library itself carries no test hooks:
 * ``CCT_TEST_ZERO3_RELEASE_ALL=1``: DeepSpeed ZeRO-3 keeps no weight gathered between forwards
   (``stage3_param_persistence_threshold`` 0; by default weights under 100k elements, all of a tiny
   model's, stay gathered), so every weight is an empty placeholder outside its module's forward.
+* ``CCT_TEST_DS_NO_SHM_OP=1``: DeepSpeed on CPU does not JIT-compile its shared-memory all-reduce
+  (a C++ op, 1-3 minutes with g++ on first use, cached in ~/.cache/torch_extensions). It serves only
+  ``inference_all_reduce`` (tensor-parallel inference); training's collectives go through
+  torch.distributed (gloo) either way.
 * ``CCT_TEST_NO_NOISE=1``: the Decision Maker picks its layer without Gumbel noise (argmax, with the
   same straight-through gradient), so that runs that split a batch differently choose alike.
 """
@@ -168,6 +172,13 @@ def _install_zero3_release_all() -> None:
     DeepSpeedPlugin.__post_init__ = releasing_post_init
 
 
+def _install_ds_no_shm_op() -> None:
+    import importlib
+
+    # by module name: the attribute deepspeed.comm.torch is the torch package (re-exported)
+    importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+
+
 def _install_pause(step: int) -> None:
     """Stop inside the save of checkpoint-``step``, between two renames of the staged files."""
     import cctuning.io as io
@@ -197,6 +208,8 @@ def main() -> int:
         _install_no_noise()
     if os.environ.get("CCT_TEST_ZERO3_RELEASE_ALL"):
         _install_zero3_release_all()
+    if os.environ.get("CCT_TEST_DS_NO_SHM_OP"):
+        _install_ds_no_shm_op()
     if os.environ.get("CCT_TEST_PAUSE_AT"):
         _install_pause(int(os.environ["CCT_TEST_PAUSE_AT"]))
     from cctuning.cli import main as cli_main

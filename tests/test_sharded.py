@@ -74,15 +74,20 @@ def _env(probe: Path) -> dict:
         "CCT_TEST_PROBE": str(probe),
         "CCT_TEST_NO_NOISE": "1",
         "CCT_TEST_ZERO3_RELEASE_ALL": "1",  # DeepSpeed: every weight a placeholder outside its forward
+        "TORCH_EXTENSIONS_DIR": str(probe / "torch_extensions"),  # ... checked to stay empty
         "CCT_TEST_THREADS": "1",
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
     }
 
 
-def _run(cmd: list[str], probe: Path, cwd: Path) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT, env=_env(probe), cwd=cwd)
+def _run(cmd: list[str], probe: Path, cwd: Path, **env: str) -> None:
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=TIMEOUT, env={**_env(probe), **env}, cwd=cwd
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-6000:]
+    built = probe / "torch_extensions"
+    assert not built.exists() or not any(built.iterdir()), f"an op was compiled: {list(built.iterdir())}"
 
 
 def _launch(config: str, args: list[str], probe: Path, cwd: Path) -> None:
@@ -99,7 +104,9 @@ def _launch(config: str, args: list[str], probe: Path, cwd: Path) -> None:
         str(WORKER),
         *args,
     ]
-    _run(cmd, probe, cwd)
+    # DeepSpeed: no C++ op compiled (its shared-memory all-reduce serves inference only)
+    env = {"CCT_TEST_DS_NO_SHM_OP": "1"} if "deepspeed" in config else {}
+    _run(cmd, probe, cwd, **env)
 
 
 @pytest.fixture(scope="module")
