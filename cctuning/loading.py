@@ -9,6 +9,18 @@ from cctuning.model.baseref import find_base
 from cctuning.model.ccmodel import CONFIG_NAME, CCConfig, CCModel
 from cctuning.model.lora import ADAPTER_CONFIG_NAME
 
+#: the files of a tokenizer (those present are saved with a run, and copied byte for byte by export)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+)
+
 
 def resolve_model_path(name_or_path: str) -> str:
     """A folder as is; a preset name through :mod:`cctuning.presets` when that module is present."""

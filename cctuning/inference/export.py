@@ -38,23 +38,12 @@ from cctuning.io import (
     write_json,
     write_text,
 )
-from cctuning.loading import lora_base_path, resolve_model_path
+from cctuning.loading import TOKENIZER_FILES, lora_base_path, resolve_model_path
 from cctuning.model.ccmodel import CONFIG_NAME, CCConfig, CCModel
 from cctuning.model.lora import ADAPTER_CONFIG_NAME
 
 logger = logging.getLogger(__name__)
 
-# copied byte for byte from the run (or, for a LoRA run without them, from its base)
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
-)
 # what makes a folder a model folder, which --overwrite may replace (a typo must not empty a home)
 MODEL_MARKERS = ("config.json", ADAPTER_CONFIG_NAME, CONFIG_NAME, INCOMPLETE_MARKER)
 KINDS = ("full", "merged", "adapter")

@@ -20,7 +20,7 @@ from cctuning.data.formats import DataOptions
 from cctuning.data.records import LoadReport, load_records, system_prompt_of
 from cctuning.errors import CCError, first_line
 from cctuning.io import INCOMPLETE_MARKER, check_output_folder, folder_lock, is_incomplete, write_json
-from cctuning.loading import load_tokenizer, resolve_model_path
+from cctuning.loading import TOKENIZER_FILES, load_tokenizer, resolve_model_path
 from cctuning.model.ccmodel import CONFIG_NAME, DECISION_MAKER_NAME, CCConfig, CCModel
 from cctuning.model.lora import add_lora
 from cctuning.model.transform import MATRIX_NAME, MATRIX_REPORT_NAME
@@ -275,14 +275,7 @@ RUN_FILES = (
     "generation_config.json",
     "model.safetensors",
     "model.safetensors.index.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "chat_template.jinja",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "added_tokens.json",
+    *TOKENIZER_FILES,
     "adapter_model.safetensors",
     "adapter_config.json",
     "training_args.bin",
