@@ -244,3 +244,18 @@ def test_the_fast_nll_path_equals_the_old_per_item_values(tokenizer, tmp_path, a
     enc = PromptEncoder(tokenizer, cc.cc_config.prompt_format, 1024)
     width = max(len(enc.encode_example(r["instruction"], r["output"]).input_ids) for r in rows)
     assert widths[-1] < width if arch == "llama" else widths[-1] == width
+
+
+def test_padding_batches_group_similar_lengths_and_isolate_outliers():
+    from cctuning.eval.nll import padding_batches
+
+    lengths = [571, 280, 275, 277, 283, 289, 232, 225]  # SmolLM2 token counts of 8 XQuAD/de items
+    assert padding_batches(lengths, 8) == [[7, 6, 2, 3, 1, 4, 5], [0]]
+    assert padding_batches(lengths, 3) == [[7, 6, 2], [3, 1, 4], [5], [0]]
+    for size in (1, 2, 3, 8):
+        batches = padding_batches(lengths, size)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        for b in batches:
+            assert len(b) <= size
+            padded, real = len(b) * max(lengths[i] for i in b), sum(lengths[i] for i in b)
+            assert len(b) == 1 or padded <= 1.25 * real

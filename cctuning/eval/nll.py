@@ -248,23 +248,25 @@ def score_records(
     over the draws (``layers`` lists the K choices, ``layer`` is the most frequent).
 
     Batches are left-padded (every response ends in the last column, so :func:`batch_nll` runs the LM
-    head on few columns) and, unless the layer is sampled, made of records of similar length (sorted,
-    so little is spent on padding); the items come back in record order. Sampled runs keep the record
+    head on few columns) and, unless the layer is sampled, made of records of similar length
+    (:func:`padding_batches`: at most 25 % padding); the items come back in record order. Sampled runs keep the record
     order in their batches, so that each item meets the same Gumbel draws whatever the speed-ups."""
     collate = CCCollator(pad_id, "left")
     was_training = model.training
     model.eval()
     device = model.arch.embeddings.weight.device
     sampled = draws > 0 and connection != "none"
-    order = list(range(len(records)))
-    if not sampled:
-        order.sort(key=lambda i: len(features[i]["input_ids"]))
+    if sampled:
+        chunks = [
+            list(range(s, min(s + batch_size, len(records)))) for s in range(0, len(records), batch_size)
+        ]
+    else:
+        chunks = padding_batches([len(f["input_ids"]) for f in features], batch_size)
     items: list[dict | None] = [None] * len(records)
     bar = tqdm(total=len(records), desc=f"nll ({connection})", unit="item", disable=not progress)
     try:
         with layer_sampling(model, seed) if sampled else contextlib.nullcontext():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
+            for chunk in chunks:
                 batch = {k: v.to(device) for k, v in collate([features[i] for i in chunk]).items()}
                 runs = batch_nll(model, batch, connection, draws if sampled else 1)
                 counts = runs[0][1]
@@ -286,6 +288,26 @@ def score_records(
         bar.close()
         model.train(was_training)
     return items
+
+
+def padding_batches(lengths: list[int], batch_size: int, slack: float = 1.25) -> list[list[int]]:
+    """Indices grouped shortest first into batches of at most ``batch_size`` whose padded size (rows ×
+    longest) stays within ``slack`` × their real tokens: an outlier gets a batch of its own instead of
+    doubling the work of the others."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    tokens = 0
+    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+        if current and (
+            len(current) == batch_size or (len(current) + 1) * lengths[i] > slack * (tokens + lengths[i])
+        ):
+            batches.append(current)
+            current, tokens = [], 0
+        current.append(i)
+        tokens += lengths[i]
+    if current:
+        batches.append(current)
+    return batches
 
 
 def write_nll(output: str | Path, report: dict, items: list[dict]) -> None:
