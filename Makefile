@@ -11,7 +11,7 @@ CONFIG ?=
 # exact versions of everything installed (pyproject.toml declares ranges); `make lock` rewrites it
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: install presets test lint demo bench compat lock clean
+.PHONY: install presets test lint demo bench gpu-check compat lock clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,11 @@ demo: $(STAMP) $(PRESETS_STAMP)
 # timing benchmarks (not tests): ratios of CC-Tuning to SFT and plain generation, see bench/README.md
 bench: $(STAMP) $(PRESETS_STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# on a machine with CUDA, offline: CUDA tests, bf16 training steps, bf16/fp32 ratios (docs/scaling.md);
+# no install step, so that it runs where pip cannot reach an index
+gpu-check:
+	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
 
 # cctuning installs beside trl without downgrading anything (pip --dry-run in a fresh venv; needs PyPI)
 compat: $(STAMP)

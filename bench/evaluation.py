@@ -29,7 +29,7 @@ class EvalSetup:
     batch_size: int = 8
 
 
-def _run(model, tokenizer, scoring: str, batch_size: int, items: int) -> float:
+def run_eval(model, tokenizer, scoring: str, batch_size: int, items: int) -> float:
     from cctuning.eval.runner import EvalConfig, evaluate
 
     with tempfile.TemporaryDirectory(prefix="cctuning-bench-eval-") as out:
@@ -64,13 +64,13 @@ def bench_eval(loaded: Loaded, setup: EvalSetup, contention: Contention) -> dict
         sizes = (1, setup.batch_size)
         contention.settle()
         for size in sizes:  # warm-up
-            _run(model, loaded.tokenizer, scoring, size, min(setup.items, setup.batch_size))
+            run_eval(model, loaded.tokenizer, scoring, size, min(setup.items, setup.batch_size))
 
         def one_round(
             _index: int, attempt: int, scoring: str = scoring, sizes: tuple[int, int] = sizes
         ) -> dict[str, float]:
             return {
-                f"b{size}": setup.items / _run(model, loaded.tokenizer, scoring, size, setup.items)
+                f"b{size}": setup.items / run_eval(model, loaded.tokenizer, scoring, size, setup.items)
                 for size in rotated(sizes, attempt)
             }
 

@@ -147,6 +147,68 @@ def absolute_rows(results: dict) -> list[str]:
     return rows + [""] + gen + [""] + mem
 
 
+def precision_rows(results: dict) -> list[str]:
+    rows = [
+        "| model | batch, max length | fp32, s/step | bf16 weights, s/step | fp32 + bf16 autocast, s/step | "
+        "bf16 / fp32 | autocast / fp32 | held-out NLL, fp32 | bf16 − fp32 (95% CI), same weights |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, res in results.get("precision", {}).items():
+        if "error" in res:
+            rows.append(f"| {model} | {res['error']} | | | | | | | |")
+            continue
+        t, n = res["train"], res["nll"]
+        s, st, d = t["seconds_per_step"], t["setup"], n["bf16_minus_fp32"]
+        rows.append(
+            f"| {model} | {st['batch_size']}, {st['max_length']} | {fmt(s['fp32'], 3)} | {fmt(s['bf16'], 3)} | "
+            f"{fmt(s['autocast'], 3)} | {fmt(t['ratio_bf16'])}{mark(t.get('contention'))} | "
+            f"{fmt(t['ratio_autocast'])} | {n['fp32']:.4f} ({n['records']} records) | "
+            f"{d['diff']:+.4f} ({d['ci_low']:+.4f} to {d['ci_high']:+.4f}){'' if n['same_layers'] else ', layers differ'} |"
+        )
+    return rows
+
+
+def flops_rows(results: dict) -> list[str]:
+    peak = results.get("matmul_peak_gflops") or {}
+    lines = []
+    if peak:
+        lines.append(
+            "Matmul peak of this machine (best `torch.mm` GFLOP/s over "
+            + ", ".join(k for k in peak.get("fp32", {}) if k != "peak")
+            + "): "
+            + "; ".join(f"{name} **{p['peak']:.0f}**" for name, p in peak.items())
+            + "."
+        )
+        lines.append("")
+    lines += [
+        "| model | path | dtype | GFLOP per item | s per item, batch 1 | GFLOP/s, batch 1 (share of peak) | "
+        "s per item, batched | GFLOP/s, batched (share of peak) | batched / batch 1 speedup | bf16 / fp32 time, "
+        "batch 1 · batched |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for model, res in results.get("flops", {}).items():
+        if "error" in res:
+            lines.append(f"| {model} | {res['error']} | | | | | | | | |")
+            continue
+        b = res["batch_size"]
+        for path, r in res["paths"].items():
+            for dtype in ("fp32", "bf16"):
+                one, many = r[f"{dtype} b1"], r[f"{dtype} b{b}"]
+                ratio = (
+                    f"{fmt(r['bf16/fp32 time b1'])} · {fmt(r[f'bf16/fp32 time b{b}'])}"
+                    if dtype == "bf16"
+                    else ""
+                )
+                lines.append(
+                    f"| {model} | {path} | {dtype} | {one['gflop_per_item']:.2f} · {many['gflop_per_item']:.2f} | "
+                    f"{fmt(one['seconds_per_item'], 3)} | {one['gflops']['median']:.1f} "
+                    f"({100 * one['share_of_peak']['median']:.0f}%) | {fmt(many['seconds_per_item'], 3)} (b{b}) | "
+                    f"{many['gflops']['median']:.1f} ({100 * many['share_of_peak']['median']:.0f}%) | "
+                    f"{fmt(r[f'{dtype} speedup b{b}/b1'])}×{mark(r.get('contention'))} | {ratio} |"
+                )
+    return lines
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     load = results.get("load_average", {})
@@ -173,6 +235,19 @@ def markdown(results: dict) -> str:
         "prompt passes), each N in a fresh process.",
         "",
         *matrix_rows(results),
+        "",
+        "**bf16 against fp32** (precision): a CC-Tuning optimizer step with the weights in bfloat16 "
+        "(`--dtype bfloat16`) and with float32 weights under bf16 autocast (`--bf16`), over float32; the held-out "
+        "NLL (transform connection) of the same weights in float32 and in bfloat16.",
+        "",
+        *precision_rows(results),
+        "",
+        "**Achieved FLOP/s** (flops): each path's counted FLOPs (matrix products and attention, padding included) "
+        "over its time, against the matmul peak measured in the same round; GFLOP per item at batch 1 · batched. `nll-*`: `eval --nll` on "
+        "XQuAD/de (long prompts, short answers); `likelihood`: `eval --scoring likelihood` on XNLI/sw; `generate`: "
+        "40 new tokens; all but `nll-none` with the transform connection.",
+        "",
+        *flops_rows(results),
         "",
         "**Absolute figures** (they depend on the machine; for context only).",
         "",

@@ -2,7 +2,9 @@
 
 Sections: ``train`` (optimizer step, CC-Tuning / SFT), ``generate`` (connection / plain),
 ``matrix`` (Transform Matrix fit vs N), ``eval`` (items/s, batched / batch 1), ``memory`` (peak RSS
-of a step, CC-Tuning / SFT). Models: ``tiny`` and ``medium`` (random Llama models, always there)
+of a step, CC-Tuning / SFT), ``precision`` (bf16 / fp32 train step, held-out NLL of bf16 weights),
+``flops`` (achieved FLOP/s of the evaluation and generation paths against the matmul peak, fp32 and
+bf16, batch 1 and batched). Models: ``tiny`` and ``medium`` (random Llama models, always there)
 and ``smollm2-135m`` (a real model, when its preset is installed; skipped with the reason if not).
 """
 
@@ -36,13 +38,16 @@ from bench.common import (
     unavailable,
 )
 from bench.evaluation import EvalSetup, bench_eval
+from bench.flops import DTYPES, FlopsSetup, bench_flops, matmul_peak
 from bench.generation import GenerateSetup, bench_generate
 from bench.matrix_fit import summarise_fits
+from bench.precision import PrecisionSetup, bench_precision
 from bench.report import update_readme, write_markdown
 from bench.train import VARIANTS, TrainSetup, bench_train_time
 from cctuning.config import split_list
 
-SECTIONS = ("train", "generate", "matrix", "eval", "memory")
+SECTIONS = ("train", "generate", "matrix", "eval", "memory", "precision", "flops")
+MODEL_SECTIONS = ("train", "generate", "eval", "precision", "flops")  # sections that run on a loaded model
 BENCH_DIR = Path(__file__).resolve().parent
 MEMORY_BATCH = {"tiny": (8, 256), "medium": (8, 256), SMOLLM2: (4, 256)}  # (batch, max_length)
 
@@ -64,6 +69,11 @@ def profile(quick: bool) -> dict[str, Any]:
             "matrix": [("tiny", 100, 2), ("tiny", 1000, 2)],  # (model, N pairs, repeats)
             "eval": {"tiny": EvalSetup(16, repeats=2), SMOLLM2: EvalSetup(8, repeats=2)},
             "memory": {"tiny": 1, "medium": 1, SMOLLM2: 1},  # repeats (fresh processes per variant)
+            "precision": {
+                "tiny": PrecisionSetup(8, 256, steps=2, repeats=2, nll_records=8),
+                SMOLLM2: PrecisionSetup(8, 256, steps=1, repeats=2, nll_records=8),
+            },
+            "flops": {"tiny": FlopsSetup(8, repeats=1), SMOLLM2: FlopsSetup(8, repeats=1)},
         }
     return {
         "train": {
@@ -79,6 +89,16 @@ def profile(quick: bool) -> dict[str, Any]:
         "matrix": [("tiny", 100, 3), ("tiny", 1000, 3), ("tiny", 10000, 3), (SMOLLM2, 100, 2)],
         "eval": {"tiny": EvalSetup(32, repeats=3), SMOLLM2: EvalSetup(16, repeats=3)},
         "memory": {"tiny": 3, "medium": 3, SMOLLM2: 2},
+        "precision": {
+            "tiny": PrecisionSetup(8, 256, steps=4, repeats=5, nll_records=32),
+            "medium": PrecisionSetup(8, 256, steps=2, repeats=3, nll_records=32),
+            SMOLLM2: PrecisionSetup(8, 256, steps=1, repeats=3, nll_records=32),
+        },
+        "flops": {
+            "tiny": FlopsSetup(16, repeats=3),
+            "medium": FlopsSetup(16, repeats=3),
+            SMOLLM2: FlopsSetup(8, repeats=3),
+        },
     }
 
 
@@ -119,6 +139,22 @@ class Bench:
     def eval(self, loaded: Loaded) -> None:
         res = bench_eval(loaded, self.plan["eval"][loaded.name], self.contention)
         self.results["eval_items_per_s"][loaded.name] = res
+
+    def precision(self, loaded: Loaded) -> None:
+        res = bench_precision(loaded, self.plan["precision"][loaded.name], self.contention)
+        self.results["precision"][loaded.name] = res
+
+    def peaks(self) -> dict:
+        """This machine's matmul peak (GFLOP/s) in fp32 and bf16, measured once per run."""
+        if not self.results["matmul_peak_gflops"]:
+            self.contention.settle()
+            self.results["matmul_peak_gflops"] = {name: matmul_peak(name) for name in DTYPES}
+            log(f"  matmul peak: {self.results['matmul_peak_gflops']}")
+        return self.results["matmul_peak_gflops"]
+
+    def flops(self, loaded: Loaded) -> None:
+        res = bench_flops(loaded, self.plan["flops"][loaded.name], self.contention, peaks=self.peaks())
+        self.results["flops"][loaded.name] = res
 
     def memory(self, name: str) -> None:
         """Peak RSS of each variant's step, each in a fresh process (memory does not suffer from contention)."""
@@ -184,7 +220,7 @@ class Bench:
                 log(f"{name}: skipped ({reason})")
                 self.results["skipped"][name] = f"skipped: {reason}"
                 continue
-            wanted = [s for s in ("train", "generate", "eval") if s in sections and name in self.plan[s]]
+            wanted = [s for s in MODEL_SECTIONS if s in sections and name in self.plan[s]]
             if wanted:
                 loaded = load_base(name)
                 self.results["models"][name] = loaded.description
@@ -207,7 +243,8 @@ def empty_results(args: argparse.Namespace) -> dict[str, Any]:
     keys = ("train_step_ratio", "train_step_floor", "train_step_ratio_english_grad",
             "train_step_floor_english_grad", "train_step", "generate_ratio_b1", "generate_ratio_b8",
             "naive_generate_ratio_b1", "naive_generate_ratio_b8", "generate", "eval_items_per_s",
-            "peak_memory_ratio", "peak_memory_ratio_english_grad", "peak_memory_mb")  # fmt: skip
+            "peak_memory_ratio", "peak_memory_ratio_english_grad", "peak_memory_mb", "precision", "flops",
+            "matmul_peak_gflops")  # fmt: skip
     results: dict[str, Any] = {k: {} for k in keys}
     results.update({
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),

@@ -1,0 +1,148 @@
+"""bf16 against fp32: CC-Tuning training step time, and what bf16 weights do to the held-out NLL.
+
+Train step: the CC-Tuning optimizer step of :mod:`bench.train` (``CCModel.forward`` with the English
+prompt → backward → clip at 1.0 → AdamW step) in three precisions, on copies of the same base model
+and the same batches:
+
+* ``fp32``: float32 weights (the default);
+* ``bf16``: the weights in bfloat16 (``--dtype bfloat16``);
+* ``autocast``: float32 weights, the forward under ``torch.autocast(bfloat16)`` (``--bf16``); the
+  ``fp32`` model is reused (its weights moved by the fp32 steps, which changes no shape or cost).
+
+Held-out NLL: ``evaluate_nll`` (transform connection) of the bundled held-out mix with the float32 model
+and with the same weights in bfloat16 (no training in between), and the paired difference bf16 − fp32
+with its bootstrap interval. The generation and evaluation ratios bf16 / fp32 come from
+:mod:`bench.flops`, which times both dtypes of every path in the same rounds.
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    Contention,
+    Loaded,
+    clean_rounds,
+    mix_records,
+    pairwise_ratios,
+    rotated,
+    summary,
+    wrap,
+)
+from bench.flops import synchronize
+from bench.train import encode_batches, optimizer_step
+
+VARIANTS = ("fp32", "bf16", "autocast")
+
+
+@dataclass
+class PrecisionSetup:
+    batch_size: int
+    max_length: int
+    steps: int  # optimizer steps per variant and round
+    repeats: int
+    warmup: int = 1
+    nll_records: int = 32
+    lr: float = 1e-5
+    seed: int = 0
+
+
+class PrecisionRunner:
+    """A float32 and a bfloat16 CC-Tuning model with their AdamW optimizers."""
+
+    def __init__(self, loaded: Loaded, lr: float, device: str = "cpu"):
+        import torch
+
+        self.device = device
+        self.models = {
+            "fp32": wrap(loaded, "cc").to(device).train(),
+            "bf16": wrap(loaded, "cc").to(device=device, dtype=torch.bfloat16).train(),
+        }
+        self.optimizers = {k: torch.optim.AdamW(m.parameters(), lr=lr) for k, m in self.models.items()}
+
+    def step(self, variant: str, batch: dict) -> float:
+        import torch
+
+        name = "bf16" if variant == "bf16" else "fp32"
+        with torch.autocast(self.device.split(":")[0], torch.bfloat16, enabled=variant == "autocast"):
+            return optimizer_step(self.models[name], self.optimizers[name], batch)
+
+
+def train_step_times(
+    loaded: Loaded, setup: PrecisionSetup, contention: Contention, device: str = "cpu"
+) -> dict:
+    batches = encode_batches(loaded.tokenizer, setup.steps, setup.batch_size, setup.max_length, setup.seed)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    runner = PrecisionRunner(loaded, setup.lr, device)
+    contention.settle()
+    for variant in VARIANTS:
+        for batch in batches[: setup.warmup]:
+            runner.step(variant, batch)
+
+    def one_round(_index: int, attempt: int) -> dict[str, float]:
+        times = {}
+        for variant in rotated(VARIANTS, attempt):
+            gc.collect()
+            synchronize(device)
+            start = time.perf_counter()
+            for batch in batches:
+                runner.step(variant, batch)
+            synchronize(device)
+            times[variant] = (time.perf_counter() - start) / len(batches)
+        return times
+
+    rounds, info = clean_rounds(setup.repeats, one_round, contention, f"precision {loaded.name} train")
+    seconds = {v: [r[v] for r in rounds] for v in VARIANTS}
+    return {
+        "seconds_per_step": {v: summary(s) for v, s in seconds.items()},
+        "ratio_bf16": summary(pairwise_ratios(seconds["bf16"], seconds["fp32"])),
+        "ratio_autocast": summary(pairwise_ratios(seconds["autocast"], seconds["fp32"])),
+        "setup": {
+            "batch_size": setup.batch_size,
+            "max_length": setup.max_length,
+            "steps_per_round": setup.steps,
+        },
+        "contention": info,
+    }
+
+
+def nll_agreement(loaded: Loaded, records: int, device: str = "cpu") -> dict:
+    """Held-out NLL of the same weights in float32 and in bfloat16, and the paired difference."""
+    import json
+
+    import torch
+
+    from cctuning.eval.nll import evaluate_nll, load_items, paired_difference
+
+    rows = mix_records(records, split="heldout", seed=2)
+    out: dict[str, Any] = {"records": len(rows)}
+    with tempfile.TemporaryDirectory(prefix="cctuning-bench-nll-") as tmp:
+        data = Path(tmp) / "heldout.jsonl"
+        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        fp32 = wrap(loaded, "cc", with_transform=True).eval().to(device)
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            report = evaluate_nll(fp32.to(dtype=dtype), loaded.tokenizer, data, "transform", Path(tmp) / name,
+                                  progress=False)  # fmt: skip
+            out[name] = round(report["nll"]["all"]["nll"], 5)
+        diff = paired_difference(load_items(Path(tmp) / "bf16"), load_items(Path(tmp) / "fp32"))["all"]
+        out["bf16_minus_fp32"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in diff.items()}
+        out["same_layers"] = [i["layer"] for i in load_items(Path(tmp) / "bf16")] == [
+            i["layer"] for i in load_items(Path(tmp) / "fp32")
+        ]
+    return out
+
+
+def bench_precision(
+    loaded: Loaded, setup: PrecisionSetup, contention: Contention, device: str = "cpu"
+) -> dict:
+    import logging
+
+    logging.getLogger("cctuning").setLevel(logging.ERROR)  # the bf16-weights warning, once per model
+    res = {"train": train_step_times(loaded, setup, contention, device)}
+    res["nll"] = nll_agreement(loaded, setup.nll_records, device)
+    return res
