@@ -91,12 +91,10 @@ def profile(quick: bool) -> dict[str, Any]:
         "memory": {"tiny": 3, "medium": 3, SMOLLM2: 2},
         "precision": {
             "tiny": PrecisionSetup(8, 256, steps=4, repeats=5, nll_records=32),
-            "medium": PrecisionSetup(8, 256, steps=2, repeats=3, nll_records=32),
             SMOLLM2: PrecisionSetup(8, 256, steps=1, repeats=3, nll_records=32),
         },
         "flops": {
             "tiny": FlopsSetup(16, repeats=3),
-            "medium": FlopsSetup(16, repeats=3),
             SMOLLM2: FlopsSetup(8, repeats=3),
         },
     }
