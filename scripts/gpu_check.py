@@ -232,8 +232,6 @@ def step_bench(args, device: str) -> tuple[dict, list[dict]]:
     from bench.flops import DTYPES, GPU_PEAK_SHAPES, PEAK_SHAPES, FlopsSetup, bench_flops, matmul_peak
     from bench.precision import PrecisionSetup, bench_precision
 
-    if device == "cpu":
-        set_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
     shapes = PEAK_SHAPES + (GPU_PEAK_SHAPES if device == "cuda" else ())
     peaks: dict = {}
     never_wait = Contention(threshold=float("inf"), max_wait_s=0.0)  # nothing else shares a GPU check
@@ -262,6 +260,10 @@ def step_bench(args, device: str) -> tuple[dict, list[dict]]:
                 )
                 continue
             if not peaks:
+                if device == "cpu":
+                    set_threads(
+                        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+                    )
                 brief = {"min_seconds": 0.05, "repeats": 2} if device == "cpu" else {}
                 peaks.update({dtype: matmul_peak(dtype, device, shapes=shapes, **brief) for dtype in DTYPES})
             loaded = load_base(name)
