@@ -128,3 +128,51 @@ def test_plain_hf_folder_and_report(base_dir, cc_dir, tmp_path, capsys):
     a_res = json.loads((a / "results.json").read_text())
     en = a_res["benchmarks"]["XStoryCloze"]["per_language"]["en"]["accuracy"]
     assert f"XStoryCloze,en,accuracy,{en}," in csv_text
+
+
+@pytest.mark.parametrize("sample_layer", [0, 2])
+def test_likelihood_chunks_hold_prompts_of_similar_length_and_give_the_same_scores(
+    cc_dir, tokenizer, tmp_path, monkeypatch, sample_layer
+):
+    """Likelihood scoring sorts the items by prompt length before chunking them (less padding in each
+    batch) unless the layer is sampled; the scores equal those of one item at a time."""
+    model = CCModel.from_pretrained(cc_dir)
+    calls = []
+    original = CCGenerator.generate
+
+    def spy(self, prompts, *args, **kwargs):
+        calls.append([len(p) for p in prompts])
+        return original(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(CCGenerator, "generate", spy)
+
+    def run(batch_size, name):
+        cfg = EvalConfig(model=str(cc_dir), benchmarks=["XNLI"], langs=["sw"], limit=12, scoring="likelihood",
+                         batch_size=batch_size, sample_layer=sample_layer, output=str(tmp_path / name))  # fmt: skip
+        return evaluate(cfg, model, tokenizer, progress=False)
+
+    batched = run(2, "b2")
+    chunks, calls[:] = list(calls), []
+    single = run(1, "b1")
+    file_order = [len(it.prompt) for it in load_benchmark("XNLI", "sw", limit=12)]
+    lengths = [n for chunk in chunks for n in chunk]
+    assert len(chunks) > 1  # the test tells sorted chunks from one sorted call
+    assert lengths == (sorted(file_order) if sample_layer == 0 else file_order * sample_layer)  # per draw
+    if sample_layer:  # the Gumbel draws follow the batches, so batch 2 and batch 1 may differ
+        return
+    a, b = batched["benchmarks"]["XNLI"], single["benchmarks"]["XNLI"]
+    assert a["per_language"] == b["per_language"]
+
+    def logprobs(name):
+        root = tmp_path / name / "generations"
+        return {
+            (str(f.relative_to(root)), row["id"]): row["logprobs"]
+            for f in root.rglob("*.jsonl")
+            for row in map(json.loads, f.read_text(encoding="utf-8").splitlines())
+        }
+
+    two, one = logprobs("b2"), logprobs("b1")
+    assert two.keys() == one.keys() and len(two) == 12
+    for key, lp in two.items():
+        for label, value in lp.items():
+            assert abs(value - one[key][label]) < 1e-4

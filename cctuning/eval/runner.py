@@ -288,6 +288,11 @@ def _evaluate_benchmark(
     for lang, items in items_by_lang.items():
         done = cache.load(bench, lang)
         todo = [it for it in items if str(it.id) not in done]
+        if scoring == "likelihood" and not cfg.sample_layer:
+            # chunks of similar prompt lengths, so that their batches carry little padding (XNLI/sw,
+            # 200 items, SmolLM2 tokens, batch 8: 6.5 % padding -> 1.1 %); results are kept by id.
+            # Sampled draws keep the file order: their Gumbel noise follows the batches.
+            todo.sort(key=lambda it: len(it.prompt))
         bar.update(len(items) - len(todo))
         for rows in _generate(cfg, generator, todo, connection, scoring, spec.labels):
             cache.append(bench, lang, rows)
