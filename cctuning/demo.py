@@ -53,6 +53,11 @@ class DemoConfig:
     max_new_tokens: int = opt(40, "generated tokens per item")
     eval_batch_size: int = opt(8, "generation batch size")
     nll_per_lang: int = opt(4, "held-out records per language for the NLL metric")
+    bf16: bool = opt(
+        False,
+        "train under bf16 autocast with float32 master weights (a CC-Tuning step took 0.54x the float32 "
+        "time on this CPU; see docs/scaling.md); recorded in the summary",
+    )
 
 
 # the demo's cells: (name, column title in the summary, training method, connection)
@@ -89,6 +94,7 @@ def experiment_config(cfg: DemoConfig) -> ExperimentConfig:
             "logging_steps": 4,
             "save_steps": 12,
             "save_total_limit": 1,
+            **({"bf16": True} if cfg.bf16 else {}),  # absent by default: finished runs keep their keys
         },
         cells=[{"name": name, "method": method, "connection": conn} for name, _, method, conn in CELLS],
         baseline="sft",
@@ -146,6 +152,16 @@ def demo_stage_seconds(exp: ExperimentConfig, stages: dict) -> dict[str, float]:
     return out
 
 
+def summary_header(cfg: DemoConfig) -> str:
+    """The summary's first line: model, budget, seed, evaluation sizes and (when on) bf16."""
+    return (
+        f"model {cfg.model} · {cfg.max_steps} steps × batch {cfg.batch_size} on "
+        f"{cfg.train_per_lang} records/language of the bundled mix · seed {cfg.seed} · "
+        f"eval: {cfg.eval_limit} items/language ({cfg.xlsum_limit} for XL-Sum), languages {cfg.eval_langs}"
+        + (" · trained under bf16 autocast" if cfg.bf16 else "")
+    )
+
+
 def summary_markdown(
     cfg: DemoConfig, bench_runs: list[Path], nll_runs: list[Path], stages: dict[str, float], seconds: float
 ) -> str:
@@ -153,9 +169,7 @@ def summary_markdown(
     with the paired NLL difference to SFT (per-language details are in report.md), and the time
     of every stage (summed over the invocations that ran them) and of this invocation."""
     lines = [
-        f"model {cfg.model} · {cfg.max_steps} steps × batch {cfg.batch_size} on "
-        f"{cfg.train_per_lang} records/language of the bundled mix · seed {cfg.seed} · "
-        f"eval: {cfg.eval_limit} items/language ({cfg.xlsum_limit} for XL-Sum), languages {cfg.eval_langs}",
+        summary_header(cfg),
         "",
         *_table_rows(cfg, bench_runs, nll_runs),
         "",

@@ -101,3 +101,16 @@ def test_demo_is_an_experiment_preset():
     b = exp.benchmarks
     assert (b["limit"], b["limits"], b["max_new_tokens"]) == (4, {"XLSum": 2}, 40) and "langs" not in b
     assert b["names"] == "XNLI,XStoryCloze,MMMLU,XQuAD,MKQA,XLSum"
+
+
+def test_demo_bf16_option_reaches_the_trainings_and_the_summary():
+    """--bf16 trains under autocast and says so in the summary; off, the training keys are exactly
+    the float32 demo's, so finished runs are reused."""
+    from cctuning.demo import summary_header
+
+    plain, bf16 = experiment_config(DemoConfig()), experiment_config(DemoConfig(bf16=True))
+    assert "bf16" not in plain.train and bf16.train == {**plain.train, "bf16": True}
+    assert resolve_cells(plain)[0].train_name != resolve_cells(bf16)[0].train_name
+    assert summary_header(DemoConfig(bf16=True)).endswith(" · trained under bf16 autocast")
+    assert summary_header(DemoConfig(bf16=True)).startswith(summary_header(DemoConfig()))
+    assert "bf16" not in summary_header(DemoConfig())
