@@ -35,12 +35,23 @@ def _given_flags(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k not in ("command", "config", "verbose", "func")}
 
 
+def _close_process_group() -> None:
+    """End a multi-process run's process group cleanly (every rank has saved): left to interpreter
+    teardown, gloo's and DeepSpeed's threads could abort a rank after its work was done."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from cctuning.training import train
     from cctuning.training.options import build_train_config
 
     cfg = build_train_config(args.config, _given_flags(args))
     out = train(cfg)
+    _close_process_group()
     if int(os.environ.get("RANK", "0") or 0) == 0:  # one line per run, not per process
         results = out / "train_results.json"
         skipped = (
