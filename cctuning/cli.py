@@ -70,13 +70,17 @@ def _load(
     seed: int | None = None,
     sample_layer: bool = False,
     load_transform: bool = True,
+    device: str | None = "auto",
+    dtype: str | None = None,
 ):
     """A trained (or plain) model folder and its tokenizer, for the inference commands."""
     import torch
 
     from cctuning.loading import load_for_inference
 
-    cc, tok, path = load_for_inference(model, trust_remote_code, load_transform=load_transform)
+    cc, tok, path = load_for_inference(
+        model, trust_remote_code, dtype=dtype, load_transform=load_transform, device=device
+    )
     if sample_layer:
         cc.cc_config.sample_layer = True
         cc.generator = torch.Generator().manual_seed(seed or 0)
@@ -88,7 +92,9 @@ def _cmd_fit_matrix(args: argparse.Namespace) -> int:
 
     data_options = _data_options(args)  # checked before the model loads
     # without the matrix already there: refitting replaces it (it may be a retrained model's stale one)
-    model, tok, path = _load(args.model, args.trust_remote_code, load_transform=False)
+    model, tok, path = _load(
+        args.model, args.trust_remote_code, load_transform=False, device=args.device, dtype=args.dtype
+    )
     if not model.uses_connection:
         raise CCError(
             f"'{args.model}' is not a CC-Tuning model (method '{model.cc_config.method}'): it has no connection"
@@ -164,7 +170,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
     if (args.prompt is None) == (args.input is None):
         raise CCError("give exactly one of --prompt TEXT or --input FILE.jsonl")
-    model, tok, _ = _load(args.model, args.trust_remote_code, args.seed, args.sample_layer)
+    model, tok, _ = _load(
+        args.model, args.trust_remote_code, args.seed, args.sample_layer, device=args.device
+    )
     gen = CCGenerator(model, tok, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     records = _generate_records(args)
     _check_system_turn(records, model)
@@ -191,6 +199,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from cctuning.eval.benchmarks import BENCHMARKS
     from cctuning.eval.runner import EvalConfig, evaluate, markdown_table
+    from cctuning.loading import load_for_inference
 
     if args.nll:
         return _cmd_eval_nll(args)
@@ -212,7 +221,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         sample_layer=args.sample_layer,
         overwrite=args.overwrite,
     )
-    report = evaluate(cfg)
+    cfg.check()  # before the model loads
+    model, tok, _ = load_for_inference(cfg.model, cfg.trust_remote_code, dtype=args.dtype, device=args.device)
+    report = evaluate(cfg, model, tok)
     print(markdown_table(report))
     for bench, langs in report["missing_languages"].items():
         print(f"note: {bench} has no data for {', '.join(langs)}")
@@ -224,7 +235,9 @@ def _cmd_eval_nll(args: argparse.Namespace) -> int:
     from cctuning.loading import load_for_inference
 
     data_options = _data_options(args)  # checked before the model loads
-    model, tok, path = load_for_inference(args.model, args.trust_remote_code)
+    model, tok, path = load_for_inference(
+        args.model, args.trust_remote_code, dtype=args.dtype, device=args.device
+    )
     sampled = f"-sampled{args.sample_layer}" if args.sample_layer else ""
     output = args.output or str(Path(path) / "eval" / f"nll-{args.connection or 'default'}{sampled}")
     report = evaluate_nll(
@@ -272,12 +285,29 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
-    from cctuning.experiment import experiment_markdown, load_config, run_experiment
+    from cctuning.config import coerce
+    from cctuning.experiment import experiment_markdown, load_config, run_experiment, select_cells
 
     cfg = load_config(args.config)
     if args.output:
         cfg.output = args.output
-    report = run_experiment(cfg)
+    if args.seeds:
+        cfg.seeds = [coerce(v, int, "--seeds") for v in split_list(args.seeds)]
+    if args.cells:
+        select_cells(cfg, split_list(args.cells))
+    if args.jobs < 0:
+        raise CCError(f"--jobs: expected a number ≥ 0, got {args.jobs}")
+    report = run_experiment(
+        cfg,
+        progress=not args.no_progress,
+        jobs=args.jobs,
+        devices=split_list(args.devices) if args.devices else None,
+        config_path=args.config,
+        report_only=args.report_only,
+        write_report=not args.no_report,
+    )
+    if args.no_report:
+        return 0
     print(experiment_markdown(report))
     print(f"\nreport: {cfg.output}/report.md")
     return 0
@@ -387,6 +417,27 @@ def _add_train(sub) -> None:
     add_trainer_arguments(p)  # every other TrainingArguments field, generated
 
 
+def _add_device(p) -> None:
+    """``--device``, ``--dtype`` and ``--bf16`` of the inference commands."""
+    p.add_argument(
+        "--device",
+        default="auto",
+        help="auto (default: $CCTUNING_DEVICE, else CUDA when there is one, else the CPU), cpu, cuda, cuda:N",
+    )
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="load the weights in this dtype (default: as saved; cctuning's own runs save float32); "
+        "the Decision Maker and the Transform Matrix compute in float32 whatever it is",
+    )
+    p.add_argument(
+        "--bf16",
+        action="store_true",
+        help="run the forward passes under bf16 autocast (the weights stay as loaded)",
+    )
+    p.set_defaults(inference_precision=True)
+
+
 def _add_fit_matrix(sub) -> None:
     p = sub.add_parser("fit-matrix", help="fit the Transform Matrix (non-English → English activations)")
     p.add_argument("--model", required=True, help="a folder trained with --method cc")
@@ -406,6 +457,7 @@ def _add_fit_matrix(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records instead of stopping")
     p.add_argument("--trust-remote-code", action="store_true")
+    _add_device(p)
     _add_yaml_config(p)
     p.set_defaults(func=_cmd_fit_matrix)
 
@@ -426,6 +478,7 @@ def _add_generate(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --sample-layer")
     p.add_argument("--trust-remote-code", action="store_true")
+    _add_device(p)
     _add_yaml_config(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -481,6 +534,7 @@ def _add_eval(sub) -> None:
         "--overwrite", action="store_true", help="replace results of another model or settings in --output"
     )
     p.add_argument("--trust-remote-code", action="store_true")
+    _add_device(p)
     _add_yaml_config(p)
     p.set_defaults(func=_cmd_eval)
 
@@ -499,6 +553,26 @@ def _add_experiment(sub) -> None:
     )
     p.add_argument("--config", required=True, help="YAML file (see examples/experiment_smollm2.yaml)")
     p.add_argument("--output", help="override the config's output folder")
+    p.add_argument("--seeds", help="comma-separated: run these seeds instead of the config's")
+    p.add_argument("--cells", help="comma-separated: run only these cells")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="run the grid as N processes at a time, one per seed × training, each in "
+        "<output>/jobs/<job> (a GPU shared by several, or one each with --devices); default: one "
+        "process, cell after cell",
+    )
+    p.add_argument(
+        "--devices", help="with --jobs: CUDA_VISIBLE_DEVICES values handed to the jobs in turn, e.g. 0,1,2,3"
+    )
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="write the report from the evaluations already on disk; train and evaluate nothing",
+    )
+    p.add_argument("--no-report", action="store_true", help=argparse.SUPPRESS)  # a parallel run's job
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_cmd_experiment)
 
 
@@ -598,6 +672,20 @@ def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str]) -> None
         apply_yaml_defaults(command, path)
 
 
+def _inference_autocast(args: argparse.Namespace):
+    """bf16 autocast on the inference device for ``--bf16`` of an inference command (``train``'s
+    ``--bf16`` is the Trainer's own)."""
+    import contextlib
+
+    if not (getattr(args, "inference_precision", False) and args.bf16):
+        return contextlib.nullcontext()
+    import torch
+
+    from cctuning.loading import resolve_device
+
+    return torch.autocast(resolve_device(args.device).type, dtype=torch.bfloat16)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
@@ -610,7 +698,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.verbose)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        return args.func(args)
+        with _inference_autocast(args):
+            return args.func(args)
     except CCError as err:
         print(f"cctuning: error: {err}", file=sys.stderr)
         return 2

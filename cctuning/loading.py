@@ -64,9 +64,53 @@ def lora_base_path(folder: str | Path, base_model: str | None = None) -> str | N
     return find_base(folder, config, given=given, resolve_name=resolve_model_path)
 
 
-def load_for_inference(model: str, trust_remote_code: bool = False, dtype=None, load_transform: bool = True):
-    """``(CCModel in eval mode, tokenizer, folder)`` for a trained, SFT or plain HF model folder
-    (``load_transform=False``: without its Transform Matrix, for refitting it)."""
+#: environment variable naming the inference device when ``--device`` is not given
+DEVICE_ENV = "CCTUNING_DEVICE"
+
+
+def resolve_device(device: str | None = "auto"):
+    """The torch device of the inference commands: ``auto`` (or None) is ``$CCTUNING_DEVICE`` when
+    set, else the first CUDA device when there is one, else the CPU (as the Trainer chooses for
+    training); ``cpu``, ``cuda``, ``cuda:N`` name one. A CUDA device on a machine without CUDA, or a
+    name torch does not know, is a one-line error."""
+    import os
+
+    import torch
+
+    name = device or "auto"
+    if name == "auto":
+        name = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise CCError(f"--device: unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise CCError(f"--device {name}: torch sees no CUDA device here (use auto or cpu)")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise CCError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif dev.type != "cpu" and dev.type not in ("mps", "xpu"):
+        raise CCError(f"--device: unsupported device '{name}' (use auto, cpu, cuda or cuda:N)")
+    return dev
+
+
+def load_for_inference(
+    model: str,
+    trust_remote_code: bool = False,
+    dtype=None,
+    load_transform: bool = True,
+    device: str | None = "auto",
+):
+    """``(CCModel in eval mode on the device, tokenizer, folder)`` for a trained, SFT or plain HF
+    model folder (``load_transform=False``: without its Transform Matrix, for refitting it);
+    ``device``: see :func:`resolve_device`; ``dtype``: a torch dtype or its name (None: as saved)."""
+    dev = resolve_device(device)  # a bad device fails before the model loads
+    if isinstance(dtype, str):
+        import torch
+
+        if dtype not in ("float32", "bfloat16", "float16"):
+            raise CCError(f"--dtype: expected float32, bfloat16 or float16, got '{dtype}'")
+        dtype = getattr(torch, dtype)
     path = resolve_model_path(model)
     cc = CCModel.from_pretrained(
         path,
@@ -75,4 +119,6 @@ def load_for_inference(model: str, trust_remote_code: bool = False, dtype=None, 
         base_model=lora_base_path(path),
         load_transform=load_transform,
     )
+    if dev.type != "cpu":
+        cc.to(dev)
     return cc, load_tokenizer(path, trust_remote_code), path
