@@ -304,35 +304,204 @@ class _SeedRun:
     held_options: typing.Any = None  # ... of the user's held-out data
 
 
-def run_experiment(cfg: ExperimentConfig, progress: bool = True) -> dict:
-    """Run (or resume) every cell × seed and write ``report.json`` / ``report.md``."""
+JOBS_DIR = "jobs"  # the folders of a parallel run's jobs, one per seed × training
+
+
+@dataclass(frozen=True)
+class Job:
+    """One training of one seed and every cell evaluated on it: the unit a parallel run
+    (``--jobs N``) hands to a process of its own."""
+
+    seed: int
+    train_name: str
+    cells: tuple[str, ...]
+
+    @property
+    def name(self) -> str:
+        return f"seed{self.seed}-{self.train_name}"
+
+
+def plan_jobs(cfg: ExperimentConfig) -> list[Job]:
+    """The grid as independent jobs: per seed, one job per training, holding the cells that share it
+    (in the config's order)."""
+    groups: dict[str, list[str]] = {}
+    for cell in resolve_cells(cfg):
+        groups.setdefault(cell.train_name, []).append(cell.name)
+    return [Job(seed, name, tuple(cells)) for seed in cfg.seeds for name, cells in groups.items()]
+
+
+def job_root(root: str | Path, job: Job) -> Path:
+    """The experiment folder of one job of a parallel run (``<output>/jobs/<job>``)."""
+    return Path(root) / JOBS_DIR / job.name
+
+
+def select_cells(cfg: ExperimentConfig, names: list[str]) -> None:
+    """Keep only the cells named (in the config's order); an unknown name is a one-line error."""
+    known = [c["name"] for c in cfg.cells]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise CCError(f"unknown cell {', '.join(unknown)} (cells: {', '.join(known)})")
+    cfg.cells = [c for c in cfg.cells if c["name"] in names]
+    if cfg.baseline not in names:
+        cfg.baseline = None
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    progress: bool = True,
+    *,
+    jobs: int = 0,
+    devices: list[str] | None = None,
+    config_path: str | Path | None = None,
+    report_only: bool = False,
+    write_report: bool = True,
+) -> dict:
+    """Run (or resume) every cell × seed and write ``report.json`` / ``report.md``.
+
+    ``jobs`` ≥ 1 runs the grid's :func:`plan_jobs` as that many ``cctuning experiment`` processes at
+    a time, each in its own folder under ``<output>/jobs/`` (re-reading ``config_path``), with
+    ``CUDA_VISIBLE_DEVICES`` taken in turn from ``devices`` when given; the report then reads the
+    jobs' folders. ``report_only`` writes the report from the evaluations already on disk (a
+    parallel run's job folders where they exist) and trains nothing: a missing evaluation is an
+    error naming it. ``write_report=False`` runs the stages only (a job of a parallel run).
+    """
     from cctuning.loading import resolve_model_path
     from cctuning.versions import versions
 
     root = Path(cfg.output)
     with folder_lock(root, "cctuning experiment"):  # a second runner on the same folder is refused
-        write_json(root / "experiment_config.json", {"config": asdict(cfg), "versions": versions()})
-        model_path = resolve_model_path(cfg.model)
-        cells = resolve_cells(cfg)
-        stages = StageClock(root / STAGES_NAME)
         started = time.time()
-        cell_runs: dict[str, dict[int, dict]] = {}
-        for seed in cfg.seeds:
-            train_file, held_file = _seed_data(cfg, root, seed)
-            run = _SeedRun(
-                root,
-                str(model_path),
-                seed,
-                train_file,
-                held_file,
-                stages,
-                progress,
-                data_options(cfg, heldout=False),
-                data_options(cfg, heldout=True),
-            )
-            for cell in cells:
-                cell_runs.setdefault(cell.name, {})[seed] = _run_cell(cfg, cell, run)
-        return _write_report(cfg, root, cell_runs, stages.seconds, time.time() - started, model_path)
+        model_path = cfg.model if report_only else resolve_model_path(cfg.model)
+        if report_only:
+            cell_runs, seconds = _collect_runs(cfg, root)
+        elif jobs:
+            write_json(root / "experiment_config.json", {"config": asdict(cfg), "versions": versions()})
+            _run_jobs(cfg, root, jobs, devices, config_path, progress)
+            cell_runs, seconds = _collect_runs(cfg, root)
+        else:
+            write_json(root / "experiment_config.json", {"config": asdict(cfg), "versions": versions()})
+            cells = resolve_cells(cfg)
+            stages = StageClock(root / STAGES_NAME)
+            cell_runs = {}
+            for seed in cfg.seeds:
+                train_file, held_file = _seed_data(cfg, root, seed)
+                run = _SeedRun(
+                    root,
+                    str(model_path),
+                    seed,
+                    train_file,
+                    held_file,
+                    stages,
+                    progress,
+                    data_options(cfg, heldout=False),
+                    data_options(cfg, heldout=True),
+                )
+                for cell in cells:
+                    cell_runs.setdefault(cell.name, {})[seed] = _run_cell(cfg, cell, run)
+            seconds = stages.seconds
+        if not write_report:
+            return {"cells": {}, "stage_seconds": seconds}
+        return _write_report(cfg, root, cell_runs, seconds, time.time() - started, model_path)
+
+
+def _run_jobs(cfg, root: Path, jobs: int, devices, config_path, progress: bool) -> None:
+    """Run :func:`plan_jobs` as ``jobs`` child processes at a time; each writes its log beside its
+    folder (``jobs/<job>.log``). A failed job does not stop the others; the failures are reported
+    together at the end, each with its log's last line."""
+    import os
+    import subprocess
+    import sys
+
+    if config_path is None:
+        raise CCError("a parallel experiment (--jobs) needs the config file its jobs re-read")
+    planned = plan_jobs(cfg)
+    threads = max(1, (os.cpu_count() or 1) // min(jobs, len(planned)))
+    pending, running, failed = list(enumerate(planned)), [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(planned), desc="experiment jobs", unit="job")
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                i, job = pending.pop(0)
+                env = dict(os.environ)
+                if devices:
+                    env["CUDA_VISIBLE_DEVICES"] = devices[i % len(devices)]
+                for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                    env.setdefault(var, str(threads))
+                log_path = root / JOBS_DIR / f"{job.name}.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                cmd = [sys.executable, "-m", "cctuning.cli", "experiment", "--config", str(config_path),
+                       "--output", str(job_root(root, job)), "--seeds", str(job.seed),
+                       "--cells", ",".join(job.cells), "--no-report", "--no-progress"]  # fmt: skip
+                with open(log_path, "w", encoding="utf-8") as log:
+                    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+                logger.info("job %s started (pid %d, log %s)", job.name, proc.pid, log_path)
+                running.append((job, proc, log_path))
+            time.sleep(0.5)
+            for entry in list(running):
+                job, proc, log_path = entry
+                if proc.poll() is None:
+                    continue
+                running.remove(entry)
+                if bar is not None:
+                    bar.update(1)
+                if proc.returncode != 0:
+                    lines = log_path.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+                    failed.append(
+                        f"{job.name} (exit {proc.returncode}, {log_path}: {lines[-1] if lines else ''})"
+                    )
+                    logger.error("job %s failed: see %s", job.name, log_path)
+                else:
+                    logger.info("job %s finished", job.name)
+    finally:
+        for _, proc, _ in running:  # interrupted: stop the children too (each resumes next time)
+            proc.terminate()
+        for _, proc, _ in running:
+            proc.wait()
+        if bar is not None:
+            bar.close()
+    if failed:
+        raise CCError(f"{len(failed)} of {len(planned)} experiment jobs failed: " + "; ".join(failed))
+
+
+def _collect_runs(cfg: ExperimentConfig, root: Path) -> tuple[dict, dict]:
+    """Every cell × seed's evaluations on disk, read from a parallel run's job folders where they
+    exist, else from ``root`` itself; and the stage times of all of them. A missing evaluation is a
+    one-line error naming it."""
+    from cctuning.eval.nll import NLL_NAME
+    from cctuning.eval.runner import RESULTS_NAME
+
+    cell_runs: dict[str, dict[int, dict]] = {}
+    seconds: dict[str, float] = {}
+    by_cell = {c["name"]: c for c in cfg.cells}
+    for job in plan_jobs(cfg):
+        base = job_root(root, job)
+        if not base.is_dir():
+            base = root
+        stages = base / STAGES_NAME
+        if stages.is_file():
+            seconds.update(json.loads(stages.read_text(encoding="utf-8")))
+        for name in job.cells:
+            edir = eval_dir(base, name, job.seed)
+            nll_file = edir / "nll" / NLL_NAME
+            if not nll_file.is_file():
+                raise CCError(f"{nll_file}: missing: cell '{name}' seed {job.seed} has no held-out NLL yet")
+            bench = None
+            if cfg.benchmarks:
+                bench_file = edir / "bench" / RESULTS_NAME
+                if bench_file.is_file():
+                    bench = json.loads(bench_file.read_text(encoding="utf-8"))
+                else:  # the report shows the held-out NLL, and no benchmark score for this cell
+                    logger.warning(
+                        "%s: missing: cell '%s' seed %d has no benchmarks yet", bench_file, name, job.seed
+                    )
+            nll = json.loads(nll_file.read_text(encoding="utf-8"))
+            cell_runs.setdefault(name, {})[job.seed] = {"nll": nll, "bench": bench, "nll_dir": edir / "nll"}
+    # the config's cell order, whatever order the jobs came in
+    return {name: cell_runs[name] for name in by_cell if name in cell_runs}, seconds
 
 
 def _seed_data(cfg: ExperimentConfig, root: Path, seed: int) -> tuple[Path, Path]:
@@ -544,7 +713,8 @@ def summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items
                     cell["nll_diff_to_baseline"][lang].update(
                         ci_low=v["ci_low"], ci_high=v["ci_high"], interval="bootstrap over items"
                     )
-        first = next(iter(per_seed.values()))["bench"]
+        benches = [r["bench"] for r in per_seed.values()]
+        first = benches[0] if all(b is not None for b in benches) else None  # every seed, or none
         if first is not None:
             cell["benchmarks"] = {}
             for bench, data in first["benchmarks"].items():
@@ -633,18 +803,24 @@ def experiment_markdown(report: dict) -> str:
                 + " | ".join(_fmt(cells[n]["nll_diff_to_baseline"][lang], sign=True) for n in others)
                 + " |"
             )
-    if "benchmarks" in cells[names[0]]:
+    scored = [n for n in names if "benchmarks" in cells[n]]
+    if scored:
         lines += [
             "",
-            "Benchmarks (×100, average over languages):",
+            "Benchmarks (×100, average over languages"
+            + ("; —: not evaluated for every seed" if len(scored) < len(names) else "")
+            + "):",
             "",
             "| benchmark | " + " | ".join(names) + " |",
             "|---|" + "---|" * len(names),
         ]
-        for bench, data in cells[names[0]]["benchmarks"].items():
+        for bench, data in cells[scored[0]]["benchmarks"].items():
             lines.append(
                 f"| {bench} ({data['metric']}) | "
-                + " | ".join(_fmt(cells[n]["benchmarks"][bench]["average"], 1, 100) for n in names)
+                + " | ".join(
+                    _fmt(cells[n]["benchmarks"][bench]["average"], 1, 100) if n in scored else "—"
+                    for n in names
+                )
                 + " |"
             )
     return "\n".join(lines)

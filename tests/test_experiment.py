@@ -187,3 +187,132 @@ benchmarks: {{names: XStoryCloze, langs: "sw,en", limit: 5, limits: {{xstorycloz
     again = run_experiment(load_config(path), progress=False)
     assert again["cells"] == report["cells"]
     assert again["stage_seconds"] == stages  # nothing ran again, so no stage was re-timed
+
+
+def _grid(path, base_dir, output, cells):
+    path.write_text(f"""
+model: {base_dir}
+output: {output}
+seeds: [3, 4]
+train_per_lang: 1
+heldout_per_lang: 1
+langs: sw,zh
+matrix_samples: 4
+train: {{max_steps: 2, batch_size: 2, lr: 1.0e-3, max_length: 96}}
+cells:
+{cells}
+""")
+    return path
+
+
+def test_plan_jobs_groups_the_cells_of_one_training(tmp_path):
+    from cctuning.experiment import plan_jobs
+
+    path = tmp_path / "e.yaml"
+    path.write_text(
+        "seeds: [1, 2]\ncells:\n  - {name: sft, method: sft}\n  - {name: cc}\n"
+        "  - {name: cc-none, connection: none}\n  - {name: f3, layer_choice: 'fixed:3'}\n"
+    )
+    cfg = load_config(path)
+    jobs = plan_jobs(cfg)
+    assert [(j.seed, j.cells) for j in jobs] == [
+        (1, ("sft",)), (1, ("cc", "cc-none")), (1, ("f3",)),
+        (2, ("sft",)), (2, ("cc", "cc-none")), (2, ("f3",)),
+    ]  # fmt: skip
+    assert len({j.name for j in jobs}) == 6
+    # the cells a job holds share its training folder, and no other job trains it
+    assert jobs[1].train_name == _train_key_of(cfg, "cc") == _train_key_of(cfg, "cc-none")
+
+
+def _train_key_of(cfg, name):
+    from cctuning.experiment import resolve_cells
+
+    return next(c.train_name for c in resolve_cells(cfg) if c.name == name)
+
+
+@pytest.mark.slow
+def test_parallel_jobs_match_the_sequential_run(base_dir, tmp_path, capsys):
+    """--jobs 2 runs each seed × training in its own process and folder; the report equals the one
+    the in-process runner writes for the same grid (to float noise from other thread counts), and
+    --report-only rebuilds it from the folders without training."""
+    from cctuning.cli import main
+
+    cells = "  - {name: sft, method: sft}\n  - {name: cc-none, method: cc, connection: none}\n"
+    seq_cfg = _grid(tmp_path / "seq.yaml", base_dir, tmp_path / "seq", cells)
+    par_cfg = _grid(tmp_path / "par.yaml", base_dir, tmp_path / "par", cells)
+    sequential = run_experiment(load_config(seq_cfg), progress=False)
+    assert main(["experiment", "--config", str(par_cfg), "--jobs", "2", "--no-progress"]) == 0
+    par = tmp_path / "par"
+    assert sorted(p.name for p in (par / "jobs").iterdir() if p.is_dir()) == sorted(
+        f"seed{s}-{t}" for s in (3, 4) for t in (_train_key_of(load_config(par_cfg), "sft"),
+                                                 _train_key_of(load_config(par_cfg), "cc-none"))
+    )  # fmt: skip
+    parallel = json.loads((par / "report.json").read_text())
+    for cell in ("sft", "cc-none"):
+        assert parallel["cells"][cell]["nll"]["all"]["n"] == 2
+        assert math.isclose(
+            parallel["cells"][cell]["nll"]["all"]["mean"], sequential["cells"][cell]["nll"]["all"]["mean"],
+            rel_tol=1e-5,
+        )  # fmt: skip
+    seq_diff = sequential["cells"]["cc-none"]["nll_diff_to_baseline"]["all"]
+    par_diff = parallel["cells"]["cc-none"]["nll_diff_to_baseline"]["all"]
+    assert math.isclose(par_diff["mean"], seq_diff["mean"], rel_tol=1e-3, abs_tol=1e-6)
+    # every job's stage times reach the report
+    assert sorted(k.split("/")[0] for k in parallel["stage_seconds"]) == ["nll"] * 4 + ["train"] * 4
+    capsys.readouterr()
+    # --report-only trains nothing and gives the same cells
+    (par / "report.json").unlink()
+    assert main(["experiment", "--config", str(par_cfg), "--report-only"]) == 0
+    assert json.loads((par / "report.json").read_text())["cells"] == parallel["cells"]
+    # an evaluation missing: one line naming it
+    missing = (
+        next(p for p in (par / "jobs").glob("seed4-sft-*") if p.is_dir())
+        / "eval"
+        / "sft"
+        / "seed4"
+        / "nll"
+        / "nll.json"
+    )
+    missing.unlink()
+    with pytest.raises(CCError, match=r"nll\.json: missing: cell 'sft' seed 4 has no held-out NLL yet"):
+        run_experiment(load_config(par_cfg), report_only=True)
+
+
+@pytest.mark.slow
+def test_a_failed_job_is_reported_with_its_log(base_dir, tmp_path):
+    """A job that fails does not stop the others; the error names it and its log's last line."""
+    cells = "  - {name: sft, method: sft}\n  - {name: bad, method: cc, layer_choice: 'fixed:99'}\n"
+    path = _grid(tmp_path / "e.yaml", base_dir, tmp_path / "out", cells)
+    cfg = load_config(path)
+    cfg.seeds = [3]
+    with pytest.raises(
+        CCError, match=r"1 of 2 experiment jobs failed: seed3-cc-\w+ \(exit \d+, .*\.log: .*fixed:99"
+    ):
+        run_experiment(cfg, progress=False, jobs=2, config_path=path)
+    # the other job ran to the end
+    assert (
+        tmp_path / "out" / "jobs" / f"seed3-{_train_key_of(cfg, 'sft')}" / "eval" / "sft" / "seed3"
+    ).is_dir()
+
+
+def test_a_cell_without_benchmarks_for_every_seed_shows_a_dash():
+    from cctuning.experiment import experiment_markdown
+
+    nll = {"all": {"mean": 2.0, "ci_low": None, "ci_high": None, "n": 1}}
+    bench = {
+        "XQuAD": {"metric": "contains", "average": {"mean": 0.05, "ci_low": None, "ci_high": None, "n": 1}}
+    }
+    diff = {"all": {"mean": 0.1, "ci_low": 0.0, "ci_high": 0.2, "n": 1}}
+    report = {
+        "baseline": "sft",
+        "seeds": [1],
+        "cells": {
+            "sft": {"nll": nll, "benchmarks": bench},
+            "cc": {"nll": nll, "nll_diff_to_baseline": diff},
+        },
+    }
+    text = experiment_markdown(report)
+    assert "| XQuAD (contains) | 5.0 | — |" in text
+    assert "not evaluated for every seed" in text
+    del report["cells"]["cc"]
+    assert "not evaluated" not in experiment_markdown(report)
