@@ -114,7 +114,11 @@ def count_flops(fn) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
-    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _sdpa_flops}
+    # torch's own formulas assert as many key/value heads as query heads, which grouped-query
+    # attention on CUDA (SDPA with enable_gqa) does not have; ours counts per query head
+    kernels = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
+               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")  # fmt: skip
+    mapping = {getattr(aten, k): _sdpa_flops for k in kernels if hasattr(aten, k)}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())

@@ -35,7 +35,7 @@ from bench.common import (
     wrap,
 )
 from bench.flops import synchronize
-from bench.train import encode_batches, optimizer_step
+from bench.train import optimizer_step, warmed_batches
 
 VARIANTS = ("fp32", "bf16", "autocast")
 
@@ -76,13 +76,8 @@ class PrecisionRunner:
 def train_step_times(
     loaded: Loaded, setup: PrecisionSetup, contention: Contention, device: str = "cpu"
 ) -> dict:
-    batches = encode_batches(loaded.tokenizer, setup.steps, setup.batch_size, setup.max_length, setup.seed)
-    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
     runner = PrecisionRunner(loaded, setup.lr, device)
-    contention.settle()
-    for variant in VARIANTS:
-        for batch in batches[: setup.warmup]:
-            runner.step(variant, batch)
+    batches = warmed_batches(loaded.tokenizer, setup, runner, VARIANTS, contention, device)
 
     def one_round(_index: int, attempt: int) -> dict[str, float]:
         times = {}

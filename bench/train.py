@@ -57,6 +57,19 @@ def encode_batches(tokenizer, n_batches: int, batch_size: int, max_length: int, 
     return [collator(feats[i : i + batch_size]) for i in range(0, len(feats), batch_size)]
 
 
+def warmed_batches(tokenizer, setup, runner, variants, contention, device: str = "cpu") -> list[dict]:
+    """The training benchmarks' batches (``setup``: steps, batch_size, max_length, seed, warmup) on
+    ``device``, once the machine has settled and ``runner`` has taken ``setup.warmup`` steps of each
+    variant (first-touch allocations, AdamW state, kernels)."""
+    batches = encode_batches(tokenizer, setup.steps, setup.batch_size, setup.max_length, setup.seed)
+    batches = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    contention.settle()
+    for variant in variants:
+        for batch in batches[: setup.warmup]:
+            runner.step(variant, batch)
+    return batches
+
+
 def sft_batch(batch: dict) -> dict:
     """The same batch as the SFT baseline sees it (``--method sft`` encodes no English prompt)."""
     return {k: v for k, v in batch.items() if not k.startswith("en_")}
@@ -122,12 +135,8 @@ class Runner:
 
 def bench_train_time(loaded: Loaded, setup: TrainSetup, contention: Contention) -> dict[str, Any]:
     """Seconds per optimizer step of each variant, interleaved per repeat; ratios over SFT per repeat."""
-    batches = encode_batches(loaded.tokenizer, setup.steps, setup.batch_size, setup.max_length, setup.seed)
     runner = Runner(loaded, setup.lr)
-    contention.settle()
-    for variant in VARIANTS:  # warm-up: first-touch allocations, AdamW state, kernels
-        for batch in batches[: setup.warmup]:
-            runner.step(variant, batch)
+    batches = warmed_batches(loaded.tokenizer, setup, runner, VARIANTS, contention)
 
     def one_round(_index: int, attempt: int) -> dict[str, float]:
         times = {}

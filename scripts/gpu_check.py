@@ -135,6 +135,7 @@ def step_tests(args, env: dict) -> dict:
         "pytest",
         "-m",
         "cuda",
+        "tests/test_cuda.py",  # where the CUDA-marked tests live (other files import the CPU-side extras)
         "-q",
         "-rs",
         "-p",

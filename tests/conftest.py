@@ -139,3 +139,32 @@ def write_jsonl(path: Path, rows) -> Path:
 @pytest.fixture
 def data_file(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", make_records())
+
+
+def connected_model(tokenizer, arch="llama", seed=0, base=None):
+    """A CC model whose connection visibly changes the output (strong Decision Maker, non-trivial
+    Transform Matrix), on the CPU: every random number is drawn there, so moving it to another device
+    keeps the same weights. ``base``: the base model to wrap (default: a tiny random ``arch``)."""
+    from cctuning.inference import TransformMatrix
+    from cctuning.model import CCConfig, CCModel
+
+    torch.manual_seed(seed)
+    base = tiny_model(arch, tokenizer=tokenizer, seed=seed) if base is None else base
+    cc = CCModel.from_base(base, CCConfig()).eval()
+    d = cc.arch.hidden_size
+    with torch.no_grad():
+        cc.decision_maker.proj.weight.normal_(0, 3.0)
+    cc.set_transform(TransformMatrix(torch.eye(d) * 20 + torch.randn(d, d)))
+    return cc
+
+
+def short_train_args(model, data, output, batch_size, steps=3, **extra) -> list[str]:
+    """``cctuning train`` arguments of the multi-process tests: a few steps at a high rate, no
+    warm-up, a log line every step (``extra``: more flags, e.g. ``save_steps=2``)."""
+    return [
+        "train",
+        *flags(
+            model=model, data=data, output=output, max_steps=str(steps), batch_size=str(batch_size),
+            lr="1e-2", warmup_ratio="0", logging_steps="1", **extra,
+        ),
+    ]  # fmt: skip

@@ -19,11 +19,11 @@ import torch.nn.functional as F
 from cctuning.data.collator import CCCollator
 from cctuning.data.encoding import PromptEncoder
 from cctuning.eval.nll import evaluate_nll, load_items
-from cctuning.inference import CCGenerator, TransformMatrix
+from cctuning.inference import CCGenerator
 from cctuning.model import CCConfig, CCModel
 from cctuning.model.ccmodel import positions_from_mask
 from cctuning.testing import tiny_model
-from tests.conftest import make_records, write_jsonl
+from tests.conftest import connected_model, make_records, write_jsonl
 
 pytestmark = pytest.mark.cuda
 
@@ -68,14 +68,10 @@ def batch_for(tokenizer, device, side="right") -> dict:
 
 
 def connected(tokenizer, device, arch="llama", dtype=torch.bfloat16) -> CCModel:
-    """A CC model whose connection visibly changes the output (strong Decision Maker, a real matrix)."""
-    torch.manual_seed(0)
-    cc = CCModel.from_base(sdpa_model(arch, tokenizer, device, dtype), CCConfig()).eval()
-    d = cc.arch.hidden_size
-    with torch.no_grad():
-        cc.decision_maker.proj.weight.normal_(0, 3.0)
-    cc.set_transform(TransformMatrix(torch.eye(d) * 20 + torch.randn(d, d)))
-    return cc
+    """A CC model whose connection visibly changes the output (strong Decision Maker, a real matrix).
+    Every random number is drawn on the CPU, then the model moves: the same weights on any device
+    (drawn on CUDA, the Decision Maker differed from the CPU's, and so did the NLL)."""
+    return connected_model(tokenizer, arch, 0, base=sdpa_model(arch, tokenizer, "cpu", dtype)).to(device)
 
 
 def test_the_device_is_what_the_run_asked_for(device):
@@ -201,3 +197,24 @@ def test_the_fused_vector_has_the_hidden_states_dtype_on_the_device(tokenizer, a
     finally:
         handle.remove()
     assert seen[-1].dtype == torch.bfloat16 and seen[-1].device.type == device.type
+
+
+def test_the_inference_commands_load_onto_the_device(tokenizer, device, tmp_path, monkeypatch):
+    """``load_for_inference`` (every inference command and the experiment's stages) puts the model
+    on the device that ``--device auto`` picks there, with the Transform Matrix and Decision Maker;
+    the CUDA run's held-out NLL equals the CPU's."""
+    from cctuning.loading import load_for_inference
+
+    folder = tmp_path / "model"
+    connected(tokenizer, "cpu", "llama", torch.float32).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    monkeypatch.setenv("CCTUNING_DEVICE", device.type)
+    model, tok, _ = load_for_inference(str(folder))
+    assert {p.device.type for p in model.parameters()} == {device.type}
+    cpu_model, _, _ = load_for_inference(str(folder), device="cpu")
+    data = write_jsonl(tmp_path / "held.jsonl", make_records(4))
+    evaluate_nll(model, tok, data, "transform", tmp_path / "dev", batch_size=2, progress=False)
+    evaluate_nll(cpu_model, tok, data, "transform", tmp_path / "cpu", batch_size=2, progress=False)
+    for a, b in zip(load_items(tmp_path / "dev"), load_items(tmp_path / "cpu")):
+        assert abs(a["nll_sum"] - b["nll_sum"]) <= 1e-4 * abs(b["nll_sum"]) + 1e-4
+        assert a["layer"] == b["layer"]

@@ -10,10 +10,9 @@ from cctuning.cli import main
 from cctuning.errors import CCError
 from cctuning.inference import CCGenerator, TransformMatrix
 from cctuning.inference.generate import stop_token_ids
-from cctuning.model import CCConfig, CCModel
+from cctuning.model import CCModel
 from cctuning.model.connection import connected_forward
-from cctuning.testing import tiny_model
-from tests.conftest import flags
+from tests.conftest import connected_model, flags
 
 PROMPTS = [
     "Habari ya asubuhi, rafiki yangu? Tafadhali jibu swali hili.",
@@ -29,17 +28,6 @@ ENGLISH = [
     "hi",
     "Hello, how are you?",
 ]
-
-
-def connected_model(tokenizer, arch="llama", seed=0):
-    """A CC model whose connection visibly changes the output (strong DM, non-trivial matrix)."""
-    torch.manual_seed(seed)
-    cc = CCModel.from_base(tiny_model(arch, tokenizer=tokenizer, seed=seed), CCConfig()).eval()
-    d = cc.arch.hidden_size
-    with torch.no_grad():
-        cc.decision_maker.proj.weight.normal_(0, 3.0)
-    cc.set_transform(TransformMatrix(torch.eye(d) * 20 + torch.randn(d, d)))
-    return cc
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3_text"])

@@ -25,7 +25,7 @@ from cctuning.eval.scoring import score_item  # noqa: E402
 from cctuning.inference import TransformMatrix  # noqa: E402
 from cctuning.model import CCConfig, CCModel  # noqa: E402
 from cctuning.testing import CHATML_TEMPLATE, tiny_model, tiny_tokenizer  # noqa: E402
-from tests.conftest import make_records, write_jsonl  # noqa: E402
+from tests.conftest import connected_model, make_records, write_jsonl  # noqa: E402
 
 CONTEXTS = [
     "Habari ya asubuhi, rafiki yangu? Tafadhali jibu swali hili.",
@@ -42,12 +42,7 @@ CONTINUATIONS = [" 1", "2", " Nzuri sana, asante.", "القاهرة", " B", "\n\
 
 def connected(tokenizer, arch="llama", seed=0):
     """A CC model whose connection visibly changes its output (strong Decision Maker, non-trivial matrix)."""
-    torch.manual_seed(seed)
-    cc = CCModel.from_base(tiny_model(arch, tokenizer=tokenizer, seed=seed), CCConfig()).eval()
-    d = cc.arch.hidden_size
-    with torch.no_grad():
-        cc.decision_maker.proj.weight.normal_(0, 3.0)
-    cc.set_transform(TransformMatrix(torch.eye(d) * 20 + torch.randn(d, d)))
+    cc = connected_model(tokenizer, arch, seed)
     # the template's end of turn is an eos of the model, so that lm-eval's hf model stops where we do
     cc.base.generation_config.eos_token_id = [
         tokenizer.eos_token_id,

@@ -12,7 +12,8 @@ from cctuning.inference import CCGenerator, NormalEquations, TransformMatrix, fi
 from cctuning.model import CCConfig, CCModel
 from cctuning.model.transform import apply_matrix
 from cctuning.testing import tiny_model
-from tests.test_inference import ENGLISH, PROMPTS, connected_model
+from tests.conftest import connected_model
+from tests.test_inference import ENGLISH, PROMPTS
 
 
 def test_streaming_fit_recovers_a_known_map_and_matches_lstsq():

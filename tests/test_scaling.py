@@ -23,7 +23,7 @@ from cctuning.model.lora import add_lora
 from cctuning.testing import tiny_model
 from cctuning.training import CCTrainer, TrainConfig
 from cctuning.training.run import build_training_arguments, prepare
-from tests.conftest import ResumeCheck, flags, make_records, write_jsonl
+from tests.conftest import ResumeCheck, flags, make_records, short_train_args, write_jsonl
 from tests.test_model import batch_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,19 +260,7 @@ def _free_port() -> int:
 def test_two_processes_end_with_identical_weights_and_a_synchronised_decision_maker(base_dir, tmp_path):
     data = write_jsonl(tmp_path / "train.jsonl", make_records(16))
     out, dump = tmp_path / "out", tmp_path / "dump"
-    args = [
-        "train",
-        *flags(
-            model=base_dir,
-            data=data,
-            output=out,
-            max_steps="3",
-            batch_size="2",
-            lr="1e-2",
-            warmup_ratio="0",
-            logging_steps="1",
-        ),
-    ]
+    args = short_train_args(base_dir, data, out, 2)
     env = {**os.environ, "CCT_TEST_DUMP": str(dump), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [
         sys.executable,

@@ -35,7 +35,7 @@ from cctuning.errors import CCError
 from cctuning.model import CCConfig, CCModel
 from cctuning.testing import tiny_model
 from cctuning.training import sharding
-from tests.conftest import assert_same_weights, flags, make_records, write_jsonl
+from tests.conftest import assert_same_weights, make_records, short_train_args, write_jsonl
 from tests.test_model import batch_for
 from tests.test_scaling import _free_port
 
@@ -52,20 +52,7 @@ TIMEOUT = 300
 
 
 def _options(base_dir: Path, data: Path, output: Path, batch_size: int) -> list[str]:
-    return [
-        "train",
-        *flags(
-            model=base_dir,
-            data=data,
-            output=output,
-            max_steps=STEPS,
-            batch_size=batch_size,
-            lr="1e-2",
-            warmup_ratio="0",
-            logging_steps="1",
-            save_steps="2",
-        ),
-    ]
+    return short_train_args(base_dir, data, output, batch_size, STEPS, save_steps="2")
 
 
 def _env(probe: Path) -> dict:
