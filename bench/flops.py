@@ -108,17 +108,24 @@ def _sdpa_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
     return 2 * heads * lq * lk * (d + dv)
 
 
+#: attention kernels counted with :func:`_sdpa_flops`: torch's own formulas assert as many key/value
+#: heads as query heads, which grouped-query attention on CUDA (SDPA with enable_gqa) does not have
+#: (found on an H200, 2026-11-26); ours counts per query head
+ATTENTION_KERNELS = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+)
+
+
 def count_flops(fn) -> int:
     """FLOPs of the torch operations ``fn()`` runs (matrix products and attention)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
-    # torch's own formulas assert as many key/value heads as query heads, which grouped-query
-    # attention on CUDA (SDPA with enable_gqa) does not have; ours counts per query head
-    kernels = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention")  # fmt: skip
-    mapping = {getattr(aten, k): _sdpa_flops for k in kernels if hasattr(aten, k)}
+    mapping = {getattr(aten, k): _sdpa_flops for k in ATTENTION_KERNELS if hasattr(aten, k)}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())

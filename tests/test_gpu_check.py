@@ -108,3 +108,16 @@ def test_every_step_runs_on_the_cpu_with_cpu(tmp_path):
     assert set(bench["flops"]["paths"]) == {"nll-none", "nll-transform", "likelihood", "generate"}
     assert bench["precision"]["nll"]["same_layers"]
     assert (out / "gpu_check.md").read_text() in proc.stdout
+
+
+def test_attention_flops_of_grouped_query_kernels():
+    """The CUDA attention kernels see fewer key/value heads than query heads (grouped-query
+    attention); torch 2.11's formula refused those shapes on an H200, ours counts per query head."""
+    import torch
+
+    from bench.flops import ATTENTION_KERNELS, _sdpa_flops
+
+    q, k, v = (2, 8, 5, 16), (2, 2, 7, 16), (2, 2, 7, 16)
+    assert _sdpa_flops(q, k, v) == 2 * (2 * 8) * 5 * 7 * (16 + 16)
+    for name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention"):
+        assert name in ATTENTION_KERNELS and hasattr(torch.ops.aten, name)
