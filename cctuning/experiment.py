@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import math
+import signal
 import time
 import typing
 from dataclasses import asdict, dataclass, field
@@ -417,6 +418,7 @@ def _run_jobs(cfg, root: Path, jobs: int, devices, config_path, progress: bool) 
     planned = plan_jobs(cfg)
     threads = max(1, (os.cpu_count() or 1) // min(jobs, len(planned)))
     pending, running, failed = list(enumerate(planned)), [], []
+    previous = _stop_on_sigterm()
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -461,10 +463,26 @@ def _run_jobs(cfg, root: Path, jobs: int, devices, config_path, progress: bool) 
             proc.terminate()
         for _, proc, _ in running:
             proc.wait()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         if bar is not None:
             bar.close()
     if failed:
         raise CCError(f"{len(failed)} of {len(planned)} experiment jobs failed: " + "; ".join(failed))
+
+
+def _stop_on_sigterm():
+    """In the main thread: SIGTERM raises KeyboardInterrupt, so that a runner stopped with ``kill``
+    stops its jobs too instead of leaving them running alone; returns the handler it replaced."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGTERM, stop)
 
 
 def _collect_runs(cfg: ExperimentConfig, root: Path) -> tuple[dict, dict]:

@@ -316,3 +316,52 @@ def test_a_cell_without_benchmarks_for_every_seed_shows_a_dash():
     assert "not evaluated for every seed" in text
     del report["cells"]["cc"]
     assert "not evaluated" not in experiment_markdown(report)
+
+
+@pytest.mark.slow
+def test_a_stopped_parallel_run_stops_its_jobs(base_dir, tmp_path):
+    """SIGTERM to a parallel runner (``kill``) stops the jobs it started, rather than leaving them
+    training alone; the runner exits as interrupted."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "e.yaml"
+    path.write_text(f"""
+model: {base_dir}
+output: {tmp_path / "out"}
+seeds: [3]
+train_per_lang: 1
+heldout_per_lang: 1
+langs: sw,zh
+train: {{max_steps: 100000, batch_size: 2, lr: 1.0e-3, max_length: 64, save_steps: 100000}}
+cells:
+  - {{name: sft, method: sft}}
+  - {{name: cc-none, method: cc, connection: none}}
+""")
+    log = tmp_path / "runner.log"
+    with open(log, "w") as fh:
+        runner = subprocess.Popen(
+            [sys.executable, "-m", "cctuning.cli", "experiment", "--config", str(path), "--jobs", "2", "--no-progress"],
+            stdout=fh, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    jobs = tmp_path / "out" / "jobs"
+    deadline = time.time() + 120
+    while time.time() < deadline:  # both jobs are training
+        logs = list(jobs.glob("*.log")) if jobs.is_dir() else []
+        if len(logs) == 2 and all("training" in f.read_text() for f in logs):
+            break
+        time.sleep(0.5)
+    else:
+        runner.kill()
+        pytest.fail("the jobs did not start training: " + log.read_text()[-2000:])
+    pids = [int(p) for p in re.findall(r"started \(pid (\d+)", log.read_text())]
+    assert len(pids) == 2
+    runner.send_signal(signal.SIGTERM)
+    assert runner.wait(timeout=60) == 130
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
