@@ -374,11 +374,11 @@ def run_experiment(
         started = time.time()
         model_path = cfg.model if report_only else resolve_model_path(cfg.model)
         if report_only:
-            cell_runs, seconds = _collect_runs(cfg, root)
+            cell_runs, seconds, parallel = _collect_runs(cfg, root)
         elif jobs:
             write_json(root / "experiment_config.json", {"config": asdict(cfg), "versions": versions()})
             _run_jobs(cfg, root, jobs, devices, config_path, progress)
-            cell_runs, seconds = _collect_runs(cfg, root)
+            cell_runs, seconds, parallel = _collect_runs(cfg, root)
         else:
             write_json(root / "experiment_config.json", {"config": asdict(cfg), "versions": versions()})
             cells = resolve_cells(cfg)
@@ -399,10 +399,12 @@ def run_experiment(
                 )
                 for cell in cells:
                     cell_runs.setdefault(cell.name, {})[seed] = _run_cell(cfg, cell, run)
-            seconds = stages.seconds
+            seconds, parallel = stages.seconds, 0
         if not write_report:
             return {"cells": {}, "stage_seconds": seconds}
-        return _write_report(cfg, root, cell_runs, seconds, time.time() - started, model_path)
+        return _write_report(
+            cfg, root, cell_runs, seconds, time.time() - started, model_path, parallel_jobs=parallel
+        )
 
 
 def _run_jobs(cfg, root: Path, jobs: int, devices, config_path, progress: bool) -> None:
@@ -485,19 +487,22 @@ def _stop_on_sigterm():
     return signal.signal(signal.SIGTERM, stop)
 
 
-def _collect_runs(cfg: ExperimentConfig, root: Path) -> tuple[dict, dict]:
+def _collect_runs(cfg: ExperimentConfig, root: Path) -> tuple[dict, dict, int]:
     """Every cell × seed's evaluations on disk, read from a parallel run's job folders where they
     exist, else from ``root`` itself; and the stage times of all of them. A missing evaluation is a
-    one-line error naming it."""
+    one-line error naming it. The third value counts the job folders read."""
     from cctuning.eval.nll import NLL_NAME
     from cctuning.eval.runner import RESULTS_NAME
 
     cell_runs: dict[str, dict[int, dict]] = {}
     seconds: dict[str, float] = {}
     by_cell = {c["name"]: c for c in cfg.cells}
+    parallel = 0
     for job in plan_jobs(cfg):
         base = job_root(root, job)
-        if not base.is_dir():
+        if base.is_dir():
+            parallel += 1
+        else:
             base = root
         stages = base / STAGES_NAME
         if stages.is_file():
@@ -519,7 +524,7 @@ def _collect_runs(cfg: ExperimentConfig, root: Path) -> tuple[dict, dict]:
             nll = json.loads(nll_file.read_text(encoding="utf-8"))
             cell_runs.setdefault(name, {})[job.seed] = {"nll": nll, "bench": bench, "nll_dir": edir / "nll"}
     # the config's cell order, whatever order the jobs came in
-    return {name: cell_runs[name] for name in by_cell if name in cell_runs}, seconds
+    return {name: cell_runs[name] for name in by_cell if name in cell_runs}, seconds, parallel
 
 
 def _seed_data(cfg: ExperimentConfig, root: Path, seed: int) -> tuple[Path, Path]:
@@ -677,9 +682,16 @@ def _bench_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: 
 
 
 def _write_report(
-    cfg: ExperimentConfig, root: Path, cell_runs: dict, stages: dict, seconds: float, model_path
+    cfg: ExperimentConfig,
+    root: Path,
+    cell_runs: dict,
+    stages: dict,
+    seconds: float,
+    model_path,
+    parallel_jobs: int = 0,
 ) -> dict:
-    """Summarize every cell over its seeds and write ``report.json`` and ``report.md``."""
+    """Summarize every cell over its seeds and write ``report.json`` and ``report.md``
+    (``parallel_jobs``: how many job folders of a parallel run the evaluations came from)."""
     from cctuning.eval.nll import load_items, paired_difference
     from cctuning.versions import versions
 
@@ -687,6 +699,8 @@ def _write_report(
     report = summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items)
     report["seconds_this_invocation"] = round(seconds, 1)
     report["stage_seconds"] = stages
+    if parallel_jobs:
+        report["parallel_jobs"] = parallel_jobs
     report["setup"] = {
         "model": cfg.model,
         "model_path": str(model_path),
@@ -787,8 +801,13 @@ def experiment_markdown(report: dict) -> str:
         for name, sec in stages.items():
             kinds[name.split("/")[0]] = kinds.get(name.split("/")[0], 0.0) + sec
         lines += [
-            "Time (wall clock, summed over the stages of all invocations): "
-            f"{sum(stages.values()) / 60:.1f} min ("
+            "Time (wall clock, summed over the stages of all invocations"
+            + (
+                f"; {report['parallel_jobs']} jobs ran as parallel processes, so less time passed"
+                if report.get("parallel_jobs")
+                else ""
+            )
+            + f"): {sum(stages.values()) / 60:.1f} min ("
             + ", ".join(f"{k} {v / 60:.1f} min" for k, v in kinds.items())
             + ").",
             "",

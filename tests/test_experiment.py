@@ -257,8 +257,11 @@ def test_parallel_jobs_match_the_sequential_run(base_dir, tmp_path, capsys):
     seq_diff = sequential["cells"]["cc-none"]["nll_diff_to_baseline"]["all"]
     par_diff = parallel["cells"]["cc-none"]["nll_diff_to_baseline"]["all"]
     assert math.isclose(par_diff["mean"], seq_diff["mean"], rel_tol=1e-3, abs_tol=1e-6)
-    # every job's stage times reach the report
+    # every job's stage times reach the report, which says that they overlapped
     assert sorted(k.split("/")[0] for k in parallel["stage_seconds"]) == ["nll"] * 4 + ["train"] * 4
+    assert parallel["parallel_jobs"] == 4 and "parallel_jobs" not in sequential
+    assert "4 jobs ran as parallel processes" in (par / "report.md").read_text()
+    assert "parallel" not in (tmp_path / "seq" / "report.md").read_text()
     capsys.readouterr()
     # --report-only trains nothing and gives the same cells
     (par / "report.json").unlink()
