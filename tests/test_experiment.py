@@ -368,3 +368,53 @@ cells:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_jobs_take_the_devices_in_turn_and_share_the_threads(tmp_path, monkeypatch):
+    """--devices hands CUDA_VISIBLE_DEVICES out in turn; each job gets its share of the CPU threads;
+    at most --jobs run at once; each job re-reads the config for its own folder, seed and cells."""
+    import os
+    import subprocess
+
+    from cctuning import experiment
+
+    path = tmp_path / "e.yaml"
+    path.write_text(
+        f"output: {tmp_path / 'out'}\nseeds: [1, 2]\n"
+        "cells:\n  - {name: sft, method: sft}\n  - {name: cc}\n  - {name: cc-none, connection: none}\n"
+    )
+    cfg = load_config(path)
+    launched, peak = [], [0]
+
+    class Fake:
+        running = 0
+
+        def __init__(self, cmd, stdout=None, stderr=None, env=None):
+            launched.append((cmd, env))
+            Fake.running += 1
+            peak[0] = max(peak[0], Fake.running)
+            self.pid, self.returncode, self.polls = 1000 + len(launched), None, 0
+
+        def poll(self):
+            self.polls += 1
+            if self.polls < 2:
+                return None
+            if self.returncode is None:
+                Fake.running -= 1
+                self.returncode = 0
+            return self.returncode
+
+    monkeypatch.setattr(subprocess, "Popen", Fake)
+    monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    experiment._run_jobs(cfg, tmp_path / "out", 2, ["0", "1", "2"], path, progress=False)
+    assert len(launched) == 4 and peak[0] == 2
+    assert [env["CUDA_VISIBLE_DEVICES"] for _, env in launched] == ["0", "1", "2", "0"]
+    assert {env["OMP_NUM_THREADS"] for _, env in launched} == {"4"}  # 8 threads / 2 jobs at a time
+    jobs = experiment.plan_jobs(cfg)
+    for (cmd, _), job in zip(launched, jobs):
+        assert cmd[cmd.index("--seeds") + 1] == str(job.seed)
+        assert cmd[cmd.index("--cells") + 1] == ",".join(job.cells)
+        assert cmd[cmd.index("--output") + 1] == str(experiment.job_root(tmp_path / "out", job))
+        assert "--no-report" in cmd and cmd[cmd.index("--config") + 1] == str(path)
