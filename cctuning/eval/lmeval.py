@@ -120,15 +120,18 @@ class CCLM(TemplateLM):
             raise CCError(
                 f"lm-eval model 'cctuning' does not take {', '.join(sorted(unknown))} (see cctuning.eval.lmeval.CCLM)"
             )
-        if isinstance(pretrained, (str, Path)):
+        self._device = _device(device)
+        if isinstance(pretrained, (str, Path)):  # loaded straight onto the device
             model, tokenizer, folder = load_for_inference(
-                str(pretrained), trust_remote_code=trust_remote_code, dtype=_dtype(dtype)
+                str(pretrained),
+                trust_remote_code=trust_remote_code,
+                dtype=_dtype(dtype),
+                device=str(self._device),
             )
         else:
             if tokenizer is None:
                 raise CCError("a loaded model needs its tokenizer (tokenizer=...)")
             model, folder = pretrained, None
-        self._device = _device(device)
         self.model = model.to(self._device).eval()
         self.tokenizer = tokenizer
         self.folder = folder
