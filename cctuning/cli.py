@@ -417,8 +417,10 @@ def _add_train(sub) -> None:
     add_trainer_arguments(p)  # every other TrainingArguments field, generated
 
 
-def _add_device(p) -> None:
-    """``--device``, ``--dtype`` and ``--bf16`` of the inference commands."""
+def _add_loading_options(p) -> None:
+    """How the inference commands load and run a model: ``--trust-remote-code``, ``--device``,
+    ``--dtype`` and ``--bf16``."""
+    p.add_argument("--trust-remote-code", action="store_true")
     p.add_argument(
         "--device",
         default="auto",
@@ -456,8 +458,7 @@ def _add_fit_matrix(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records instead of stopping")
-    p.add_argument("--trust-remote-code", action="store_true")
-    _add_device(p)
+    _add_loading_options(p)
     _add_yaml_config(p)
     p.set_defaults(func=_cmd_fit_matrix)
 
@@ -477,8 +478,7 @@ def _add_generate(sub) -> None:
         help="sample the layer with Gumbel noise (the official code) instead of argmax",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --sample-layer")
-    p.add_argument("--trust-remote-code", action="store_true")
-    _add_device(p)
+    _add_loading_options(p)
     _add_yaml_config(p)
     p.set_defaults(func=_cmd_generate)
 
@@ -533,8 +533,7 @@ def _add_eval(sub) -> None:
     p.add_argument(
         "--overwrite", action="store_true", help="replace results of another model or settings in --output"
     )
-    p.add_argument("--trust-remote-code", action="store_true")
-    _add_device(p)
+    _add_loading_options(p)
     _add_yaml_config(p)
     p.set_defaults(func=_cmd_eval)
 
