@@ -231,19 +231,36 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval_nll(args: argparse.Namespace) -> int:
+    from cctuning.eval.benchmarks import answer_records, is_benchmark_name, resolve_name
     from cctuning.eval.nll import evaluate_nll
     from cctuning.loading import load_for_inference
 
     data_options = _data_options(args)  # checked before the model loads
+    # a benchmark's name instead of a file: the likelihood of its gold answers
+    benchmark = (
+        resolve_name(args.nll) if not Path(args.nll).exists() and is_benchmark_name(args.nll) else None
+    )
+    records = (
+        answer_records(benchmark, split_list(args.langs) or None, args.data_dir, args.limit)
+        if benchmark
+        else None
+    )
     model, tok, path = load_for_inference(
         args.model, args.trust_remote_code, dtype=args.dtype, device=args.device
     )
     sampled = f"-sampled{args.sample_layer}" if args.sample_layer else ""
-    output = args.output or str(Path(path) / "eval" / f"nll-{args.connection or 'default'}{sampled}")
+    source = f"-{benchmark}" if benchmark else ""
+    output = args.output or str(Path(path) / "eval" / f"nll{source}-{args.connection or 'default'}{sampled}")
+    data = args.nll
+    if records is not None:
+        from cctuning.io import write_jsonl
+
+        data = Path(output) / f"{benchmark}_answers.jsonl"
+        write_jsonl(data, records)
     report = evaluate_nll(
         model,
         tok,
-        args.nll,
+        data,
         args.connection,
         output,
         batch_size=args.batch_size,
@@ -512,7 +529,8 @@ def _add_eval(sub) -> None:
         "--nll",
         metavar="DATA",
         help="instead of benchmarks: per-token NLL of the gold responses of these records (held-out): "
-        "a file or folder as train's --data",
+        "a file or folder as train's --data; or a generative benchmark's name (XQuAD, MKQA, XLSum): "
+        "the likelihood of its gold answers, with --langs, --limit and --data-dir",
     )
     _add_data_options(p, "--nll")
     p.add_argument(

@@ -259,3 +259,49 @@ def test_padding_batches_group_similar_lengths_and_isolate_outliers():
             assert len(b) <= size
             padded, real = len(b) * max(lengths[i] for i in b), sum(lengths[i] for i in b)
             assert len(b) == 1 or padded <= 1.25 * real
+
+
+def test_nll_of_a_benchmarks_gold_answers(base_dir, tmp_path, capsys):
+    """``eval --nll XQuAD`` scores the gold answers of the bundled split (with --langs/--limit) and
+    equals ``eval --nll`` on a file of the same records written by hand; MKQA takes its first alias;
+    a multiple-choice benchmark is refused in one line."""
+    import json
+
+    from cctuning.cli import main
+    from cctuning.eval.benchmarks import answer_records, load_benchmark
+
+    by_hand = []
+    for lang in ("ar", "en"):
+        for item in load_benchmark("XQuAD", lang, limit=2):
+            by_hand.append({"instruction": item.prompt, "output": item.answer,
+                            "instruction_en": item.prompt_en, "lang": lang})  # fmt: skip
+    assert answer_records("xquad", ["ar", "en"], limit=2) == by_hand
+    mkqa = answer_records("MKQA", ["de"], limit=3)
+    assert [r["output"] for r in mkqa] == [i.answer[0] for i in load_benchmark("MKQA", "de", limit=3)]
+    file = write_jsonl(tmp_path / "answers.jsonl", by_hand)
+    common = ["--model", str(base_dir), "--connection", "none", "--batch-size", "2", "--max-length", "512"]
+    assert (
+        main(
+            [
+                "eval",
+                "--nll",
+                "XQuAD",
+                "--langs",
+                "ar,en",
+                "--limit",
+                "2",
+                "--output",
+                str(tmp_path / "a"),
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert main(["eval", "--nll", str(file), "--output", str(tmp_path / "b"), *common]) == 0
+    a = json.loads((tmp_path / "a" / "nll.json").read_text())["nll"]
+    b = json.loads((tmp_path / "b" / "nll.json").read_text())["nll"]
+    assert set(a) == {"ar", "en", "all"} and a["all"]["items"] == 4
+    assert a["all"]["nll"] == b["all"]["nll"] and a["ar"]["tokens"] == b["ar"]["tokens"]
+    capsys.readouterr()
+    assert main(["eval", "--nll", "XNLI", "--output", str(tmp_path / "c"), *common]) == 2
+    assert "XNLI is multiple choice: score it with --scoring likelihood, not --nll" in capsys.readouterr().err

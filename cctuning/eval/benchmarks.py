@@ -194,6 +194,31 @@ def load_benchmark(
     return items if limit is None else items[:limit]
 
 
+def is_benchmark_name(name: str) -> bool:
+    """Whether ``name`` names a bundled benchmark (any spelling :func:`resolve_name` takes)."""
+    return _key(name) in _BY_KEY
+
+
+def answer_records(
+    name: str, langs: list[str] | None = None, data_dir: str | Path | None = None, limit: int | None = None
+) -> list[dict]:
+    """A generative benchmark's items as training-format records for ``eval --nll``: instruction =
+    the prompt, output = the gold answer (MKQA: its first alias; XL-Sum: the summary),
+    instruction_en = the English prompt, lang. Scoring the gold answer's likelihood separates models
+    where generated answers score near 0 (XQuAD and MKQA at 135M)."""
+    spec = get_spec(name)
+    if spec.answer_kind == "choice":
+        raise CCError(f"{spec.name} is multiple choice: score it with --scoring likelihood, not --nll")
+    records = []
+    for lang in langs or available_languages(spec.name, data_dir):
+        for item in load_benchmark(spec.name, lang, data_dir, limit):
+            answer = item.answer[0] if isinstance(item.answer, tuple) else item.answer
+            records.append(
+                {"instruction": item.prompt, "output": answer, "instruction_en": item.prompt_en, "lang": lang}
+            )
+    return records
+
+
 def read_items(path: str | Path, name: str, lang: str) -> list[Item]:
     """All items of one benchmark file (any path), in file order, validated as :func:`load_benchmark` does."""
     spec = get_spec(name)
