@@ -93,6 +93,9 @@ class ExperimentConfig:
     baseline: str | None = None  # cell the paired differences are taken against (default: first)
     matrix_samples: int = 200
     benchmarks: dict = field(default_factory=dict)  # {names, langs, limit, limits, scoring, max_new_tokens}
+    # the likelihood of generative benchmarks' gold answers (``eval --nll XQuAD``), per cell and
+    # seed, with paired differences to the baseline like the held-out NLL: {names, langs, limit, max_length}
+    answer_nll: dict = field(default_factory=dict)
     eval_batch_size: int = 8
     # the user's data instead of samples of the bundled mix (any `cctuning train --data` source,
     # read as data_format, columns and split say); every seed trains on the whole of `data`
@@ -116,6 +119,43 @@ BENCHMARK_KEYS = {
     "scoring": str,
     "max_new_tokens": int,
 }
+
+
+ANSWER_NLL_KEYS = {"names": str, "langs": str, "limit": int, "max_length": int}
+
+
+def _check_answer_nll(spec: dict, path) -> None:
+    from cctuning.config import coerce
+    from cctuning.eval.benchmarks import get_spec, resolve_name
+
+    if not spec:
+        return
+    for key, value in spec.items():
+        if key not in ANSWER_NLL_KEYS:
+            raise CCError(f"{path}: answer_nll: unknown option '{key}' (known: {', '.join(ANSWER_NLL_KEYS)})")
+        coerce(value, ANSWER_NLL_KEYS[key], f"{path}: answer_nll: option '{key}'")
+    if not spec.get("names"):
+        raise CCError(f"{path}: answer_nll: 'names' is missing")
+    for name in split_list(str(spec["names"])):
+        try:
+            name = resolve_name(name)
+        except CCError as err:
+            raise CCError(f"{path}: answer_nll: option 'names': {err}") from None
+        if get_spec(name).answer_kind == "choice":
+            raise CCError(
+                f"{path}: answer_nll: option 'names': {name} is multiple choice (score it under "
+                "benchmarks: with scoring: likelihood)"
+            )
+    for key in ("limit", "max_length"):
+        if key in spec and int(spec[key]) <= 0:
+            raise CCError(f"{path}: answer_nll: option '{key}': expected > 0, got {spec[key]!r}")
+
+
+def answer_benchmarks(cfg: ExperimentConfig) -> list[str]:
+    """The benchmarks of the ``answer_nll:`` spec, by their canonical names."""
+    from cctuning.eval.benchmarks import resolve_name
+
+    return [resolve_name(n) for n in split_list(str(cfg.answer_nll.get("names", "")))]
 
 
 def _check_benchmarks(spec: dict, path) -> None:
@@ -203,6 +243,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
     if cfg.baseline is not None and cfg.baseline not in names:
         raise CCError(f"{path}: baseline '{cfg.baseline}' is not a cell")
     _check_benchmarks(cfg.benchmarks, path)
+    _check_answer_nll(cfg.answer_nll, path)
     try:
         data_options(cfg, heldout=False)
         data_options(cfg, heldout=True)
@@ -521,8 +562,26 @@ def _collect_runs(cfg: ExperimentConfig, root: Path) -> tuple[dict, dict, int]:
                     logger.warning(
                         "%s: missing: cell '%s' seed %d has no benchmarks yet", bench_file, name, job.seed
                     )
+            answers = {}
+            for bench_name in answer_benchmarks(cfg):
+                adir = edir / answer_nll_name(bench_name)
+                if (adir / NLL_NAME).is_file():
+                    answers[bench_name] = adir
+                else:  # the report leaves this cell out of that benchmark's answer-likelihood table
+                    logger.warning(
+                        "%s: missing: cell '%s' seed %d has no %s answer NLL yet",
+                        adir / NLL_NAME,
+                        name,
+                        job.seed,
+                        bench_name,
+                    )
             nll = json.loads(nll_file.read_text(encoding="utf-8"))
-            cell_runs.setdefault(name, {})[job.seed] = {"nll": nll, "bench": bench, "nll_dir": edir / "nll"}
+            cell_runs.setdefault(name, {})[job.seed] = {
+                "nll": nll,
+                "bench": bench,
+                "nll_dir": edir / "nll",
+                "answer_nll": answers,
+            }
     # the config's cell order, whatever order the jobs came in
     return {name: cell_runs[name] for name in by_cell if name in cell_runs}, seconds, parallel
 
@@ -561,8 +620,12 @@ def _run_cell(cfg: ExperimentConfig, cell: Cell, run: _SeedRun) -> dict:
     edir = eval_dir(run.root, cell.name, run.seed)
     _nll_stage(cfg, cell, tdir, edir / "nll", run)
     bench = _bench_stage(cfg, cell, tdir, edir / "bench", run) if cfg.benchmarks else None
+    answers = {}
+    for bench_name in answer_benchmarks(cfg):
+        answers[bench_name] = edir / answer_nll_name(bench_name)
+        _answer_nll_stage(cfg, cell, bench_name, tdir, answers[bench_name], run)
     nll = json.loads((edir / "nll" / NLL_NAME).read_text(encoding="utf-8"))
-    return {"nll": nll, "bench": bench, "nll_dir": edir / "nll"}
+    return {"nll": nll, "bench": bench, "nll_dir": edir / "nll", "answer_nll": answers}
 
 
 def _train_stage(cell: Cell, tdir: Path, run: _SeedRun) -> None:
@@ -642,6 +705,52 @@ def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: _S
         )
 
 
+def answer_nll_name(benchmark: str) -> str:
+    """The folder, in a cell's evaluation folder, of a benchmark's answer likelihood."""
+    return f"answer-nll-{benchmark}"
+
+
+def _answer_records_file(cfg: ExperimentConfig, root: Path, benchmark: str) -> Path:
+    """The benchmark's gold answers as records (``eval --nll BENCHMARK``'s), written once under
+    ``data/answers/`` and the same for every seed and cell, so that they compare item by item."""
+    from cctuning.eval.benchmarks import answer_records
+    from cctuning.io import write_jsonl
+
+    a = cfg.answer_nll
+    file = root / "data" / "answers" / f"{benchmark}.jsonl"
+    if not file.is_file():
+        langs = split_list(str(a["langs"])) if a.get("langs") else None
+        write_jsonl(file, answer_records(benchmark, langs, None, a.get("limit")))
+    return file
+
+
+def _answer_nll_stage(
+    cfg: ExperimentConfig, cell: Cell, benchmark: str, tdir: Path, out: Path, run: _SeedRun
+) -> None:
+    from cctuning.eval.nll import NLL_NAME, evaluate_nll
+    from cctuning.loading import load_for_inference
+
+    if (out / NLL_NAME).is_file():
+        return
+    records = _answer_records_file(cfg, run.root, benchmark)
+    with run.stages(stage_key(f"answer-nll-{benchmark}", cell.name, run.seed)):
+        model, tok, _ = load_for_inference(str(tdir))
+        evaluate_nll(
+            model,
+            tok,
+            records,
+            cell.connection,
+            out,
+            batch_size=cfg.eval_batch_size,
+            # the benchmark's prompts (a context and a question) are longer than training records
+            max_length=int(cfg.answer_nll.get("max_length", 1024)),
+            seed=run.seed,
+            progress=run.progress,
+            model_name=str(tdir),
+            sample_layer=cell.sample_layer,
+        )
+
+
 def bench_config(
     cfg: ExperimentConfig, model: str, connection: str, output: Path, seed: int, sample_layer: int = 0
 ):
@@ -711,6 +820,7 @@ def _write_report(
         "langs": cfg.langs,
         "matrix_samples": cfg.matrix_samples,
         "benchmarks": cfg.benchmarks,
+        "answer_nll": cfg.answer_nll,
     }
     report["date"] = time.strftime("%Y-%m-%d")
     report["versions"] = versions()
@@ -719,32 +829,81 @@ def _write_report(
     return report
 
 
+def _nll_summary(nlls: dict, dirs: dict, base_dirs: dict | None, paired_difference, load_items) -> dict:
+    """One cell's NLL runs over seeds (``nlls``: seed -> nll.json, ``dirs``: seed -> its folder):
+    per language the mean and t-interval over seeds; against the baseline's runs of the same
+    seeds (``base_dirs``), the paired difference per seed averaged with a t-interval over seeds
+    (the bootstrap interval over items when there is one seed), and with several seeds the pooled
+    difference with a bootstrap over seeds and items (:func:`~cctuning.eval.nll.paired_difference_over_seeds`)."""
+    from cctuning.eval.nll import paired_difference_over_seeds
+
+    langs = list(next(iter(nlls.values()))["nll"])
+    out: dict = {
+        "nll": {lang: mean_interval([n["nll"][lang]["nll"] for n in nlls.values()]) for lang in langs}
+    }
+    if base_dirs is None:
+        return out
+    diffs: dict[str, list[float]] = {}
+    pairs = []
+    for seed, run_dir in dirs.items():
+        pair = (load_items(run_dir), load_items(base_dirs[seed]))
+        pairs.append(pair)
+        d = paired_difference(*pair, seed=seed)
+        for lang, v in d.items():
+            diffs.setdefault(lang, []).append(v["diff"])
+    out["diff"] = {lang: mean_interval(v) for lang, v in diffs.items()}
+    if len(dirs) == 1:
+        # one seed has no spread over seeds: give the bootstrap interval over items instead
+        for lang, v in d.items():
+            out["diff"][lang].update(
+                ci_low=v["ci_low"], ci_high=v["ci_high"], interval="bootstrap over items"
+            )
+    else:
+        out["pooled"] = {
+            lang: {"mean": v["diff"], "ci_low": v["ci_low"], "ci_high": v["ci_high"], "n": v["seeds"]}
+            for lang, v in paired_difference_over_seeds(pairs, seed=min(dirs)).items()
+        }
+    return out
+
+
 def summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items) -> dict:
-    """Mean and interval over seeds per cell; paired differences to the baseline per language."""
+    """Mean and interval over seeds per cell; paired differences to the baseline per language, for
+    the held-out NLL and for each benchmark's answer likelihood."""
+    from cctuning.eval.nll import NLL_NAME
+
     out: dict = {"baseline": baseline, "seeds": cfg.seeds, "cells": {}}
     for name, per_seed in cell_runs.items():
-        langs = list(next(iter(per_seed.values()))["nll"]["nll"])
-        cell: dict = {
-            "nll": {
-                lang: mean_interval([r["nll"]["nll"][lang]["nll"] for r in per_seed.values()])
-                for lang in langs
-            }
-        }
-        if name != baseline:
-            diffs: dict[str, list[float]] = {}
-            for seed, run in per_seed.items():
-                d = paired_difference(
-                    load_items(run["nll_dir"]), load_items(cell_runs[baseline][seed]["nll_dir"]), seed=seed
-                )
-                for lang, v in d.items():
-                    diffs.setdefault(lang, []).append(v["diff"])
-            cell["nll_diff_to_baseline"] = {lang: mean_interval(v) for lang, v in diffs.items()}
-            if len(per_seed) == 1:
-                # one seed has no spread over seeds: give the bootstrap interval over items instead
-                for lang, v in d.items():
-                    cell["nll_diff_to_baseline"][lang].update(
-                        ci_low=v["ci_low"], ci_high=v["ci_high"], interval="bootstrap over items"
-                    )
+        base = cell_runs.get(baseline, {})
+        s = _nll_summary(
+            {seed: r["nll"] for seed, r in per_seed.items()},
+            {seed: r["nll_dir"] for seed, r in per_seed.items()},
+            {seed: base[seed]["nll_dir"] for seed in per_seed} if name != baseline else None,
+            paired_difference,
+            load_items,
+        )
+        cell: dict = {"nll": s["nll"]}
+        if "diff" in s:
+            cell["nll_diff_to_baseline"] = s["diff"]
+        if "pooled" in s:
+            cell["nll_diff_pooled"] = s["pooled"]
+        for bench_name in answer_benchmarks(cfg):
+            dirs = {seed: r.get("answer_nll", {}).get(bench_name) for seed, r in per_seed.items()}
+            base_dirs = {seed: base.get(seed, {}).get("answer_nll", {}).get(bench_name) for seed in per_seed}
+            if any(d is None for d in dirs.values()) or (
+                name != baseline and any(d is None for d in base_dirs.values())
+            ):
+                continue  # not every seed of the cell (or of the baseline) has it yet
+            s = _nll_summary(
+                {
+                    seed: json.loads((Path(d) / NLL_NAME).read_text(encoding="utf-8"))
+                    for seed, d in dirs.items()
+                },
+                dirs,
+                base_dirs if name != baseline else None,
+                paired_difference,
+                load_items,
+            )
+            cell.setdefault("answer_nll", {})[bench_name] = s
         benches = [r["bench"] for r in per_seed.values()]
         first = benches[0] if all(b is not None for b in benches) else None  # every seed, or none
         if first is not None:
@@ -776,6 +935,40 @@ def _fmt(m: dict, digits: int = 3, scale: float = 1.0, sign: bool = False) -> st
     if m["ci_low"] is not None:
         text += f" [{format(scale * m['ci_low'], spec)}, {format(scale * m['ci_high'], spec)}]"
     return text
+
+
+def _nll_tables(title: str, nll: dict, diff: dict, pooled: dict, baseline: str, n_seeds: int) -> list[str]:
+    """An NLL table (language × cell), the paired differences to the baseline, and with several
+    seeds the differences pooled over seeds and items."""
+    names = list(nll)
+    langs = list(nll[names[0]])
+    lines = [title, "", "| lang | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for lang in langs:
+        lines.append(f"| {lang} | " + " | ".join(_fmt(nll[n][lang]) for n in names) + " |")
+    tables = [
+        (
+            diff,
+            f"Paired NLL difference to `{baseline}` on the same items (negative: better)"
+            + (
+                "; one seed, so the interval is a 95% bootstrap over items:"
+                if n_seeds == 1
+                else ", the mean over seeds [95% t-interval over seeds]:"
+            ),
+        ),
+        (
+            pooled,
+            "The same difference pooled over the seeds, [95% bootstrap over seeds and items] (seeds and "
+            "items drawn with replacement; coarse over seeds when there are few):",
+        ),
+    ]
+    for table, caption in tables:
+        if not table:
+            continue
+        others = list(table)
+        lines += ["", caption, "", "| lang | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
+        for lang in table[others[0]]:
+            lines.append(f"| {lang} | " + " | ".join(_fmt(table[n][lang], sign=True) for n in others) + " |")
+    return lines
 
 
 def experiment_markdown(report: dict) -> str:
@@ -816,30 +1009,27 @@ def experiment_markdown(report: dict) -> str:
         f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}); "
         + ("mean [95% t-interval over seeds]" if len(seeds) > 1 else "no interval over seeds with one seed"),
         "",
-        "Held-out NLL per token (lower is better):",
-        "",
-        "| lang | " + " | ".join(names) + " |",
-        "|---|" + "---|" * len(names),
     ]
-    langs = list(cells[names[0]]["nll"])
-    for lang in langs:
-        lines.append(f"| {lang} | " + " | ".join(_fmt(cells[n]["nll"][lang]) for n in names) + " |")
-    others = [n for n in names if n != report["baseline"]]
-    if others:
-        lines += [
-            "",
-            f"Paired NLL difference to `{report['baseline']}` on the same items (negative: better)"
-            + ("; one seed, so the interval is a 95% bootstrap over items:" if len(seeds) == 1 else ":"),
-            "",
-            "| lang | " + " | ".join(others) + " |",
-            "|---|" + "---|" * len(others),
-        ]
-        for lang in langs:
-            lines.append(
-                f"| {lang} | "
-                + " | ".join(_fmt(cells[n]["nll_diff_to_baseline"][lang], sign=True) for n in others)
-                + " |"
-            )
+    lines += _nll_tables(
+        "Held-out NLL per token (lower is better):",
+        {n: cells[n]["nll"] for n in names},
+        {n: cells[n]["nll_diff_to_baseline"] for n in names if "nll_diff_to_baseline" in cells[n]},
+        {n: cells[n]["nll_diff_pooled"] for n in names if "nll_diff_pooled" in cells[n]},
+        report["baseline"],
+        len(seeds),
+    )
+    for bench in dict.fromkeys(b for n in names for b in cells[n].get("answer_nll", {})):
+        have = {n: cells[n]["answer_nll"][bench] for n in names if bench in cells[n].get("answer_nll", {})}
+        lines += [""] + _nll_tables(
+            f"{bench}: NLL per token of the gold answers (`eval --nll {bench}`; lower is better"
+            + ("; cells without it for every seed are left out" if len(have) < len(names) else "")
+            + "):",
+            {n: a["nll"] for n, a in have.items()},
+            {n: a["diff"] for n, a in have.items() if "diff" in a},
+            {n: a["pooled"] for n, a in have.items() if "pooled" in a},
+            report["baseline"],
+            len(seeds),
+        )
     scored = [n for n in names if "benchmarks" in cells[n]]
     if scored:
         lines += [

@@ -43,6 +43,20 @@ def test_config_errors_name_the_file_and_option(tmp_path):
             "expected generate or likelihood",
         ),
         ("cells: [{name: a}]\nbenchmarks: {names: XNLI, limit: 2.5}\n", "option 'limit': expected int"),
+        ("cells: [{name: a}]\nanswer_nll: {names: XQuAD, limt: 3}\n", "answer_nll: unknown option 'limt'"),
+        ("cells: [{name: a}]\nanswer_nll: {limit: 3}\n", "answer_nll: 'names' is missing"),
+        (
+            "cells: [{name: a}]\nanswer_nll: {names: XNLI}\n",
+            "answer_nll: option 'names': XNLI is multiple choice",
+        ),
+        (
+            "cells: [{name: a}]\nanswer_nll: {names: GSM8K}\n",
+            "answer_nll: option 'names': unknown benchmark 'GSM8K'",
+        ),
+        (
+            "cells: [{name: a}]\nanswer_nll: {names: XQuAD, limit: 0}\n",
+            "answer_nll: option 'limit': expected > 0",
+        ),
         ("cells: [{name: a}]\nbenchmarks: {names: XNLI, limits: 3}\n", "option 'limits': expected dict"),
         (
             "cells: [{name: a}]\nbenchmarks: {names: XNLI, limits: {GSM8K: 2}}\n",
@@ -135,6 +149,7 @@ cells:
   - {{name: cc, method: cc, connection: transform}}
   - {{name: cc-none, method: cc, connection: none}}
 benchmarks: {{names: XStoryCloze, langs: "sw,en", limit: 5, limits: {{xstorycloze: 2}}, scoring: likelihood}}
+answer_nll: {{names: xquad, langs: "de,en", limit: 2}}
 """)
     report = run_experiment(load_config(path), progress=False)
     root = tmp_path / "exp"
@@ -177,8 +192,32 @@ benchmarks: {{names: XStoryCloze, langs: "sw,en", limit: 5, limits: {{xstorycloz
     # every stage that ran has its time recorded, once
     stages = json.loads((root / "stages.json").read_text())
     assert sorted(k.split("/")[0] for k in stages) == sorted(
-        ["train"] * 2 + ["matrix"] + ["nll"] * 3 + ["bench"] * 3
+        ["train"] * 2 + ["matrix"] + ["nll"] * 3 + ["bench"] * 3 + ["answer-nll-XQuAD"] * 3
     )
+    # the answer likelihood is `eval --nll XQuAD --langs de,en --limit 2` of each cell's model with its
+    # connection, and its paired difference is taken on the same items
+    from cctuning.cli import main
+
+    cc_run = root / "train" / next(p.name for p in (root / "train").iterdir() if p.name.startswith("cc-"))
+    by_hand = tmp_path / "by-hand"
+    assert main(["eval", "--model", str(cc_run / "seed7"), "--nll", "XQuAD", "--langs", "de,en", "--limit", "2",
+                 "--connection", "transform", "--seed", "7", "--output", str(by_hand)]) == 0  # fmt: skip
+    answers = {cell: root / "eval" / cell / "seed7" / "answer-nll-XQuAD" for cell in ("sft", "cc", "cc-none")}
+    hand = json.loads((by_hand / "nll.json").read_text())["nll"]
+    staged = json.loads((answers["cc"] / "nll.json").read_text())["nll"]
+    assert set(staged) == {"de", "en", "all"} and staged["all"]["items"] == 4
+    assert math.isclose(staged["all"]["nll"], hand["all"]["nll"], rel_tol=1e-5)
+    xquad = report["cells"]["cc"]["answer_nll"]["XQuAD"]
+    assert xquad["nll"]["all"]["mean"] == staged["all"]["nll"]
+    direct = paired_difference(load_items(answers["cc"]), load_items(answers["sft"]), seed=7)["all"]
+    got = xquad["diff"]["all"]
+    assert (got["mean"], got["ci_low"], got["ci_high"]) == (
+        direct["diff"],
+        direct["ci_low"],
+        direct["ci_high"],
+    )
+    assert "diff" not in report["cells"]["sft"]["answer_nll"]["XQuAD"]
+    assert "XQuAD: NLL per token of the gold answers" in (root / "report.md").read_text()
     assert f"{sum(stages.values()) / 60:.1f} min" in (root / "report.md").read_text()
     # resumable: nothing is trained or evaluated again
     import cctuning.training.run
@@ -189,7 +228,7 @@ benchmarks: {{names: XStoryCloze, langs: "sw,en", limit: 5, limits: {{xstorycloz
     assert again["stage_seconds"] == stages  # nothing ran again, so no stage was re-timed
 
 
-def _grid(path, base_dir, output, cells):
+def _grid(path, base_dir, output, cells, extra=""):
     path.write_text(f"""
 model: {base_dir}
 output: {output}
@@ -201,6 +240,7 @@ matrix_samples: 4
 train: {{max_steps: 2, batch_size: 2, lr: 1.0e-3, max_length: 96}}
 cells:
 {cells}
+{extra}
 """)
     return path
 
@@ -238,8 +278,9 @@ def test_parallel_jobs_match_the_sequential_run(base_dir, tmp_path, capsys):
     from cctuning.cli import main
 
     cells = "  - {name: sft, method: sft}\n  - {name: cc-none, method: cc, connection: none}\n"
-    seq_cfg = _grid(tmp_path / "seq.yaml", base_dir, tmp_path / "seq", cells)
-    par_cfg = _grid(tmp_path / "par.yaml", base_dir, tmp_path / "par", cells)
+    answers = "answer_nll: {names: XQuAD, langs: en, limit: 2}"
+    seq_cfg = _grid(tmp_path / "seq.yaml", base_dir, tmp_path / "seq", cells, answers)
+    par_cfg = _grid(tmp_path / "par.yaml", base_dir, tmp_path / "par", cells, answers)
     sequential = run_experiment(load_config(seq_cfg), progress=False)
     assert main(["experiment", "--config", str(par_cfg), "--jobs", "2", "--no-progress"]) == 0
     par = tmp_path / "par"
@@ -258,7 +299,25 @@ def test_parallel_jobs_match_the_sequential_run(base_dir, tmp_path, capsys):
     par_diff = parallel["cells"]["cc-none"]["nll_diff_to_baseline"]["all"]
     assert math.isclose(par_diff["mean"], seq_diff["mean"], rel_tol=1e-3, abs_tol=1e-6)
     # every job's stage times reach the report, which says that they overlapped
-    assert sorted(k.split("/")[0] for k in parallel["stage_seconds"]) == ["nll"] * 4 + ["train"] * 4
+    assert sorted(k.split("/")[0] for k in parallel["stage_seconds"]) == (
+        ["answer-nll-XQuAD"] * 4 + ["nll"] * 4 + ["train"] * 4
+    )
+    # two seeds: the difference pooled over seeds and items has the mean of the seeds' differences
+    for report in (sequential, parallel):
+        cell = report["cells"]["cc-none"]
+        for pooled, per_seed in (
+            (cell["nll_diff_pooled"]["all"], cell["nll_diff_to_baseline"]["all"]),
+            (cell["answer_nll"]["XQuAD"]["pooled"]["all"], cell["answer_nll"]["XQuAD"]["diff"]["all"]),
+        ):
+            assert pooled["n"] == per_seed["n"] == 2
+            assert math.isclose(pooled["mean"], per_seed["mean"], rel_tol=1e-9, abs_tol=1e-12)
+            assert pooled["ci_low"] <= pooled["mean"] <= pooled["ci_high"]
+    assert math.isclose(
+        parallel["cells"]["cc-none"]["answer_nll"]["XQuAD"]["diff"]["all"]["mean"],
+        sequential["cells"]["cc-none"]["answer_nll"]["XQuAD"]["diff"]["all"]["mean"],
+        rel_tol=1e-3, abs_tol=1e-6,
+    )  # fmt: skip
+    assert "pooled over the seeds" in (par / "report.md").read_text()
     assert parallel["parallel_jobs"] == 4 and "parallel_jobs" not in sequential
     assert "4 jobs ran as parallel processes" in (par / "report.md").read_text()
     assert "parallel" not in (tmp_path / "seq" / "report.md").read_text()

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import math
+import random
 
 import pytest
 import torch
@@ -10,7 +11,14 @@ import torch.nn.functional as F
 
 from cctuning.cli import main
 from cctuning.data.encoding import PromptEncoder
-from cctuning.eval.nll import bootstrap_ratio, evaluate_nll, load_items, paired_difference
+from cctuning.errors import CCError
+from cctuning.eval.nll import (
+    bootstrap_ratio,
+    evaluate_nll,
+    load_items,
+    paired_difference,
+    paired_difference_over_seeds,
+)
 from cctuning.inference import TransformMatrix
 from cctuning.model import CCConfig, CCModel, locate
 from cctuning.testing import tiny_model
@@ -305,3 +313,38 @@ def test_nll_of_a_benchmarks_gold_answers(base_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["eval", "--nll", "XNLI", "--output", str(tmp_path / "c"), *common]) == 2
     assert "XNLI is multiple choice: score it with --scoring likelihood, not --nll" in capsys.readouterr().err
+
+
+def _items(nll_sums, lang="sw"):
+    return [{"line": i + 1, "lang": lang, "nll_sum": v, "tokens": 1} for i, v in enumerate(nll_sums)]
+
+
+def test_difference_over_seeds_with_one_seed_or_equal_seeds_is_the_paired_difference():
+    rng = random.Random(3)
+    a = _items([rng.uniform(1, 3) for _ in range(30)])
+    b = _items([rng.uniform(1, 3) for _ in range(30)])
+    one = paired_difference(a, b, reps=200, seed=5)
+    for pairs in ([(a, b)], [(a, b), (a, b), (a, b)]):
+        over = paired_difference_over_seeds(pairs, reps=200, seed=5)
+        assert {k: {f: v[f] for f in ("diff", "ci_low", "ci_high", "items")} for k, v in over.items()} == one
+        assert over["all"]["seeds"] == len(pairs)
+
+
+def test_difference_over_seeds_holds_the_spread_over_seeds():
+    """Two seeds whose differences are +0.5 and −0.5 on every item: no spread over items, so each
+    seed's own interval is a point, but the pooled interval spans both seeds (drawn with
+    replacement: (+0.5, +0.5) and (−0.5, −0.5) are among the draws)."""
+    base = _items([2.0] * 40)
+    up, down = _items([2.5] * 40), _items([1.5] * 40)
+    for a in (up, down):
+        d = paired_difference(a, base, reps=200)["all"]
+        assert d["ci_low"] == d["ci_high"] == d["diff"]
+    pooled = paired_difference_over_seeds([(up, base), (down, base)], reps=400)["all"]
+    assert pooled["diff"] == 0.0
+    assert (pooled["ci_low"], pooled["ci_high"]) == (-0.5, 0.5)
+
+
+def test_difference_over_seeds_refuses_other_items():
+    a = _items([1.0, 2.0])
+    with pytest.raises(CCError, match="seeds were not made on the same items"):
+        paired_difference_over_seeds([(a, a), (a[:1], a[:1])])

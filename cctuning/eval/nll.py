@@ -434,37 +434,67 @@ def load_items(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
+def _item_key(r: dict) -> tuple:
+    # an item is its file line (JSON/JSONL) or its row (a table) and its language
+    return (r.get("line", -1), r.get("row", -1), r["lang"])
+
+
 def paired_difference(a: list[dict], b: list[dict], reps: int = 1000, seed: int = 0) -> dict:
     """Per language and overall: NLL(a) − NLL(b) on the same items, with a paired bootstrap 95% interval
     (the same resampled items for both runs). Negative means run a fits the responses better."""
-    # an item is its file line (JSON/JSONL) or its row (a table) and its language
-    key_a = {(r.get("line", -1), r.get("row", -1), r["lang"]): r for r in a}
-    key_b = {(r.get("line", -1), r.get("row", -1), r["lang"]): r for r in b}
-    if set(key_a) != set(key_b):
-        raise CCError("the two NLL runs were not made on the same items")
-    keys = sorted(key_a, key=lambda k: (str(k[2]), k[0], k[1]))
+    out = paired_difference_over_seeds([(a, b)], reps=reps, seed=seed)
+    for v in out.values():
+        del v["seeds"]
+    return out
+
+
+def paired_difference_over_seeds(
+    pairs: list[tuple[list[dict], list[dict]]], reps: int = 1000, seed: int = 0
+) -> dict:
+    """Per language and overall: the mean over seeds of NLL(a) − NLL(b), where ``pairs`` holds one
+    (a, b) pair of item lists per training seed, all on the same items. The 95% interval is a
+    two-level bootstrap: each replicate draws the seeds with replacement, then the items with
+    replacement (the same items for every seed drawn, and for a and b), and averages the drawn
+    seeds' differences; so it holds both the spread over items and the spread over seeds (coarse with
+    few seeds: two seeds give three distinct draws). With one pair it is :func:`paired_difference`.
+    Negative means the a runs fit the responses better."""
+    if not pairs:
+        raise CCError("no NLL runs to compare")
+    indexed = []
+    for a, b in pairs:
+        key_a, key_b = {_item_key(r): r for r in a}, {_item_key(r): r for r in b}
+        if set(key_a) != set(key_b):
+            raise CCError("the two NLL runs were not made on the same items")
+        indexed.append((key_a, key_b))
+    if any(set(ka) != set(indexed[0][0]) for ka, _ in indexed):
+        raise CCError("the NLL runs of the seeds were not made on the same items")
+    keys = sorted(indexed[0][0], key=lambda k: (str(k[2]), k[0], k[1]))
     groups: dict[str, list] = {}
     for k in keys:
         groups.setdefault(k[2] or "?", []).append(k)
     out = {}
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # the items' draws: one pair gives paired_difference's exact draws
+    seed_rng = random.Random(f"seeds-{seed}")
+    n_seeds = len(pairs)
+
+    def ratio(rows, idx):
+        return sum(rows[i]["nll_sum"] for i in idx) / max(1, sum(rows[i]["tokens"] for i in idx))
+
     for name, ks in sorted(groups.items()) + [("all", keys)]:
-
-        def ratio(rows, idx):
-            return sum(rows[i]["nll_sum"] for i in idx) / max(1, sum(rows[i]["tokens"] for i in idx))
-
-        ra, rb = [key_a[k] for k in ks], [key_b[k] for k in ks]
+        runs = [([ka[k] for k in ks], [kb[k] for k in ks]) for ka, kb in indexed]
         full = list(range(len(ks)))
-        diff = ratio(ra, full) - ratio(rb, full)
+        diff = sum(ratio(ra, full) - ratio(rb, full) for ra, rb in runs) / n_seeds
         stats = []
         for _ in range(reps):
+            drawn = [seed_rng.randrange(n_seeds) for _ in range(n_seeds)] if n_seeds > 1 else [0]
             idx = [rng.randrange(len(ks)) for _ in ks]
-            stats.append(ratio(ra, idx) - ratio(rb, idx))
+            stats.append(sum(ratio(runs[s][0], idx) - ratio(runs[s][1], idx) for s in drawn) / len(drawn))
         stats.sort()
         out[name] = {
             "diff": diff,
             "ci_low": stats[int(0.025 * reps)],
             "ci_high": stats[min(reps - 1, int(0.975 * reps))],
             "items": len(ks),
+            "seeds": n_seeds,
         }
     return out
