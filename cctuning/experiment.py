@@ -124,23 +124,30 @@ BENCHMARK_KEYS = {
 ANSWER_NLL_KEYS = {"names": str, "langs": str, "limit": int, "max_length": int}
 
 
-def _check_answer_nll(spec: dict, path) -> None:
+def _check_section(spec: dict, keys: dict, section: str, path) -> list[str]:
+    """The checks that the ``benchmarks:`` and ``answer_nll:`` sections share: known options of the
+    right type, and ``names`` present and naming benchmarks; returns their canonical names."""
     from cctuning.config import coerce
-    from cctuning.eval.benchmarks import get_spec, resolve_name
+    from cctuning.eval.benchmarks import resolve_name
+
+    for key, value in spec.items():
+        if key not in keys:
+            raise CCError(f"{path}: {section}: unknown option '{key}' (known: {', '.join(keys)})")
+        coerce(value, keys[key], f"{path}: {section}: option '{key}'")
+    if not spec.get("names"):
+        raise CCError(f"{path}: {section}: 'names' is missing")
+    try:
+        return [resolve_name(name) for name in split_list(str(spec["names"]))]
+    except CCError as err:
+        raise CCError(f"{path}: {section}: option 'names': {err}") from None
+
+
+def _check_answer_nll(spec: dict, path) -> None:
+    from cctuning.eval.benchmarks import get_spec
 
     if not spec:
         return
-    for key, value in spec.items():
-        if key not in ANSWER_NLL_KEYS:
-            raise CCError(f"{path}: answer_nll: unknown option '{key}' (known: {', '.join(ANSWER_NLL_KEYS)})")
-        coerce(value, ANSWER_NLL_KEYS[key], f"{path}: answer_nll: option '{key}'")
-    if not spec.get("names"):
-        raise CCError(f"{path}: answer_nll: 'names' is missing")
-    for name in split_list(str(spec["names"])):
-        try:
-            name = resolve_name(name)
-        except CCError as err:
-            raise CCError(f"{path}: answer_nll: option 'names': {err}") from None
+    for name in _check_section(spec, ANSWER_NLL_KEYS, "answer_nll", path):
         if get_spec(name).answer_kind == "choice":
             raise CCError(
                 f"{path}: answer_nll: option 'names': {name} is multiple choice (score it under "
@@ -164,17 +171,7 @@ def _check_benchmarks(spec: dict, path) -> None:
 
     if not spec:
         return
-    for key, value in spec.items():
-        if key not in BENCHMARK_KEYS:
-            raise CCError(f"{path}: benchmarks: unknown option '{key}' (known: {', '.join(BENCHMARK_KEYS)})")
-        coerce(value, BENCHMARK_KEYS[key], f"{path}: benchmarks: option '{key}'")
-    if not spec.get("names"):
-        raise CCError(f"{path}: benchmarks: 'names' is missing")
-    for name in split_list(str(spec["names"])):
-        try:
-            resolve_name(name)
-        except CCError as err:
-            raise CCError(f"{path}: benchmarks: option 'names': {err}") from None
+    _check_section(spec, BENCHMARK_KEYS, "benchmarks", path)
     for name, value in (spec.get("limits") or {}).items():
         try:
             resolve_name(str(name))
