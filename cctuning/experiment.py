@@ -838,6 +838,17 @@ def _nll_summary(nlls: dict, dirs: dict, base_dirs: dict | None, paired_differen
     out: dict = {
         "nll": {lang: mean_interval([n["nll"][lang]["nll"] for n in nlls.values()]) for lang in langs}
     }
+    seeds = sorted(dirs)
+    if len(seeds) > 1:
+        # how far apart two trainings of the same cell land: the scale of a difference between
+        # cells that seeds alone can make (overall, with the paired bootstrap over items)
+        out["between_seeds"] = {}
+        for i, a in enumerate(seeds):
+            for b in seeds[i + 1 :]:
+                v = paired_difference(load_items(dirs[b]), load_items(dirs[a]), seed=a)["all"]
+                out["between_seeds"][f"{b}-{a}"] = {
+                    "mean": v["diff"], "ci_low": v["ci_low"], "ci_high": v["ci_high"], "n": 1
+                }  # fmt: skip
     if base_dirs is None:
         return out
     diffs: dict[str, list[float]] = {}
@@ -879,6 +890,8 @@ def summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items
             load_items,
         )
         cell: dict = {"nll": s["nll"]}
+        if "between_seeds" in s:
+            cell["nll_between_seeds"] = s["between_seeds"]
         if "diff" in s:
             cell["nll_diff_to_baseline"] = s["diff"]
         if "pooled" in s:
@@ -934,9 +947,12 @@ def _fmt(m: dict, digits: int = 3, scale: float = 1.0, sign: bool = False) -> st
     return text
 
 
-def _nll_tables(title: str, nll: dict, diff: dict, pooled: dict, baseline: str, n_seeds: int) -> list[str]:
-    """An NLL table (language × cell), the paired differences to the baseline, and with several
-    seeds the differences pooled over seeds and items."""
+def _nll_tables(
+    title: str, nll: dict, diff: dict, pooled: dict, baseline: str, n_seeds: int, between: dict | None = None
+) -> list[str]:
+    """An NLL table (language × cell), the paired differences to the baseline, with several
+    seeds the differences pooled over seeds and items, and ``between``: each cell's difference
+    between its own seeds (overall)."""
     names = list(nll)
     langs = list(nll[names[0]])
     lines = [title, "", "| lang | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
@@ -965,6 +981,18 @@ def _nll_tables(title: str, nll: dict, diff: dict, pooled: dict, baseline: str, 
         lines += ["", caption, "", "| lang | " + " | ".join(others) + " |", "|---|" + "---|" * len(others)]
         for lang in table[others[0]]:
             lines.append(f"| {lang} | " + " | ".join(_fmt(table[n][lang], sign=True) for n in others) + " |")
+    if between:
+        pairs = list(next(iter(between.values())))
+        lines += [
+            "",
+            "Two trainings of the same cell with different seeds, overall (seed b − seed a on the same "
+            "items [95% bootstrap over items]): the size of a difference that the seed alone makes.",
+            "",
+            "| cell | " + " | ".join(f"seed {p.replace('-', ' − seed ')}" for p in pairs) + " |",
+            "|---|" + "---|" * len(pairs),
+        ]
+        for n, d in between.items():
+            lines.append(f"| {n} | " + " | ".join(_fmt(d[p], sign=True) for p in pairs) + " |")
     return lines
 
 
@@ -1014,6 +1042,7 @@ def experiment_markdown(report: dict) -> str:
         {n: cells[n]["nll_diff_pooled"] for n in names if "nll_diff_pooled" in cells[n]},
         report["baseline"],
         len(seeds),
+        {n: cells[n]["nll_between_seeds"] for n in names if "nll_between_seeds" in cells[n]},
     )
     for bench in dict.fromkeys(b for n in names for b in cells[n].get("answer_nll", {})):
         have = {n: cells[n]["answer_nll"][bench] for n in names if bench in cells[n].get("answer_nll", {})}
@@ -1026,6 +1055,7 @@ def experiment_markdown(report: dict) -> str:
             {n: a["pooled"] for n, a in have.items() if "pooled" in a},
             report["baseline"],
             len(seeds),
+            {n: a["between_seeds"] for n, a in have.items() if "between_seeds" in a},
         )
     scored = [n for n in names if "benchmarks" in cells[n]]
     if scored:

@@ -318,6 +318,25 @@ def test_parallel_jobs_match_the_sequential_run(base_dir, tmp_path, capsys):
         rel_tol=1e-3, abs_tol=1e-6,
     )  # fmt: skip
     assert "pooled over the seeds" in (par / "report.md").read_text()
+    # each cell's two trainings compared with each other: seed 4 − seed 3 on the same items
+    from cctuning.eval.nll import load_items, paired_difference
+
+    seq = tmp_path / "seq"
+    for cell in ("sft", "cc-none"):
+        direct = paired_difference(
+            load_items(seq / "eval" / cell / "seed4" / "nll"),
+            load_items(seq / "eval" / cell / "seed3" / "nll"),
+            seed=3,
+        )["all"]
+        got = sequential["cells"][cell]["nll_between_seeds"]["4-3"]
+        assert (got["mean"], got["ci_low"], got["ci_high"]) == (
+            direct["diff"],
+            direct["ci_low"],
+            direct["ci_high"],
+        )
+    assert (
+        "| sft | " in (seq / "report.md").read_text() and "seed 4 − seed 3" in (seq / "report.md").read_text()
+    )
     assert parallel["parallel_jobs"] == 4 and "parallel_jobs" not in sequential
     assert "4 jobs ran as parallel processes" in (par / "report.md").read_text()
     assert "parallel" not in (tmp_path / "seq" / "report.md").read_text()
