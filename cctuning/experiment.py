@@ -14,6 +14,7 @@ difference to the baseline cell on the same items (per seed, then mean and t-int
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -798,11 +799,10 @@ def _write_report(
 ) -> dict:
     """Summarize every cell over its seeds and write ``report.json`` and ``report.md``
     (``parallel_jobs``: how many job folders of a parallel run the evaluations came from)."""
-    from cctuning.eval.nll import load_items, paired_difference
     from cctuning.versions import versions
 
     baseline = cfg.baseline or cfg.cells[0]["name"]
-    report = summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items)
+    report = summarize_experiment(cfg, cell_runs, baseline)
     report["seconds_this_invocation"] = round(seconds, 1)
     report["stage_seconds"] = stages
     if parallel_jobs:
@@ -826,13 +826,14 @@ def _write_report(
     return report
 
 
-def _nll_summary(nlls: dict, dirs: dict, base_dirs: dict | None, paired_difference, load_items) -> dict:
+def _nll_summary(nlls: dict, dirs: dict, base_dirs: dict | None, load_items) -> dict:
     """One cell's NLL runs over seeds (``nlls``: seed -> nll.json, ``dirs``: seed -> its folder):
     per language the mean and t-interval over seeds; against the baseline's runs of the same
     seeds (``base_dirs``), the paired difference per seed averaged with a t-interval over seeds
     (the bootstrap interval over items when there is one seed), and with several seeds the pooled
-    difference with a bootstrap over seeds and items (:func:`~cctuning.eval.nll.paired_difference_over_seeds`)."""
-    from cctuning.eval.nll import paired_difference_over_seeds
+    difference with a bootstrap over seeds and items (:func:`~cctuning.eval.nll.paired_difference_over_seeds`).
+    ``load_items`` reads a run's items (the caller's, so that it can read each folder once)."""
+    from cctuning.eval.nll import paired_difference, paired_difference_over_seeds
 
     langs = list(next(iter(nlls.values()))["nll"])
     out: dict = {
@@ -874,10 +875,13 @@ def _nll_summary(nlls: dict, dirs: dict, base_dirs: dict | None, paired_differen
     return out
 
 
-def summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items) -> dict:
+def summarize_experiment(cfg, cell_runs, baseline) -> dict:
     """Mean and interval over seeds per cell; paired differences to the baseline per language, for
     the held-out NLL and for each benchmark's answer likelihood."""
-    from cctuning.eval.nll import NLL_NAME
+    from cctuning.eval.nll import NLL_NAME, load_items
+
+    # every cell is paired with the baseline's runs: read each run's items once
+    load = functools.cache(lambda run_dir: load_items(Path(run_dir)))
 
     out: dict = {"baseline": baseline, "seeds": cfg.seeds, "cells": {}}
     for name, per_seed in cell_runs.items():
@@ -886,8 +890,7 @@ def summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items
             {seed: r["nll"] for seed, r in per_seed.items()},
             {seed: r["nll_dir"] for seed, r in per_seed.items()},
             {seed: base[seed]["nll_dir"] for seed in per_seed} if name != baseline else None,
-            paired_difference,
-            load_items,
+            load,
         )
         cell: dict = {"nll": s["nll"]}
         if "between_seeds" in s:
@@ -910,8 +913,7 @@ def summarize_experiment(cfg, cell_runs, baseline, paired_difference, load_items
                 },
                 dirs,
                 base_dirs if name != baseline else None,
-                paired_difference,
-                load_items,
+                load,
             )
             cell.setdefault("answer_nll", {})[bench_name] = s
         benches = [r["bench"] for r in per_seed.values()]

@@ -319,11 +319,32 @@ def _items(nll_sums, lang="sw"):
     return [{"line": i + 1, "lang": lang, "nll_sum": v, "tokens": 1} for i, v in enumerate(nll_sums)]
 
 
+def _bootstrap_by_hand(a, b, reps, seed):
+    """The paired bootstrap of the overall difference, written out: one language, so its draws are
+    the first ``reps`` draws of ``random.Random(seed)`` (the per-language group comes first)."""
+    rng = random.Random(seed)
+    n = len(a)
+    stats = []
+    for _ in range(reps):
+        idx = [rng.randrange(n) for _ in range(n)]
+        stats.append(
+            sum(a[i]["nll_sum"] for i in idx) / sum(a[i]["tokens"] for i in idx)
+            - sum(b[i]["nll_sum"] for i in idx) / sum(b[i]["tokens"] for i in idx)
+        )
+    stats.sort()
+    return stats[int(0.025 * reps)], stats[int(0.975 * reps)]
+
+
 def test_difference_over_seeds_with_one_seed_or_equal_seeds_is_the_paired_difference():
     rng = random.Random(3)
     a = _items([rng.uniform(1, 3) for _ in range(30)])
     b = _items([rng.uniform(1, 3) for _ in range(30)])
     one = paired_difference(a, b, reps=200, seed=5)
+    # against a hand computation: the mean difference, and the bootstrap interval of the one group
+    assert math.isclose(
+        one["sw"]["diff"], sum(r["nll_sum"] for r in a) / 30 - sum(r["nll_sum"] for r in b) / 30
+    )
+    assert (one["sw"]["ci_low"], one["sw"]["ci_high"]) == _bootstrap_by_hand(a, b, 200, 5)
     for pairs in ([(a, b)], [(a, b), (a, b), (a, b)]):
         over = paired_difference_over_seeds(pairs, reps=200, seed=5)
         assert {k: {f: v[f] for f in ("diff", "ci_low", "ci_high", "items")} for k, v in over.items()} == one
