@@ -4,7 +4,8 @@ data and budget, with the held-out NLL (and optionally a benchmark subset) per c
 Each cell names a connection mode for evaluation and any ``cctuning train`` options that differ
 from the shared budget (``method``, ``layer_choice``, ``inject_layer``, ...). Cells with the same
 training options share one training per seed (e.g. CC-Tuning evaluated with and without the
-connection). Everything is resumable: finished trainings, matrices and evaluations are reused.
+connection). Everything is resumable: finished trainings, matrices and evaluations are reused, and
+refused when they were made with other settings than the config now gives (:func:`check_settings`).
 
 The report gives, per cell, the mean over seeds and a 95% t-interval over seeds of the held-out
 NLL (per language and overall) and of the benchmark scores, and for every cell the paired
@@ -311,6 +312,106 @@ def eval_dir(root: str | Path, cell: str, seed: int) -> Path:
     return Path(root) / "eval" / cell / f"seed{seed}"
 
 
+SETTINGS_NAME = "experiment_settings.json"  # in a stage's folder: the settings its result was made with
+
+
+def _sidecar(result: Path) -> Path:
+    """Where the settings of a result are recorded: ``experiment_settings.json`` in a stage's folder,
+    ``<stem>.settings.json`` beside a file (a data sample, a matrix)."""
+    if result.suffix in (".jsonl", ".safetensors"):
+        return result.with_suffix(".settings.json")
+    return result / SETTINGS_NAME
+
+
+def _first_difference(old: dict, new: dict, prefix: str = "") -> str | None:
+    """The first setting (a dotted name) whose value differs, said in words; None when none does."""
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            if said := _first_difference(a, b, f"{prefix}{key}."):
+                return said
+        elif a != b:
+            return f"{prefix}{key} was {json.dumps(a)}, the config now gives {json.dumps(b)}"
+    return None
+
+
+def check_settings(result: Path, settings: dict, *, exists: bool, record: bool = True) -> None:
+    """Refuse, in one line, to reuse a result (a sampled data file, a training, a matrix, an
+    evaluation) that was made with other settings than the config now gives: changing
+    ``heldout_per_lang`` or a cell's ``connection`` must not report the old numbers under the new
+    config. A result from before settings were recorded takes the current ones (``record``)."""
+    settings = json.loads(json.dumps(settings))
+    side = _sidecar(result)
+    if exists and side.is_file():
+        if said := _first_difference(json.loads(side.read_text(encoding="utf-8")), settings):
+            raise CCError(
+                f"{result}: made with other settings ({said}); give another output folder, "
+                f"or delete {result} to redo it"
+            )
+    elif exists and record:
+        logger.info("%s: recording the settings it is reused with (it predates recorded settings)", result)
+        write_json(side, settings)
+
+
+def record_settings(result: Path, settings: dict) -> None:
+    """Record the settings a result is (being) made with, for :func:`check_settings`."""
+    write_json(_sidecar(result), settings)
+
+
+def _train_data_settings(cfg: ExperimentConfig, seed: int) -> dict:
+    """What a seed's training records are: the user's ``data``, or the bundled mix's sample."""
+    if cfg.data:
+        return {"data": cfg.data, "data_format": cfg.data_format, "columns": cfg.columns, "split": cfg.split}
+    return {"train_per_lang": cfg.train_per_lang, "langs": cfg.langs, "seed": seed}
+
+
+def _heldout_settings(cfg: ExperimentConfig) -> dict:
+    """What the held-out records are: the user's ``heldout_data``, or the bundled mix's sample."""
+    if cfg.heldout_data:
+        return {
+            "heldout_data": cfg.heldout_data,
+            "data_format": cfg.data_format,
+            "columns": cfg.columns,
+            "heldout_split": cfg.heldout_split,
+        }
+    return {"heldout_per_lang": cfg.heldout_per_lang, "langs": cfg.langs, "heldout_seed": cfg.heldout_seed}
+
+
+def _answer_settings(cfg: ExperimentConfig, benchmark: str) -> dict:
+    """Which of a benchmark's gold answers are scored (``answer_nll:``'s langs and limit)."""
+    return {
+        "benchmark": benchmark,
+        "langs": cfg.answer_nll.get("langs"),
+        "limit": cfg.answer_nll.get("limit"),
+    }
+
+
+def _training_settings(cfg: ExperimentConfig, cell: Cell, seed: int) -> dict:
+    """What a training is: the base model, the training options and the records."""
+    return {"model": cfg.model, "options": cell.options, "data": _train_data_settings(cfg, seed)}
+
+
+def _stage_settings(cfg: ExperimentConfig, cell: Cell, seed: int, kind: str) -> dict:
+    """What one evaluation of a cell is (``kind``: ``nll``, ``bench`` or ``answer-nll-<B>``): the
+    training, the connection it runs with, the matrix, and the evaluation's own settings."""
+    settings = {
+        "training": _training_settings(cfg, cell, seed),
+        "connection": cell.connection,
+        "sample_layer": cell.sample_layer,
+    }
+    if cell.connection == "transform":
+        settings["matrix_samples"] = cfg.matrix_samples
+    if kind == "nll":
+        settings["heldout"] = _heldout_settings(cfg)
+        settings["max_length"] = cell.options.get("max_length", 1024)
+    elif kind == "bench":
+        settings["benchmarks"] = cfg.benchmarks
+    else:
+        settings["answers"] = _answer_settings(cfg, kind.removeprefix("answer-nll-"))
+        settings["max_length"] = int(cfg.answer_nll.get("max_length", 1024))
+    return settings
+
+
 class StageClock:
     """Wall-clock seconds of every finished stage, in ``stages.json``, kept across resumed invocations."""
 
@@ -415,12 +516,14 @@ def run_experiment(
         if report_only:
             cell_runs, seconds, parallel = _collect_runs(cfg, root)
         elif jobs:
+            _check_finished(cfg, root, resolve_cells(cfg), jobs=True)  # before any job trains
             write_json(root / "experiment_config.json", {"config": asdict(cfg), "versions": versions()})
             _run_jobs(cfg, root, jobs, devices, config_path, progress)
             cell_runs, seconds, parallel = _collect_runs(cfg, root)
         else:
-            write_json(root / "experiment_config.json", {"config": asdict(cfg), "versions": versions()})
             cells = resolve_cells(cfg)
+            _check_finished(cfg, root, cells)  # before hours of training, not after
+            write_json(root / "experiment_config.json", {"config": asdict(cfg), "versions": versions()})
             stages = StageClock(root / STAGES_NAME)
             cell_runs = {}
             for seed in cfg.seeds:
@@ -444,6 +547,37 @@ def run_experiment(
         return _write_report(
             cfg, root, cell_runs, seconds, time.time() - started, model_path, parallel_jobs=parallel
         )
+
+
+def _finished_evaluations(cfg: ExperimentConfig, root: Path, cell: Cell, seed: int) -> list[tuple[Path, str]]:
+    """A cell's evaluations for one seed that are on disk, with their kinds (for :func:`_stage_settings`)."""
+    from cctuning.eval.nll import NLL_NAME
+    from cctuning.eval.runner import RESULTS_NAME
+
+    edir = eval_dir(root, cell.name, seed)
+    found = [(edir / "nll", "nll")] if (edir / "nll" / NLL_NAME).is_file() else []
+    if cfg.benchmarks and (edir / "bench" / RESULTS_NAME).is_file():
+        found.append((edir / "bench", "bench"))
+    for bench_name in answer_benchmarks(cfg):
+        if (edir / answer_nll_name(bench_name) / NLL_NAME).is_file():
+            found.append((edir / answer_nll_name(bench_name), answer_nll_name(bench_name)))
+    return found
+
+
+def _check_cell(cfg: ExperimentConfig, root: Path, cell: Cell, seed: int) -> None:
+    """Every finished evaluation of a cell and seed was made with the config's settings (one-line
+    error): checked before a run trains anything, and before a report shows them."""
+    for folder, kind in _finished_evaluations(cfg, root, cell, seed):
+        check_settings(folder, _stage_settings(cfg, cell, seed, kind), exists=True, record=False)
+
+
+def _check_finished(cfg: ExperimentConfig, root: Path, cells: list[Cell], jobs: bool = False) -> None:
+    """:func:`_check_cell` over the grid, in ``root`` or (``jobs``) in a parallel run's job folders."""
+    by_name = {cell.name: cell for cell in cells}
+    for job in plan_jobs(cfg):
+        base = job_root(root, job) if jobs else root
+        for name in job.cells:
+            _check_cell(cfg, base, by_name[name], job.seed)
 
 
 def _run_jobs(cfg, root: Path, jobs: int, devices, config_path, progress: bool) -> None:
@@ -536,6 +670,7 @@ def _collect_runs(cfg: ExperimentConfig, root: Path) -> tuple[dict, dict, int]:
     cell_runs: dict[str, dict[int, dict]] = {}
     seconds: dict[str, float] = {}
     by_cell = {c["name"]: c for c in cfg.cells}
+    resolved = {cell.name: cell for cell in resolve_cells(cfg)}
     parallel = 0
     for job in plan_jobs(cfg):
         base = job_root(root, job)
@@ -551,6 +686,8 @@ def _collect_runs(cfg: ExperimentConfig, root: Path) -> tuple[dict, dict, int]:
             nll_file = edir / "nll" / NLL_NAME
             if not nll_file.is_file():
                 raise CCError(f"{nll_file}: missing: cell '{name}' seed {job.seed} has no held-out NLL yet")
+            # the report must not show results made with other settings under this config's names
+            _check_cell(cfg, base, resolved[name], job.seed)
             bench = None
             if cfg.benchmarks:
                 bench_file = edir / "bench" / RESULTS_NAME
@@ -595,13 +732,21 @@ def _seed_data(cfg: ExperimentConfig, root: Path, seed: int) -> tuple[Path, Path
     train_file, held_file = data_dir / "train.jsonl", data_dir / "heldout.jsonl"
     if cfg.data:
         train_file = Path(cfg.data)
-    elif not train_file.is_file():
-        write_jsonl(train_file, sample_mix("train", cfg.train_per_lang, langs, seed))
+    else:
+        settings = _train_data_settings(cfg, seed)
+        check_settings(train_file, settings, exists=train_file.is_file())
+        if not train_file.is_file():
+            write_jsonl(train_file, sample_mix("train", cfg.train_per_lang, langs, seed))
+            record_settings(train_file, settings)
     if cfg.heldout_data:
         held_file = Path(cfg.heldout_data)
-    elif not held_file.is_file():
-        # the held-out items are the same for every seed, so that seeds can be compared pairwise
-        write_jsonl(held_file, sample_mix("heldout", cfg.heldout_per_lang, langs, cfg.heldout_seed))
+    else:
+        settings = _heldout_settings(cfg)
+        check_settings(held_file, settings, exists=held_file.is_file())
+        if not held_file.is_file():
+            # the held-out items are the same for every seed, so that seeds can be compared pairwise
+            write_jsonl(held_file, sample_mix("heldout", cfg.heldout_per_lang, langs, cfg.heldout_seed))
+            record_settings(held_file, settings)
     return train_file, held_file
 
 
@@ -612,7 +757,7 @@ def _run_cell(cfg: ExperimentConfig, cell: Cell, run: _SeedRun) -> dict:
     from cctuning.eval.nll import NLL_NAME
 
     tdir = run.root / "train" / cell.train_name / f"seed{run.seed}"
-    _train_stage(cell, tdir, run)
+    _train_stage(cfg, cell, tdir, run)
     if cell.connection == "transform":
         _matrix_stage(cfg, cell, tdir, run)
     edir = eval_dir(run.root, cell.name, run.seed)
@@ -626,12 +771,18 @@ def _run_cell(cfg: ExperimentConfig, cell: Cell, run: _SeedRun) -> dict:
     return {"nll": nll, "bench": bench, "nll_dir": edir / "nll", "answer_nll": answers}
 
 
-def _train_stage(cell: Cell, tdir: Path, run: _SeedRun) -> None:
+def _train_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, run: _SeedRun) -> None:
     from cctuning.training import TrainConfig
-    from cctuning.training.run import TRAIN_RESULTS_NAME, train_or_reuse
+    from cctuning.training.run import TRAIN_RESULTS_NAME, last_checkpoint, train_or_reuse
 
+    settings = _training_settings(cfg, cell, run.seed)
+    # a checkpoint is resumed, so it must have been trained with the same settings too
+    check_settings(
+        tdir, settings, exists=(tdir / TRAIN_RESULTS_NAME).is_file() or bool(last_checkpoint(tdir))
+    )
     if (tdir / TRAIN_RESULTS_NAME).is_file():
         return
+    record_settings(tdir, settings)
     logger.info("training %s seed %d -> %s", cell.name, run.seed, tdir)
     tcfg = TrainConfig(
         **{
@@ -656,7 +807,10 @@ def _matrix_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, run: _SeedRun) 
     from cctuning.loading import load_for_inference
     from cctuning.model.transform import MATRIX_NAME
 
-    if (tdir / MATRIX_NAME).is_file():
+    matrix = tdir / MATRIX_NAME
+    settings = {"matrix_samples": cfg.matrix_samples, "data": _train_data_settings(cfg, run.seed)}
+    check_settings(matrix, settings, exists=matrix.is_file())
+    if matrix.is_file():
         return
     with run.stages(stage_key("matrix", cell.train_name, run.seed)):
         model, tok, _ = load_for_inference(str(tdir))
@@ -670,6 +824,7 @@ def _matrix_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, run: _SeedRun) 
             seed=run.seed,
             progress=run.progress,
         )
+    record_settings(matrix, settings)
     if fit.heldout:
         logger.info(
             "transform matrix of %s: held-out cosine %.4f -> %.4f",
@@ -683,6 +838,8 @@ def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: _S
     from cctuning.eval.nll import NLL_NAME, evaluate_nll
     from cctuning.loading import load_for_inference
 
+    settings = _stage_settings(cfg, cell, run.seed, "nll")
+    check_settings(out, settings, exists=(out / NLL_NAME).is_file())
     if (out / NLL_NAME).is_file():
         return
     with run.stages(stage_key("nll", cell.name, run.seed)):
@@ -701,6 +858,7 @@ def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: _S
             sample_layer=cell.sample_layer,
             data_options=run.held_options,
         )
+    record_settings(out, settings)
 
 
 def answer_nll_name(benchmark: str) -> str:
@@ -716,9 +874,12 @@ def _answer_records_file(cfg: ExperimentConfig, root: Path, benchmark: str) -> P
 
     a = cfg.answer_nll
     file = root / "data" / "answers" / f"{benchmark}.jsonl"
+    settings = _answer_settings(cfg, benchmark)
+    check_settings(file, settings, exists=file.is_file())
     if not file.is_file():
         langs = split_list(str(a["langs"])) if a.get("langs") else None
         write_jsonl(file, answer_records(benchmark, langs, None, a.get("limit")))
+        record_settings(file, settings)
     return file
 
 
@@ -728,9 +889,11 @@ def _answer_nll_stage(
     from cctuning.eval.nll import NLL_NAME, evaluate_nll
     from cctuning.loading import load_for_inference
 
+    records = _answer_records_file(cfg, run.root, benchmark)
+    settings = _stage_settings(cfg, cell, run.seed, answer_nll_name(benchmark))
+    check_settings(out, settings, exists=(out / NLL_NAME).is_file())
     if (out / NLL_NAME).is_file():
         return
-    records = _answer_records_file(cfg, run.root, benchmark)
     with run.stages(stage_key(f"answer-nll-{benchmark}", cell.name, run.seed)):
         model, tok, _ = load_for_inference(str(tdir))
         evaluate_nll(
@@ -747,6 +910,7 @@ def _answer_nll_stage(
             model_name=str(tdir),
             sample_layer=cell.sample_layer,
         )
+    record_settings(out, settings)
 
 
 def bench_config(
@@ -776,6 +940,8 @@ def _bench_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: 
     from cctuning.eval.runner import RESULTS_NAME, evaluate
     from cctuning.loading import load_for_inference
 
+    settings = _stage_settings(cfg, cell, run.seed, "bench")
+    check_settings(out, settings, exists=(out / RESULTS_NAME).is_file())
     if not (out / RESULTS_NAME).is_file():
         with run.stages(stage_key("bench", cell.name, run.seed)):
             model, tok, _ = load_for_inference(str(tdir))
@@ -785,6 +951,7 @@ def _bench_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: 
                 tok,
                 progress=run.progress,
             )
+        record_settings(out, settings)
     return json.loads((out / RESULTS_NAME).read_text(encoding="utf-8"))
 
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -227,6 +228,76 @@ answer_nll: {{names: xquad, langs: "de,en", limit: 2}}
     assert again["cells"] == report["cells"]
     assert again["stage_seconds"] == stages  # nothing ran again, so no stage was re-timed
 
+    # a result made with other settings is refused in one line naming it and the setting, before
+    # anything runs or is written: the old numbers are never reported under a changed config
+    from cctuning.errors import CCError
+    from cctuning.experiment import select_cells
+
+    text = path.read_text()
+    sidecars = sorted(root.rglob("experiment_settings.json")) + sorted(root.rglob("*.settings.json"))
+    recorded = {p: p.read_text() for p in sidecars}
+    assert len(recorded) == 2 + 2 + 1 + 3 * 3 + 1  # samples, trainings, matrix, 3 evaluations a cell, answers
+    cc_train = next(p for p in (root / "train").iterdir() if p.name.startswith("cc-")) / "seed7"
+    new_cell = "  - {name: cc-new, method: cc, connection: transform}\n"
+    assert "connection: none}\n" in text
+
+    def refused(old, new, mode="run"):
+        """The one-line error of a run (``report``: --report-only; ``cell``: a new cell run alone, so that
+        no finished evaluation is checked first) with ``old`` changed to ``new`` in the config."""
+        changed = text.replace(old, new)
+        if mode == "cell":
+            changed = changed.replace("connection: none}\n", "connection: none}\n" + new_cell)
+        path.write_text(changed)
+        cfg = load_config(path)
+        if mode == "cell":
+            select_cells(cfg, ["cc-new"])
+        with pytest.raises(CCError) as err:
+            run_experiment(cfg, progress=False, report_only=mode == "report")
+        assert "\n" not in str(err.value)
+        return str(err.value)
+
+    eval_sft, eval_ccnone = root / "eval" / "sft" / "seed7", root / "eval" / "cc-none" / "seed7"
+    for old, new, where, said, mode in [
+        # finished evaluations are checked before anything runs, and before a report
+        ("heldout_per_lang: 1", "heldout_per_lang: 2", eval_sft / "nll", "heldout.heldout_per_lang was 1, the config now gives 2", "run"),
+        ("train_per_lang: 1", "train_per_lang: 2", eval_sft / "nll", "training.data.train_per_lang was 1, the config now gives 2", "run"),
+        ("max_steps: 2", "max_steps: 3", eval_sft / "nll", "training.options.max_steps was 2, the config now gives 3", "run"),
+        ("matrix_samples: 4", "matrix_samples: 5", root / "eval" / "cc" / "seed7" / "nll", "matrix_samples was 4, the config now gives 5", "run"),
+        ("connection: none}", "connection: english}", eval_ccnone / "nll", 'connection was "none", the config now gives "english"', "run"),
+        ('langs: "de,en", limit: 2', 'langs: "de,en", limit: 3', eval_sft / "answer-nll-XQuAD", "answers.limit was 2, the config now gives 3", "run"),
+        ("limit: 5,", "limit: 4,", eval_sft / "bench", "benchmarks.limit was 5, the config now gives 4", "run"),
+        ("max_steps: 2", "max_steps: 3", eval_sft / "nll", "training.options.max_steps was 2, the config now gives 3", "report"),
+        ('langs: "de,en", limit: 2', 'langs: "de,en", limit: 3', eval_sft / "answer-nll-XQuAD", "answers.limit was 2, the config now gives 3", "report"),
+        # a new cell does not reuse the samples or the matrix made with other settings
+        ("heldout_per_lang: 1", "heldout_per_lang: 2", root / "data" / "seed7" / "heldout.jsonl", "heldout_per_lang was 1, the config now gives 2", "cell"),
+        ("train_per_lang: 1", "train_per_lang: 2", root / "data" / "seed7" / "train.jsonl", "train_per_lang was 1, the config now gives 2", "cell"),
+        ("matrix_samples: 4", "matrix_samples: 5", cc_train / "transform_matrix.safetensors", "matrix_samples was 4, the config now gives 5", "cell"),
+        ('langs: "de,en", limit: 2', 'langs: "de,en", limit: 3', root / "data" / "answers" / "XQuAD.jsonl", "limit was 2, the config now gives 3", "cell"),
+    ]:  # fmt: skip
+        assert old in text
+        message = refused(old, new, mode)
+        assert message.startswith(f"{where}: made with other settings ({said})"), message
+    # nor a training (resumed or finished) on other records: a sample drawn again reaches it
+    shutil.rmtree(root / "eval" / "cc-new")  # the new cell's held-out NLL ran before its answers were refused
+    sample = root / "data" / "seed7" / "train.jsonl"
+    kept = {f: f.read_bytes() for f in (sample, sample.with_suffix(".settings.json"))}
+    for f in kept:
+        f.unlink()
+    message = refused("train_per_lang: 1", "train_per_lang: 2", "cell")
+    assert message.startswith(f"{cc_train}: made with other settings (data.train_per_lang was 1"), message
+    for f, data in kept.items():
+        f.write_bytes(data)
+    assert {p: p.read_text() for p in sidecars} == recorded  # nothing was recorded over
+    # what does not change a result is no reason to refuse: the batch size, a new cell on a shared training
+    path.write_text(text.replace("matrix_samples: 4", "matrix_samples: 4\neval_batch_size: 3"))
+    assert run_experiment(load_config(path), progress=False)["cells"] == report["cells"]
+    # results from before the settings were recorded take the current ones
+    for p in sidecars:
+        p.unlink()
+    path.write_text(text)
+    assert run_experiment(load_config(path), progress=False)["cells"] == report["cells"]
+    assert {p: p.read_text() for p in sidecars} == recorded
+
 
 def _grid(path, base_dir, output, cells, extra=""):
     path.write_text(f"""
@@ -345,6 +416,17 @@ def test_parallel_jobs_match_the_sequential_run(base_dir, tmp_path, capsys):
     (par / "report.json").unlink()
     assert main(["experiment", "--config", str(par_cfg), "--report-only"]) == 0
     assert json.loads((par / "report.json").read_text())["cells"] == parallel["cells"]
+    # a job's finished evaluation made with other settings stops a parallel run before any job starts
+    par_cfg.write_text(par_cfg.read_text().replace("langs: en, limit: 2", "langs: en, limit: 3"))
+    capsys.readouterr()
+    logs = {log: log.stat().st_mtime_ns for log in par.glob("jobs/*.log")}
+    assert len(logs) == 4
+    assert main(["experiment", "--config", str(par_cfg), "--jobs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "answer-nll-XQuAD: made with other settings (answers.limit was 2, the config now gives 3)" in err
+    assert str(par / "jobs" / "seed3-") in err
+    assert {log: log.stat().st_mtime_ns for log in par.glob("jobs/*.log")} == logs  # no job ran
+    par_cfg.write_text(par_cfg.read_text().replace("langs: en, limit: 3", "langs: en, limit: 2"))
     # an evaluation missing: one line naming it
     missing = (
         next(p for p in (par / "jobs").glob("seed4-sft-*") if p.is_dir())
