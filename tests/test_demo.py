@@ -35,7 +35,7 @@ def test_sample_mix_is_stratified_and_deterministic():
 
 
 @pytest.mark.slow
-def test_demo_runs_end_to_end_and_reuses_finished_stages(base_dir, tmp_path, monkeypatch):
+def test_demo_runs_end_to_end_and_reuses_finished_stages(base_dir, tmp_path, monkeypatch, capsys):
     cfg = DemoConfig(model=str(base_dir), output=str(tmp_path / "demo"), **TINY)
     table, report_dir = run_demo(cfg)
     root = tmp_path / "demo"
@@ -73,6 +73,17 @@ def test_demo_runs_end_to_end_and_reuses_finished_stages(base_dir, tmp_path, mon
     table2, _ = run_demo(cfg)
     assert table2.split("\n")[:-1] == table.split("\n")[:-1]  # same numbers; only the timing line differs
     assert json.loads((root / "stages.json").read_text()) == stages  # nothing ran again
+    # other settings over the same folder (here bf16, a CLI flag) stop before anything trains, in one
+    # line that names the result and the setting: the float32 numbers are never shown as bf16 ones
+    from cctuning.cli import main
+
+    flags = [f for key, value in TINY.items() for f in (f"--{key.replace('_', '-')}", str(value))]
+    capsys.readouterr()
+    assert main(["demo", "--model", str(base_dir), "--output", str(root), "--bf16", *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "training.options.bf16 was null, the config now gives true" in err, err
+    nll_dir = root / "eval" / "sft" / "seed42" / "nll"
+    assert err.startswith(f"cctuning: error: {nll_dir}: made with other settings"), err
 
 
 def test_demo_is_an_experiment_preset():
