@@ -539,8 +539,8 @@ def run_experiment(
                     data_options(cfg, heldout=False),
                     data_options(cfg, heldout=True),
                 )
-                for cell in cells:
-                    cell_runs.setdefault(cell.name, {})[seed] = _run_cell(cfg, cell, run)
+                for name, result in _run_seed(cfg, cells, run).items():
+                    cell_runs.setdefault(name, {})[seed] = result
             seconds, parallel = stages.seconds, 0
         if not write_report:
             return {"cells": {}, "stage_seconds": seconds}
@@ -750,25 +750,38 @@ def _seed_data(cfg: ExperimentConfig, root: Path, seed: int) -> tuple[Path, Path
     return train_file, held_file
 
 
-def _run_cell(cfg: ExperimentConfig, cell: Cell, run: _SeedRun) -> dict:
-    """One cell for one seed: its training (shared with cells of the same options), the matrix
-    when it is evaluated with the transform, the held-out NLL and the benchmarks; each stage is
-    skipped when its result is already on disk."""
+def _run_seed(cfg: ExperimentConfig, cells: list[Cell], run: _SeedRun) -> dict[str, dict]:
+    """Every cell for one seed, stage by stage over the cells: each cell's training (shared with
+    cells of the same options), its matrix when it is evaluated with the transform and its held-out
+    NLL; then every cell's answer likelihood; then every cell's benchmarks (generation, the slowest
+    and, at small scale, the least informative), so that a run cut short has the cheap evaluations
+    of every cell. Each stage is skipped when its result is already on disk."""
     from cctuning.eval.nll import NLL_NAME
 
-    tdir = run.root / "train" / cell.train_name / f"seed{run.seed}"
-    _train_stage(cfg, cell, tdir, run)
-    if cell.connection == "transform":
-        _matrix_stage(cfg, cell, tdir, run)
-    edir = eval_dir(run.root, cell.name, run.seed)
-    _nll_stage(cfg, cell, tdir, edir / "nll", run)
-    bench = _bench_stage(cfg, cell, tdir, edir / "bench", run) if cfg.benchmarks else None
-    answers = {}
+    tdirs = {cell.name: run.root / "train" / cell.train_name / f"seed{run.seed}" for cell in cells}
+    edirs = {cell.name: eval_dir(run.root, cell.name, run.seed) for cell in cells}
+    for cell in cells:
+        _train_stage(cfg, cell, tdirs[cell.name], run)
+        if cell.connection == "transform":
+            _matrix_stage(cfg, cell, tdirs[cell.name], run)
+        _nll_stage(cfg, cell, tdirs[cell.name], edirs[cell.name] / "nll", run)
+    answers: dict[str, dict] = {cell.name: {} for cell in cells}
     for bench_name in answer_benchmarks(cfg):
-        answers[bench_name] = edir / answer_nll_name(bench_name)
-        _answer_nll_stage(cfg, cell, bench_name, tdir, answers[bench_name], run)
-    nll = json.loads((edir / "nll" / NLL_NAME).read_text(encoding="utf-8"))
-    return {"nll": nll, "bench": bench, "nll_dir": edir / "nll", "answer_nll": answers}
+        for cell in cells:
+            answers[cell.name][bench_name] = edirs[cell.name] / answer_nll_name(bench_name)
+            _answer_nll_stage(cfg, cell, bench_name, tdirs[cell.name], answers[cell.name][bench_name], run)
+    results = {}
+    for cell in cells:
+        edir = edirs[cell.name]
+        bench = _bench_stage(cfg, cell, tdirs[cell.name], edir / "bench", run) if cfg.benchmarks else None
+        nll = json.loads((edir / "nll" / NLL_NAME).read_text(encoding="utf-8"))
+        results[cell.name] = {
+            "nll": nll,
+            "bench": bench,
+            "nll_dir": edir / "nll",
+            "answer_nll": answers[cell.name],
+        }
+    return results
 
 
 def _train_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, run: _SeedRun) -> None:

@@ -195,6 +195,14 @@ answer_nll: {{names: xquad, langs: "de,en", limit: 2}}
     assert sorted(k.split("/")[0] for k in stages) == sorted(
         ["train"] * 2 + ["matrix"] + ["nll"] * 3 + ["bench"] * 3 + ["answer-nll-XQuAD"] * 3
     )
+    # stage by stage over the cells: trainings and held-out NLL first, generation last
+    assert [k.rsplit("/", 1)[0] for k in stages] == [
+        f"train/{_train_key_of(load_config(path), 'sft')}", "nll/sft",
+        f"train/{_train_key_of(load_config(path), 'cc')}", f"matrix/{_train_key_of(load_config(path), 'cc')}",
+        "nll/cc", "nll/cc-none",
+        "answer-nll-XQuAD/sft", "answer-nll-XQuAD/cc", "answer-nll-XQuAD/cc-none",
+        "bench/sft", "bench/cc", "bench/cc-none",
+    ]  # fmt: skip
     # the answer likelihood is `eval --nll XQuAD --langs de,en --limit 2` of each cell's model with its
     # connection, and its paired difference is taken on the same items
     from cctuning.cli import main
