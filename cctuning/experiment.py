@@ -549,30 +549,51 @@ def run_experiment(
         )
 
 
-def _finished_evaluations(cfg: ExperimentConfig, root: Path, cell: Cell, seed: int) -> list[tuple[Path, str]]:
-    """A cell's evaluations for one seed that are on disk, with their kinds (for :func:`_stage_settings`)."""
+@dataclass(frozen=True)
+class _Evaluation:
+    """One evaluation the config asks of a cell and seed: its kind (``nll``, ``answer-nll-<B>`` or
+    ``bench``, as :func:`_stage_settings` takes it), its folder, and the file that is there once it
+    has finished."""
+
+    kind: str
+    folder: Path
+    result: Path
+
+    @property
+    def finished(self) -> bool:
+        return self.result.is_file()
+
+
+def _evaluations(cfg: ExperimentConfig, root: Path, cell_name: str, seed: int) -> dict[str, _Evaluation]:
+    """Every evaluation of a cell and seed under ``root``, finished or not, by kind, in the order a
+    seed's stages make them: the held-out NLL, each benchmark's answer likelihood, the benchmarks.
+    The one place that says where an evaluation lives and when it counts as done."""
     from cctuning.eval.nll import NLL_NAME
     from cctuning.eval.runner import RESULTS_NAME
 
-    edir = eval_dir(root, cell.name, seed)
-    found = [(edir / "nll", "nll")] if (edir / "nll" / NLL_NAME).is_file() else []
-    if cfg.benchmarks and (edir / "bench" / RESULTS_NAME).is_file():
-        found.append((edir / "bench", "bench"))
+    edir = eval_dir(root, cell_name, seed)
+    found = [_Evaluation("nll", edir / "nll", edir / "nll" / NLL_NAME)]
     for bench_name in answer_benchmarks(cfg):
-        if (edir / answer_nll_name(bench_name) / NLL_NAME).is_file():
-            found.append((edir / answer_nll_name(bench_name), answer_nll_name(bench_name)))
-    return found
+        folder = edir / answer_nll_name(bench_name)
+        found.append(_Evaluation(answer_nll_name(bench_name), folder, folder / NLL_NAME))
+    if cfg.benchmarks:
+        found.append(_Evaluation("bench", edir / "bench", edir / "bench" / RESULTS_NAME))
+    return {ev.kind: ev for ev in found}
 
 
 def _check_cell(cfg: ExperimentConfig, root: Path, cell: Cell, seed: int) -> None:
     """Every finished evaluation of a cell and seed was made with the config's settings (one-line
-    error): checked before a run trains anything, and before a report shows them."""
-    for folder, kind in _finished_evaluations(cfg, root, cell, seed):
-        check_settings(folder, _stage_settings(cfg, cell, seed, kind), exists=True, record=False)
+    error): checked before a run trains anything, and before a report shows them. An evaluation not
+    made yet has nothing to check (its stage records its settings when it runs)."""
+    for ev in _evaluations(cfg, root, cell.name, seed).values():
+        if ev.finished:
+            check_settings(ev.folder, _stage_settings(cfg, cell, seed, ev.kind), exists=True, record=False)
 
 
 def _check_finished(cfg: ExperimentConfig, root: Path, cells: list[Cell], jobs: bool = False) -> None:
-    """:func:`_check_cell` over the grid, in ``root`` or (``jobs``) in a parallel run's job folders."""
+    """:func:`_check_cell` over the grid: in ``root``, or (``jobs``) in each job's own folder of a
+    parallel run (``jobs/<job>``), where that job's evaluations are made; a job folder that does not
+    exist yet holds nothing to check."""
     by_name = {cell.name: cell for cell in cells}
     for job in plan_jobs(cfg):
         base = job_root(root, job) if jobs else root
@@ -664,9 +685,6 @@ def _collect_runs(cfg: ExperimentConfig, root: Path) -> tuple[dict, dict, int]:
     """Every cell × seed's evaluations on disk, read from a parallel run's job folders where they
     exist, else from ``root`` itself; and the stage times of all of them. A missing evaluation is a
     one-line error naming it. The third value counts the job folders read."""
-    from cctuning.eval.nll import NLL_NAME
-    from cctuning.eval.runner import RESULTS_NAME
-
     cell_runs: dict[str, dict[int, dict]] = {}
     seconds: dict[str, float] = {}
     by_cell = {c["name"]: c for c in cfg.cells}
@@ -682,39 +700,41 @@ def _collect_runs(cfg: ExperimentConfig, root: Path) -> tuple[dict, dict, int]:
         if stages.is_file():
             seconds.update(json.loads(stages.read_text(encoding="utf-8")))
         for name in job.cells:
-            edir = eval_dir(base, name, job.seed)
-            nll_file = edir / "nll" / NLL_NAME
-            if not nll_file.is_file():
-                raise CCError(f"{nll_file}: missing: cell '{name}' seed {job.seed} has no held-out NLL yet")
+            evs = _evaluations(cfg, base, name, job.seed)
+            if not evs["nll"].finished:
+                raise CCError(
+                    f"{evs['nll'].result}: missing: cell '{name}' seed {job.seed} has no held-out NLL yet"
+                )
             # the report must not show results made with other settings under this config's names
             _check_cell(cfg, base, resolved[name], job.seed)
             bench = None
-            if cfg.benchmarks:
-                bench_file = edir / "bench" / RESULTS_NAME
-                if bench_file.is_file():
-                    bench = json.loads(bench_file.read_text(encoding="utf-8"))
+            if "bench" in evs:
+                if evs["bench"].finished:
+                    bench = json.loads(evs["bench"].result.read_text(encoding="utf-8"))
                 else:  # the report shows the held-out NLL, and no benchmark score for this cell
                     logger.warning(
-                        "%s: missing: cell '%s' seed %d has no benchmarks yet", bench_file, name, job.seed
+                        "%s: missing: cell '%s' seed %d has no benchmarks yet",
+                        evs["bench"].result,
+                        name,
+                        job.seed,
                     )
             answers = {}
             for bench_name in answer_benchmarks(cfg):
-                adir = edir / answer_nll_name(bench_name)
-                if (adir / NLL_NAME).is_file():
-                    answers[bench_name] = adir
+                ev = evs[answer_nll_name(bench_name)]
+                if ev.finished:
+                    answers[bench_name] = ev.folder
                 else:  # the report leaves this cell out of that benchmark's answer-likelihood table
                     logger.warning(
                         "%s: missing: cell '%s' seed %d has no %s answer NLL yet",
-                        adir / NLL_NAME,
+                        ev.result,
                         name,
                         job.seed,
                         bench_name,
                     )
-            nll = json.loads(nll_file.read_text(encoding="utf-8"))
             cell_runs.setdefault(name, {})[job.seed] = {
-                "nll": nll,
+                "nll": json.loads(evs["nll"].result.read_text(encoding="utf-8")),
                 "bench": bench,
-                "nll_dir": edir / "nll",
+                "nll_dir": evs["nll"].folder,
                 "answer_nll": answers,
             }
     # the config's cell order, whatever order the jobs came in
@@ -756,30 +776,25 @@ def _run_seed(cfg: ExperimentConfig, cells: list[Cell], run: _SeedRun) -> dict[s
     NLL; then every cell's answer likelihood; then every cell's benchmarks (generation, the slowest
     and, at small scale, the least informative), so that a run cut short has the cheap evaluations
     of every cell. Each stage is skipped when its result is already on disk."""
-    from cctuning.eval.nll import NLL_NAME
-
     tdirs = {cell.name: run.root / "train" / cell.train_name / f"seed{run.seed}" for cell in cells}
-    edirs = {cell.name: eval_dir(run.root, cell.name, run.seed) for cell in cells}
+    evs = {cell.name: _evaluations(cfg, run.root, cell.name, run.seed) for cell in cells}
     for cell in cells:
         _train_stage(cfg, cell, tdirs[cell.name], run)
         if cell.connection == "transform":
             _matrix_stage(cfg, cell, tdirs[cell.name], run)
-        _nll_stage(cfg, cell, tdirs[cell.name], edirs[cell.name] / "nll", run)
-    answers: dict[str, dict] = {cell.name: {} for cell in cells}
+        _nll_stage(cfg, cell, tdirs[cell.name], evs[cell.name]["nll"], run)
     for bench_name in answer_benchmarks(cfg):
         for cell in cells:
-            answers[cell.name][bench_name] = edirs[cell.name] / answer_nll_name(bench_name)
-            _answer_nll_stage(cfg, cell, bench_name, tdirs[cell.name], answers[cell.name][bench_name], run)
+            ev = evs[cell.name][answer_nll_name(bench_name)]
+            _answer_nll_stage(cfg, cell, bench_name, tdirs[cell.name], ev, run)
     results = {}
     for cell in cells:
-        edir = edirs[cell.name]
-        bench = _bench_stage(cfg, cell, tdirs[cell.name], edir / "bench", run) if cfg.benchmarks else None
-        nll = json.loads((edir / "nll" / NLL_NAME).read_text(encoding="utf-8"))
+        ev = evs[cell.name]
         results[cell.name] = {
-            "nll": nll,
-            "bench": bench,
-            "nll_dir": edir / "nll",
-            "answer_nll": answers[cell.name],
+            "nll": json.loads(ev["nll"].result.read_text(encoding="utf-8")),
+            "bench": _bench_stage(cfg, cell, tdirs[cell.name], ev["bench"], run) if "bench" in ev else None,
+            "nll_dir": ev["nll"].folder,
+            "answer_nll": {b: ev[answer_nll_name(b)].folder for b in answer_benchmarks(cfg)},
         }
     return results
 
@@ -847,13 +862,14 @@ def _matrix_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, run: _SeedRun) 
         )
 
 
-def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: _SeedRun) -> None:
-    from cctuning.eval.nll import NLL_NAME, evaluate_nll
+def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, ev: _Evaluation, run: _SeedRun) -> None:
+    from cctuning.eval.nll import evaluate_nll
     from cctuning.loading import load_for_inference
 
-    settings = _stage_settings(cfg, cell, run.seed, "nll")
-    check_settings(out, settings, exists=(out / NLL_NAME).is_file())
-    if (out / NLL_NAME).is_file():
+    out = ev.folder
+    settings = _stage_settings(cfg, cell, run.seed, ev.kind)
+    check_settings(out, settings, exists=ev.finished)
+    if ev.finished:
         return
     with run.stages(stage_key("nll", cell.name, run.seed)):
         model, tok, _ = load_for_inference(str(tdir))
@@ -897,15 +913,16 @@ def _answer_records_file(cfg: ExperimentConfig, root: Path, benchmark: str) -> P
 
 
 def _answer_nll_stage(
-    cfg: ExperimentConfig, cell: Cell, benchmark: str, tdir: Path, out: Path, run: _SeedRun
+    cfg: ExperimentConfig, cell: Cell, benchmark: str, tdir: Path, ev: _Evaluation, run: _SeedRun
 ) -> None:
-    from cctuning.eval.nll import NLL_NAME, evaluate_nll
+    from cctuning.eval.nll import evaluate_nll
     from cctuning.loading import load_for_inference
 
+    out = ev.folder
     records = _answer_records_file(cfg, run.root, benchmark)
-    settings = _stage_settings(cfg, cell, run.seed, answer_nll_name(benchmark))
-    check_settings(out, settings, exists=(out / NLL_NAME).is_file())
-    if (out / NLL_NAME).is_file():
+    settings = _stage_settings(cfg, cell, run.seed, ev.kind)
+    check_settings(out, settings, exists=ev.finished)
+    if ev.finished:
         return
     with run.stages(stage_key(f"answer-nll-{benchmark}", cell.name, run.seed)):
         model, tok, _ = load_for_inference(str(tdir))
@@ -949,13 +966,14 @@ def bench_config(
     )
 
 
-def _bench_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: _SeedRun) -> dict:
-    from cctuning.eval.runner import RESULTS_NAME, evaluate
+def _bench_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, ev: _Evaluation, run: _SeedRun) -> dict:
+    from cctuning.eval.runner import evaluate
     from cctuning.loading import load_for_inference
 
-    settings = _stage_settings(cfg, cell, run.seed, "bench")
-    check_settings(out, settings, exists=(out / RESULTS_NAME).is_file())
-    if not (out / RESULTS_NAME).is_file():
+    out = ev.folder
+    settings = _stage_settings(cfg, cell, run.seed, ev.kind)
+    check_settings(out, settings, exists=ev.finished)
+    if not ev.finished:
         with run.stages(stage_key("bench", cell.name, run.seed)):
             model, tok, _ = load_for_inference(str(tdir))
             evaluate(
@@ -965,7 +983,7 @@ def _bench_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, out: Path, run: 
                 progress=run.progress,
             )
         record_settings(out, settings)
-    return json.loads((out / RESULTS_NAME).read_text(encoding="utf-8"))
+    return json.loads(ev.result.read_text(encoding="utf-8"))
 
 
 def _write_report(
