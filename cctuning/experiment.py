@@ -358,6 +358,17 @@ def record_settings(result: Path, settings: dict) -> None:
     write_json(_sidecar(result), settings)
 
 
+def make_once(result: Path, settings: dict, *, exists: bool, make: typing.Callable[[], object]) -> None:
+    """Reuse ``result`` when it ``exists`` (refused in one line when it was made with other
+    ``settings``: :func:`check_settings`); else ``make()`` it, then record the settings it was made
+    with. A training is the exception: it records its settings before it starts, because an
+    interrupted one is resumed from its checkpoint."""
+    check_settings(result, settings, exists=exists)
+    if not exists:
+        make()
+        record_settings(result, settings)
+
+
 def _train_data_settings(cfg: ExperimentConfig, seed: int) -> dict:
     """What a seed's training records are: the user's ``data``, or the bundled mix's sample."""
     if cfg.data:
@@ -687,8 +698,7 @@ def _collect_runs(cfg: ExperimentConfig, root: Path) -> tuple[dict, dict, int]:
     one-line error naming it. The third value counts the job folders read."""
     cell_runs: dict[str, dict[int, dict]] = {}
     seconds: dict[str, float] = {}
-    by_cell = {c["name"]: c for c in cfg.cells}
-    resolved = {cell.name: cell for cell in resolve_cells(cfg)}
+    resolved = {cell.name: cell for cell in resolve_cells(cfg)}  # in the config's order
     parallel = 0
     for job in plan_jobs(cfg):
         base = job_root(root, job)
@@ -738,7 +748,7 @@ def _collect_runs(cfg: ExperimentConfig, root: Path) -> tuple[dict, dict, int]:
                 "answer_nll": answers,
             }
     # the config's cell order, whatever order the jobs came in
-    return {name: cell_runs[name] for name in by_cell if name in cell_runs}, seconds, parallel
+    return {name: cell_runs[name] for name in resolved if name in cell_runs}, seconds, parallel
 
 
 def _seed_data(cfg: ExperimentConfig, root: Path, seed: int) -> tuple[Path, Path]:
@@ -753,20 +763,24 @@ def _seed_data(cfg: ExperimentConfig, root: Path, seed: int) -> tuple[Path, Path
     if cfg.data:
         train_file = Path(cfg.data)
     else:
-        settings = _train_data_settings(cfg, seed)
-        check_settings(train_file, settings, exists=train_file.is_file())
-        if not train_file.is_file():
-            write_jsonl(train_file, sample_mix("train", cfg.train_per_lang, langs, seed))
-            record_settings(train_file, settings)
+        make_once(
+            train_file,
+            _train_data_settings(cfg, seed),
+            exists=train_file.is_file(),
+            make=lambda: write_jsonl(train_file, sample_mix("train", cfg.train_per_lang, langs, seed)),
+        )
     if cfg.heldout_data:
         held_file = Path(cfg.heldout_data)
     else:
-        settings = _heldout_settings(cfg)
-        check_settings(held_file, settings, exists=held_file.is_file())
-        if not held_file.is_file():
-            # the held-out items are the same for every seed, so that seeds can be compared pairwise
-            write_jsonl(held_file, sample_mix("heldout", cfg.heldout_per_lang, langs, cfg.heldout_seed))
-            record_settings(held_file, settings)
+        # the held-out items are the same for every seed, so that seeds can be compared pairwise
+        make_once(
+            held_file,
+            _heldout_settings(cfg),
+            exists=held_file.is_file(),
+            make=lambda: write_jsonl(
+                held_file, sample_mix("heldout", cfg.heldout_per_lang, langs, cfg.heldout_seed)
+            ),
+        )
     return train_file, held_file
 
 
@@ -835,50 +849,67 @@ def _matrix_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, run: _SeedRun) 
     from cctuning.loading import load_for_inference
     from cctuning.model.transform import MATRIX_NAME
 
+    def make() -> None:
+        with run.stages(stage_key("matrix", cell.train_name, run.seed)):
+            model, tok, _ = load_for_inference(str(tdir))
+            fit = fit_matrix_from_file(
+                model,
+                tok,
+                run.train_file,
+                tdir,
+                data_options=run.train_options,
+                samples=cfg.matrix_samples,
+                seed=run.seed,
+                progress=run.progress,
+            )
+        if fit.heldout:
+            logger.info(
+                "transform matrix of %s: held-out cosine %.4f -> %.4f",
+                tdir,
+                fit.heldout["before"]["cosine"],
+                fit.heldout["after"]["cosine"],
+            )
+
     matrix = tdir / MATRIX_NAME
     settings = {"matrix_samples": cfg.matrix_samples, "data": _train_data_settings(cfg, run.seed)}
-    check_settings(matrix, settings, exists=matrix.is_file())
-    if matrix.is_file():
-        return
-    with run.stages(stage_key("matrix", cell.train_name, run.seed)):
-        model, tok, _ = load_for_inference(str(tdir))
-        fit = fit_matrix_from_file(
-            model,
-            tok,
-            run.train_file,
-            tdir,
-            data_options=run.train_options,
-            samples=cfg.matrix_samples,
-            seed=run.seed,
-            progress=run.progress,
-        )
-    record_settings(matrix, settings)
-    if fit.heldout:
-        logger.info(
-            "transform matrix of %s: held-out cosine %.4f -> %.4f",
-            tdir,
-            fit.heldout["before"]["cosine"],
-            fit.heldout["after"]["cosine"],
-        )
+    make_once(matrix, settings, exists=matrix.is_file(), make=make)
+
+
+def _evaluation_stage(
+    cfg: ExperimentConfig,
+    cell: Cell,
+    tdir: Path,
+    ev: _Evaluation,
+    run: _SeedRun,
+    evaluate: typing.Callable[[typing.Any, typing.Any], object],
+) -> None:
+    """One evaluation of a cell's trained model, unless it is finished (:func:`make_once`):
+    ``evaluate(model, tokenizer)`` writes into ``ev.folder``, timed as stage ``<kind>/<cell>/seed<N>``."""
+    from cctuning.loading import load_for_inference
+
+    def make() -> None:
+        with run.stages(stage_key(ev.kind, cell.name, run.seed)):
+            model, tok, _ = load_for_inference(str(tdir))
+            evaluate(model, tok)
+
+    make_once(ev.folder, _stage_settings(cfg, cell, run.seed, ev.kind), exists=ev.finished, make=make)
 
 
 def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, ev: _Evaluation, run: _SeedRun) -> None:
     from cctuning.eval.nll import evaluate_nll
-    from cctuning.loading import load_for_inference
 
-    out = ev.folder
-    settings = _stage_settings(cfg, cell, run.seed, ev.kind)
-    check_settings(out, settings, exists=ev.finished)
-    if ev.finished:
-        return
-    with run.stages(stage_key("nll", cell.name, run.seed)):
-        model, tok, _ = load_for_inference(str(tdir))
-        evaluate_nll(
+    _evaluation_stage(
+        cfg,
+        cell,
+        tdir,
+        ev,
+        run,
+        lambda model, tok: evaluate_nll(
             model,
             tok,
             run.held_file,
             cell.connection,
-            out,
+            ev.folder,
             batch_size=cfg.eval_batch_size,
             max_length=cell.options.get("max_length", 1024),
             seed=run.seed,
@@ -886,8 +917,8 @@ def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, ev: _Evaluation, r
             model_name=str(tdir),
             sample_layer=cell.sample_layer,
             data_options=run.held_options,
-        )
-    record_settings(out, settings)
+        ),
+    )
 
 
 def answer_nll_name(benchmark: str) -> str:
@@ -903,12 +934,13 @@ def _answer_records_file(cfg: ExperimentConfig, root: Path, benchmark: str) -> P
 
     a = cfg.answer_nll
     file = root / "data" / "answers" / f"{benchmark}.jsonl"
-    settings = _answer_settings(cfg, benchmark)
-    check_settings(file, settings, exists=file.is_file())
-    if not file.is_file():
-        langs = split_list(str(a["langs"])) if a.get("langs") else None
-        write_jsonl(file, answer_records(benchmark, langs, None, a.get("limit")))
-        record_settings(file, settings)
+    langs = split_list(str(a["langs"])) if a.get("langs") else None
+    make_once(
+        file,
+        _answer_settings(cfg, benchmark),
+        exists=file.is_file(),
+        make=lambda: write_jsonl(file, answer_records(benchmark, langs, None, a.get("limit"))),
+    )
     return file
 
 
@@ -916,22 +948,20 @@ def _answer_nll_stage(
     cfg: ExperimentConfig, cell: Cell, benchmark: str, tdir: Path, ev: _Evaluation, run: _SeedRun
 ) -> None:
     from cctuning.eval.nll import evaluate_nll
-    from cctuning.loading import load_for_inference
 
-    out = ev.folder
     records = _answer_records_file(cfg, run.root, benchmark)
-    settings = _stage_settings(cfg, cell, run.seed, ev.kind)
-    check_settings(out, settings, exists=ev.finished)
-    if ev.finished:
-        return
-    with run.stages(stage_key(f"answer-nll-{benchmark}", cell.name, run.seed)):
-        model, tok, _ = load_for_inference(str(tdir))
-        evaluate_nll(
+    _evaluation_stage(
+        cfg,
+        cell,
+        tdir,
+        ev,
+        run,
+        lambda model, tok: evaluate_nll(
             model,
             tok,
             records,
             cell.connection,
-            out,
+            ev.folder,
             batch_size=cfg.eval_batch_size,
             # the benchmark's prompts (a context and a question) are longer than training records
             max_length=int(cfg.answer_nll.get("max_length", 1024)),
@@ -939,8 +969,8 @@ def _answer_nll_stage(
             progress=run.progress,
             model_name=str(tdir),
             sample_layer=cell.sample_layer,
-        )
-    record_settings(out, settings)
+        ),
+    )
 
 
 def bench_config(
@@ -968,21 +998,11 @@ def bench_config(
 
 def _bench_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, ev: _Evaluation, run: _SeedRun) -> dict:
     from cctuning.eval.runner import evaluate
-    from cctuning.loading import load_for_inference
 
-    out = ev.folder
-    settings = _stage_settings(cfg, cell, run.seed, ev.kind)
-    check_settings(out, settings, exists=ev.finished)
-    if not ev.finished:
-        with run.stages(stage_key("bench", cell.name, run.seed)):
-            model, tok, _ = load_for_inference(str(tdir))
-            evaluate(
-                bench_config(cfg, str(tdir), cell.connection, out, run.seed, cell.sample_layer),
-                model,
-                tok,
-                progress=run.progress,
-            )
-        record_settings(out, settings)
+    spec = bench_config(cfg, str(tdir), cell.connection, ev.folder, run.seed, cell.sample_layer)
+    _evaluation_stage(
+        cfg, cell, tdir, ev, run, lambda model, tok: evaluate(spec, model, tok, progress=run.progress)
+    )
     return json.loads(ev.result.read_text(encoding="utf-8"))
 
 
