@@ -19,7 +19,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import signal
 import time
 import typing
@@ -30,55 +29,11 @@ from cctuning.config import split_list
 from cctuning.errors import CCError
 from cctuning.io import folder_lock, write_json, write_text
 from cctuning.model.connection import CONNECTIONS
+from cctuning.stats import mean_interval
 
 logger = logging.getLogger(__name__)
 
 STAGES_NAME = "stages.json"  # wall-clock seconds of every finished stage, kept across resumed invocations
-
-# two-sided 97.5% quantiles of Student's t for 1..30 degrees of freedom (then the normal value)
-_T975 = [
-    12.706,
-    4.303,
-    3.182,
-    2.776,
-    2.571,
-    2.447,
-    2.365,
-    2.306,
-    2.262,
-    2.228,
-    2.201,
-    2.179,
-    2.160,
-    2.145,
-    2.131,
-    2.120,
-    2.110,
-    2.101,
-    2.093,
-    2.086,
-    2.080,
-    2.074,
-    2.069,
-    2.064,
-    2.060,
-    2.056,
-    2.052,
-    2.048,
-    2.045,
-    2.042,
-]
-
-
-def mean_interval(values: list[float]) -> dict:
-    """Mean and 95% t-interval over seeds (a single value has no interval)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return {"mean": mean, "ci_low": None, "ci_high": None, "n": n}
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = (_T975[n - 2] if n - 1 <= len(_T975) else 1.96) * sd / math.sqrt(n)
-    return {"mean": mean, "ci_low": mean - half, "ci_high": mean + half, "n": n}
 
 
 @dataclass

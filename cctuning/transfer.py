@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import random
 import time
 import typing
@@ -45,6 +44,7 @@ import torch
 
 from cctuning.errors import CCError
 from cctuning.io import write_json, write_text
+from cctuning.stats import accuracy_summary, mean_interval, paired_bootstrap_mean, wilson_interval
 
 logger = logging.getLogger(__name__)
 
@@ -379,55 +379,6 @@ def build_model(cfg: TransferConfig, vocab_size: int, seed: int):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 
 
-# -- statistics --------------------------------------------------------------------------------
-def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """95% Wilson score interval of a binomial proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = successes / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    # the bounds are exactly 0 and 1 at k = 0 and k = n (rounding would leave 1e-16 off)
-    return (0.0 if successes == 0 else centre - half), (1.0 if successes == n else centre + half)
-
-
-def accuracy_summary(correct: list[bool]) -> dict:
-    k, n = sum(bool(c) for c in correct), len(correct)
-    low, high = wilson_interval(k, n)
-    return {"accuracy": k / n if n else float("nan"), "ci_low": low, "ci_high": high, "correct": k, "n": n}
-
-
-def paired_margin(a: list[bool], b: list[bool], reps: int, seed: int) -> dict:
-    """Accuracy(a) − accuracy(b) on the same items, with a paired bootstrap 95% percentile interval."""
-    if len(a) != len(b) or not a:
-        raise CCError("paired margin needs two non-empty runs on the same items")
-    diffs = [int(x) - int(y) for x, y in zip(a, b)]
-    n = len(diffs)
-    rng = random.Random(seed)
-    stats = sorted(sum(diffs[rng.randrange(n)] for _ in range(n)) / n for _ in range(reps))
-    return {
-        "margin": sum(diffs) / n,
-        "ci_low": stats[int(0.025 * reps)],
-        "ci_high": stats[min(reps - 1, int(0.975 * reps))],
-        "n": n,
-    }
-
-
-def over_seeds(values: list[float], low: float | None = None, high: float | None = None) -> dict:
-    """Mean and 95% t-interval over seeds, clipped to ``[low, high]`` when given (an accuracy's
-    interval is cut at 0 and 1)."""
-    from cctuning.experiment import mean_interval
-
-    out = mean_interval(values)
-    if out["ci_low"] is not None:
-        if low is not None:
-            out["ci_low"] = max(low, out["ci_low"])
-        if high is not None:
-            out["ci_high"] = min(high, out["ci_high"])
-    return out
-
-
 # -- evaluation --------------------------------------------------------------------------------
 def score_candidates(model, tokenizer, items: list[dict], connection: str, batch_size: int) -> list[dict]:
     """For each item, the teacher-forced NLL of every candidate answer (answer + end of sequence)
@@ -709,7 +660,9 @@ def run_seed(cfg: TransferConfig, seed: int, folder: Path) -> dict:
             "layer_histogram": layer_histogram([r["layer"] for r in rows], num_layers),
         }
     margins = {
-        name: paired_margin(_correct(results[name]), _correct(results["sft"]), cfg.bootstrap_reps, seed)
+        name: paired_bootstrap_mean(
+            _correct(results[name]), _correct(results["sft"]), cfg.bootstrap_reps, seed
+        )
         for name, _, _ in CELLS[1:]
     }
     _write_jsonl(
@@ -768,7 +721,7 @@ def run_seed(cfg: TransferConfig, seed: int, folder: Path) -> dict:
 def _aggregate(parts: list[dict]) -> dict:
     """Per-seed accuracy summaries → mean over seeds (95% t-interval), the per-seed values and
     the items pooled over seeds (Wilson 95% interval; the seeds' worlds are independent)."""
-    out = over_seeds([p["accuracy"] for p in parts], 0.0, 1.0)
+    out = mean_interval([p["accuracy"] for p in parts], 0.0, 1.0)
     out["per_seed"] = [p["accuracy"] for p in parts]
     k, n = sum(p["correct"] for p in parts), sum(p["n"] for p in parts)
     low, high = wilson_interval(k, n)
@@ -799,7 +752,7 @@ def summarize(cfg: TransferConfig, runs: list[dict], seconds: float) -> dict:
     summary["stage1_foreign_accuracy"] = _aggregate([r["stage1"]["foreign_accuracy_heldout"] for r in runs])
     summary["margins_over_sft"] = {
         name: {
-            **over_seeds([r["margins_over_sft"][name]["margin"] for r in runs], -1.0, 1.0),
+            **mean_interval([r["margins_over_sft"][name]["margin"] for r in runs], -1.0, 1.0),
             "per_seed": [r["margins_over_sft"][name] for r in runs],
         }
         for name, _, _ in CELLS[1:]
@@ -820,20 +773,20 @@ def summarize(cfg: TransferConfig, runs: list[dict], seconds: float) -> dict:
     }
     diag = [r["matrix"]["heldout_entities"] for r in runs]
     summary["matrix"] = {
-        "heldout_pairs_cosine_before": over_seeds(
+        "heldout_pairs_cosine_before": mean_interval(
             [r["matrix"]["heldout_pairs"]["before"]["cosine"] for r in runs], -1.0, 1.0
         ),
-        "heldout_pairs_cosine_after": over_seeds(
+        "heldout_pairs_cosine_after": mean_interval(
             [r["matrix"]["heldout_pairs"]["after"]["cosine"] for r in runs], -1.0, 1.0
         ),
-        "heldout_entities_cosine_before": over_seeds([d["cosine_before"] for d in diag], -1.0, 1.0),
-        "heldout_entities_cosine_after": over_seeds([d["cosine_after"] for d in diag], -1.0, 1.0),
+        "heldout_entities_cosine_before": mean_interval([d["cosine_before"] for d in diag], -1.0, 1.0),
+        "heldout_entities_cosine_after": mean_interval([d["cosine_after"] for d in diag], -1.0, 1.0),
         "per_layer": [
             {
                 key: (
                     layer
                     if key == "layer"
-                    else over_seeds([d["per_layer"][layer][key] for d in diag])["mean"]
+                    else mean_interval([d["per_layer"][layer][key] for d in diag])["mean"]
                 )
                 for key in diag[0]["per_layer"][layer]
             }

@@ -8,14 +8,7 @@ from pathlib import Path
 import pytest
 
 from cctuning.errors import CCError
-from cctuning.experiment import _train_key, load_config, mean_interval, run_experiment
-
-
-def test_mean_interval_by_hand():
-    m = mean_interval([1.0, 2.0, 3.0])
-    half = 4.303 * 1.0 / math.sqrt(3)  # t(0.975, 2) × sd / √n
-    assert m["mean"] == 2.0 and math.isclose(m["ci_low"], 2 - half) and math.isclose(m["ci_high"], 2 + half)
-    assert mean_interval([5.0]) == {"mean": 5.0, "ci_low": None, "ci_high": None, "n": 1}
+from cctuning.experiment import _train_key, load_config, run_experiment
 
 
 def test_config_errors_name_the_file_and_option(tmp_path):

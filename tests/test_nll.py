@@ -13,7 +13,6 @@ from cctuning.cli import main
 from cctuning.data.encoding import PromptEncoder
 from cctuning.errors import CCError
 from cctuning.eval.nll import (
-    bootstrap_ratio,
     evaluate_nll,
     load_items,
     paired_difference,
@@ -104,12 +103,6 @@ def test_nll_equals_hand_computation(tokenizer, tmp_path):
     assert diff["all"]["diff"] != 0
     same = paired_difference(load_items(tmp_path / "none"), load_items(tmp_path / "none"))
     assert same["all"] == {"diff": 0.0, "ci_low": 0.0, "ci_high": 0.0, "items": 6}
-
-
-def test_bootstrap_interval_by_hand():
-    # two items: resamples can only give {a,a}, {a,b}, {b,b}: ratios 1.0, 1.5 (or 2.0 via b,b)
-    low, high = bootstrap_ratio([1.0, 4.0], [1, 2], reps=400, seed=0)
-    assert low == 1.0 and high == 2.0
 
 
 def test_eval_nll_cli_and_report(base_dir, tmp_path, capsys):

@@ -2,13 +2,12 @@
 statistics, its scoring path and, end to end, the English oracle's margin over SFT."""
 
 import json
-import math
-import random
 
 import pytest
 import torch
 
 from cctuning.errors import CCError
+from cctuning.stats import wilson_interval
 from cctuning.transfer import (
     CELLS,
     FOREIGN_FUNCTION,
@@ -20,13 +19,11 @@ from cctuning.transfer import (
     check_train_options,
     eval_items,
     majority_baseline,
-    paired_margin,
     probe_accuracy,
     run_transfer_task,
     score_candidates,
     stage1_records,
     stage2_records,
-    wilson_interval,
 )
 
 
@@ -147,32 +144,6 @@ def test_majority_baseline_by_hand(world):
         majority = next(a for a in item["candidates"] if train_answers.count(a) == top)  # first on ties
         hits += majority == item["answer"]
     assert result["correct"] == hits and result["n"] == len(items)
-
-
-# -- statistics --------------------------------------------------------------------------------
-@pytest.mark.parametrize("k,n", [(0, 10), (5, 10), (9, 10), (37, 72), (72, 72)])
-def test_wilson_interval_solves_the_score_equation(k, n):
-    """The Wilson bounds are the p where |k/n − p| = z·sqrt(p(1−p)/n)."""
-    low, high = wilson_interval(k, n)
-    z = 1.959964
-    for p in (low, high):
-        if 0 < p < 1:
-            assert abs(abs(k / n - p) - z * math.sqrt(p * (1 - p) / n)) < 1e-9
-    assert low <= k / n <= high
-    assert (low == 0) == (k == 0) and (high == 1) == (k == n)
-    assert wilson_interval(5, 10) == pytest.approx((0.236593, 0.763407), abs=1e-6)
-
-
-def test_paired_margin_counts_and_brackets():
-    rng = random.Random(0)
-    a = [rng.random() < 0.7 for _ in range(200)]
-    b = [rng.random() < 0.3 for _ in range(200)]
-    m = paired_margin(a, b, reps=500, seed=1)
-    assert m["margin"] == pytest.approx((sum(a) - sum(b)) / 200)
-    assert m["ci_low"] < m["margin"] < m["ci_high"]
-    assert m["ci_low"] > 0.2  # a 40-point gap on 200 items is far from zero
-    same = paired_margin(a, a, reps=100, seed=1)
-    assert same["margin"] == same["ci_low"] == same["ci_high"] == 0
 
 
 def test_probe_reads_a_linear_code_and_not_noise():

@@ -40,6 +40,7 @@ from cctuning.model.connection import (
     resolve_connection,
     source_activations,
 )
+from cctuning.stats import bootstrap_ratio, two_level_bootstrap
 from cctuning.versions import versions
 
 logger = logging.getLogger(__name__)
@@ -169,23 +170,6 @@ def _cut_back(cache, length: int) -> None:
     extra = cache.get_seq_length() - length
     if extra > 0:
         cache.crop(-extra)
-
-
-def bootstrap_ratio(
-    nll: list[float], tokens: list[int], reps: int = 1000, seed: int = 0
-) -> tuple[float, float]:
-    """95% percentile interval of ``Σ nll / Σ tokens`` under resampling of items."""
-    if len(nll) < 2:
-        value = sum(nll) / max(1, sum(tokens))
-        return value, value
-    rng = random.Random(seed)
-    n = len(nll)
-    stats = []
-    for _ in range(reps):
-        idx = [rng.randrange(n) for _ in range(n)]
-        stats.append(sum(nll[i] for i in idx) / max(1, sum(tokens[i] for i in idx)))
-    stats.sort()
-    return stats[int(0.025 * reps)], stats[min(reps - 1, int(0.975 * reps))]
 
 
 def summarize(items: list[dict], reps: int = 1000, seed: int = 0) -> dict:
@@ -472,29 +456,16 @@ def paired_difference_over_seeds(
     groups: dict[str, list] = {}
     for k in keys:
         groups.setdefault(k[2] or "?", []).append(k)
-    out = {}
     rng = random.Random(seed)  # the items' draws: one pair gives paired_difference's exact draws
     seed_rng = random.Random(f"seeds-{seed}")
-    n_seeds = len(pairs)
-
-    def ratio(rows, idx):
-        return sum(rows[i]["nll_sum"] for i in idx) / max(1, sum(rows[i]["tokens"] for i in idx))
-
+    out = {}
     for name, ks in sorted(groups.items()) + [("all", keys)]:
-        runs = [([ka[k] for k in ks], [kb[k] for k in ks]) for ka, kb in indexed]
-        full = list(range(len(ks)))
-        diff = sum(ratio(ra, full) - ratio(rb, full) for ra, rb in runs) / n_seeds
-        stats = []
-        for _ in range(reps):
-            drawn = [seed_rng.randrange(n_seeds) for _ in range(n_seeds)] if n_seeds > 1 else [0]
-            idx = [rng.randrange(len(ks)) for _ in ks]
-            stats.append(sum(ratio(runs[s][0], idx) - ratio(runs[s][1], idx) for s in drawn) / len(drawn))
-        stats.sort()
-        out[name] = {
-            "diff": diff,
-            "ci_low": stats[int(0.025 * reps)],
-            "ci_high": stats[min(reps - 1, int(0.975 * reps))],
-            "items": len(ks),
-            "seeds": n_seeds,
-        }
+        runs = [
+            (
+                [(ka[k]["nll_sum"], ka[k]["tokens"]) for k in ks],
+                [(kb[k]["nll_sum"], kb[k]["tokens"]) for k in ks],
+            )
+            for ka, kb in indexed
+        ]
+        out[name] = two_level_bootstrap(runs, reps, rng, seed_rng)
     return out
