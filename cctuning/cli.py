@@ -282,7 +282,7 @@ def _cmd_eval_nll(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from cctuning.eval.report import build_report_from_args
+    from cctuning.lab.report import build_report_from_args
 
     table, png = build_report_from_args(args)
     print(table)
@@ -291,7 +291,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from cctuning.demo import DemoConfig, run_demo
+    from cctuning.lab.demo import DemoConfig, run_demo
 
     cfg = build_config(DemoConfig, args.config, _given_flags(args))
     table, report_dir = run_demo(cfg)
@@ -303,7 +303,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 def _cmd_experiment(args: argparse.Namespace) -> int:
     from cctuning.config import coerce
-    from cctuning.experiment import experiment_markdown, load_config, run_experiment, select_cells
+    from cctuning.lab.experiment import experiment_markdown, load_config, run_experiment, select_cells
 
     cfg = load_config(args.config)
     if args.output:
@@ -557,7 +557,7 @@ def _add_eval(sub) -> None:
 
 
 def _add_demo(sub) -> None:
-    from cctuning.demo import DemoConfig
+    from cctuning.lab.demo import DemoConfig
 
     _add_config_command(
         sub, "demo", "CC-Tuning vs SFT on a real small model, end to end (make demo)", DemoConfig, _cmd_demo
@@ -594,7 +594,7 @@ def _add_experiment(sub) -> None:
 
 
 def _add_report(sub) -> None:
-    from cctuning.eval.report import add_arguments as add_report_arguments
+    from cctuning.lab.report import add_arguments as add_report_arguments
 
     p = sub.add_parser(
         "report", help="put runs side by side (tables, plots) with the connection's diagnostics"

@@ -479,7 +479,7 @@ def test_train_reports_a_bad_row_in_one_line(rows, base_dir, tmp_path, capsys):
 
 
 def test_experiment_config_takes_the_data_options(tmp_path):
-    from cctuning.experiment import data_options, load_config
+    from cctuning.lab.experiment import data_options, load_config
 
     path = tmp_path / "exp.yaml"
     base = "model: m\ncells:\n  - {name: cc}\n"
@@ -500,7 +500,7 @@ def test_experiment_config_takes_the_data_options(tmp_path):
 
 @pytest.mark.slow
 def test_experiment_trains_and_evaluates_on_user_tables(rows, base_dir, tmp_path):
-    from cctuning.experiment import load_config, run_experiment
+    from cctuning.lab.experiment import load_config, run_experiment
 
     _quiet_bars()
     dd = tmp_path / "dd"

@@ -6,8 +6,8 @@ import pytest
 
 import cctuning.training.run as run_module
 from cctuning.data.mix import sample_mix
-from cctuning.demo import DemoConfig, experiment_config, run_demo
-from cctuning.experiment import resolve_cells
+from cctuning.lab.demo import DemoConfig, experiment_config, run_demo
+from cctuning.lab.experiment import resolve_cells
 
 TINY = dict(
     train_per_lang=1,
@@ -117,7 +117,7 @@ def test_demo_is_an_experiment_preset():
 def test_demo_bf16_option_reaches_the_trainings_and_the_summary():
     """--bf16 trains under autocast and says so in the summary; off, the training keys are exactly
     the float32 demo's, so finished runs are reused."""
-    from cctuning.demo import summary_header
+    from cctuning.lab.demo import summary_header
 
     plain, bf16 = experiment_config(DemoConfig()), experiment_config(DemoConfig(bf16=True))
     assert "bf16" not in plain.train and bf16.train == {**plain.train, "bf16": True}

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from cctuning.errors import CCError
-from cctuning.experiment import _train_key, load_config, run_experiment
+from cctuning.lab.experiment import load_config, run_experiment
+from cctuning.lab.experiment.config import _train_key
 
 
 def test_config_errors_name_the_file_and_option(tmp_path):
@@ -73,7 +74,7 @@ def test_bad_values_fail_at_load_time(tmp_path, text, message):
 
 def test_per_benchmark_limits_override_the_limit(tmp_path):
     from cctuning.eval.runner import EvalConfig
-    from cctuning.experiment import bench_config
+    from cctuning.lab.experiment import bench_config
 
     ecfg = EvalConfig(model="m", limit=4, limits={"xl-sum": 2})
     assert ecfg.limit_for("XLSum") == 2 and ecfg.limit_for("xnli") == 4
@@ -117,7 +118,7 @@ def test_oracle_config_reuses_the_main_experiment():
 
 def test_shipped_train_and_demo_configs_load():
     from cctuning.config import build_config
-    from cctuning.demo import DemoConfig
+    from cctuning.lab.demo import DemoConfig
     from cctuning.training import TrainConfig
 
     lora = build_config(TrainConfig, str(EXAMPLES / "train_lora.yaml"), {})
@@ -232,7 +233,7 @@ answer_nll: {{names: xquad, langs: "de,en", limit: 2}}
     # a result made with other settings is refused in one line naming it and the setting, before
     # anything runs or is written: the old numbers are never reported under a changed config
     from cctuning.errors import CCError
-    from cctuning.experiment import select_cells
+    from cctuning.lab.experiment import select_cells
 
     text = path.read_text()
     sidecars = sorted(root.rglob("experiment_settings.json")) + sorted(root.rglob("*.settings.json"))
@@ -318,7 +319,7 @@ cells:
 
 
 def test_plan_jobs_groups_the_cells_of_one_training(tmp_path):
-    from cctuning.experiment import plan_jobs
+    from cctuning.lab.experiment import plan_jobs
 
     path = tmp_path / "e.yaml"
     path.write_text(
@@ -337,7 +338,7 @@ def test_plan_jobs_groups_the_cells_of_one_training(tmp_path):
 
 
 def _train_key_of(cfg, name):
-    from cctuning.experiment import resolve_cells
+    from cctuning.lab.experiment import resolve_cells
 
     return next(c.train_name for c in resolve_cells(cfg) if c.name == name)
 
@@ -460,7 +461,7 @@ def test_a_failed_job_is_reported_with_its_log(base_dir, tmp_path):
 
 
 def test_a_cell_without_benchmarks_for_every_seed_shows_a_dash():
-    from cctuning.experiment import experiment_markdown
+    from cctuning.lab.experiment import experiment_markdown
 
     nll = {"all": {"mean": 2.0, "ci_low": None, "ci_high": None, "n": 1}}
     bench = {
@@ -537,7 +538,7 @@ def test_jobs_take_the_devices_in_turn_and_share_the_threads(tmp_path, monkeypat
     import os
     import subprocess
 
-    from cctuning import experiment
+    from cctuning.lab.experiment import jobs as experiment_jobs
 
     path = tmp_path / "e.yaml"
     path.write_text(
@@ -566,16 +567,16 @@ def test_jobs_take_the_devices_in_turn_and_share_the_threads(tmp_path, monkeypat
             return self.returncode
 
     monkeypatch.setattr(subprocess, "Popen", Fake)
-    monkeypatch.setattr(experiment.time, "sleep", lambda s: None)
+    monkeypatch.setattr(experiment_jobs.time, "sleep", lambda s: None)
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    experiment._run_jobs(cfg, tmp_path / "out", 2, ["0", "1", "2"], path, progress=False)
+    experiment_jobs._run_jobs(cfg, tmp_path / "out", 2, ["0", "1", "2"], path, progress=False)
     assert len(launched) == 4 and peak[0] == 2
     assert [env["CUDA_VISIBLE_DEVICES"] for _, env in launched] == ["0", "1", "2", "0"]
     assert {env["OMP_NUM_THREADS"] for _, env in launched} == {"4"}  # 8 threads / 2 jobs at a time
-    jobs = experiment.plan_jobs(cfg)
+    jobs = experiment_jobs.plan_jobs(cfg)
     for (cmd, _), job in zip(launched, jobs):
         assert cmd[cmd.index("--seeds") + 1] == str(job.seed)
         assert cmd[cmd.index("--cells") + 1] == ",".join(job.cells)
-        assert cmd[cmd.index("--output") + 1] == str(experiment.job_root(tmp_path / "out", job))
+        assert cmd[cmd.index("--output") + 1] == str(experiment_jobs.job_root(tmp_path / "out", job))
         assert "--no-report" in cmd and cmd[cmd.index("--config") + 1] == str(path)

@@ -124,7 +124,8 @@ def test_eval_nll_cli_and_report(base_dir, tmp_path, capsys):
 def test_layer_histogram_counts_every_choice_and_spans_all_layers(tokenizer, tmp_path):
     from collections import Counter
 
-    from cctuning.eval.report import build_report, layer_grid, layer_histograms, load_run
+    from cctuning.lab.plots import layer_grid
+    from cctuning.lab.report import build_report, layer_histograms, load_run
 
     torch.manual_seed(1)
     cc = CCModel.from_base(

@@ -15,17 +15,11 @@ import torch
 
 from cctuning.data.encoding import PromptEncoder
 from cctuning.errors import CCError
-from cctuning.eval import diagnostics
 from cctuning.eval.nll import NLL_ITEMS_NAME, NLL_NAME, evaluate_nll, load_items, paired_difference, summarize
-from cctuning.eval.report import (
-    add_arguments,
-    build_report,
-    build_report_from_args,
-    plot_connection_gain,
-    plot_norms,
-    plot_training_choices,
-)
 from cctuning.inference import TransformMatrix
+from cctuning.lab import diagnostics
+from cctuning.lab.plots import plot_connection_gain, plot_norms, plot_training_choices
+from cctuning.lab.report import add_arguments, build_report, build_report_from_args
 from cctuning.model import CCConfig, CCModel
 from cctuning.testing import tiny_model
 from tests.conftest import make_records, write_jsonl

@@ -132,7 +132,7 @@ def test_a_lock_left_by_a_killed_process_does_not_block(base_dir, data_file, tmp
 
 
 def test_a_second_experiment_on_the_same_folder_is_refused_before_it_writes(base_dir, tmp_path):
-    from cctuning.experiment import load_config, run_experiment
+    from cctuning.lab.experiment import load_config, run_experiment
 
     path = tmp_path / "exp.yaml"
     path.write_text(

@@ -84,7 +84,7 @@ def test_experiment_cells_take_sample_layer_for_evaluation_only(tmp_path):
     import pytest
 
     from cctuning.errors import CCError
-    from cctuning.experiment import load_config, resolve_cells
+    from cctuning.lab.experiment import load_config, resolve_cells
 
     cfg_file = tmp_path / "e.yaml"
     cfg_file.write_text(

@@ -1,7 +1,7 @@
 """Diagnostics of the connection a researcher looks at; ``cctuning report`` plots them.
 
 Three measurements, each returning plain JSON-serialisable data (the plots in
-:mod:`cctuning.eval.report` draw exactly these numbers):
+:mod:`cctuning.lab.plots` draw exactly these numbers):
 
 * :func:`connection_norms`: per layer l, the L2 norm of what the connection would add after
   decoder layer k if the Decision Maker chose l (``f_l[p]`` of the English prompt for
@@ -41,7 +41,10 @@ from cctuning.data.encoding import PromptEncoder
 from cctuning.data.records import Record, load_prompts
 from cctuning.errors import CCError
 from cctuning.eval.nll import load_items, paired_difference
+from cctuning.model.ccmodel import CONFIG_NAME
 from cctuning.model.connection import map_activations, resolve_connection
+from cctuning.training.run import TRAIN_RESULTS_NAME
+from cctuning.training.trainer import LAYER_CHOICE_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +140,40 @@ def connection_norms(
     ``ratio`` is ``‖vector‖ / ‖h_k[p]‖`` per prompt. For ``transform`` the vector is
     ``f_l[p] M`` (the Transform Matrix applied, as at inference).
     """
+    recs, names = _norms_inputs(model, records, connection, samples, seed)
+    fusion = copy.deepcopy(model.fusion).float().cpu()  # the model's own stays where it is
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            residual, per = _measure_norms(model, tokenizer, recs, names, fusion, batch_size, max_length)
+    finally:
+        model.train(was_training)
+    out = {
+        "inject_layer": model.cc_config.inject_layer,
+        "num_layers": model.arch.num_layers,
+        "hidden_size": model.arch.hidden_size,
+        "fusion": fusion.kind,
+        "samples": len(recs),
+        "languages": _count(r.lang or "?" for r in recs),
+        "residual": spread(residual),
+        "connections": {},
+    }
+    for c in names:
+        vec = per[c]["vector"]
+        entry = {
+            "vector": [spread(v) for v in vec],
+            "ratio": [spread([a / max(b, 1e-12) for a, b in zip(v, residual)]) for v in vec],
+        }
+        if fusion.kind != "add":
+            entry["added"] = [spread(v) for v in per[c]["added"]]
+        out["connections"][c] = entry
+    return out
+
+
+def _norms_inputs(model, records, connection, samples: int, seed: int) -> tuple[list[Record], list[str]]:
+    """The records :func:`connection_norms` measures (a seeded sample of at most ``samples``) and the
+    connections it measures, resolved; a one-line error for a model or a request it cannot measure."""
     if not model.uses_connection:
         raise CCError(
             f"connection norms need a CC-Tuning model; this one is method '{model.cc_config.method}'"
@@ -156,7 +193,12 @@ def connection_norms(
             raise CCError(
                 "nothing to measure: the model has no transform matrix and the records lack instruction_en"
             )
-    names = [resolve_connection(model, c, english=has_english) for c in wanted]
+    return recs, [resolve_connection(model, c, english=has_english) for c in wanted]
+
+
+def _measure_norms(model, tokenizer, recs, names, fusion, batch_size: int, max_length) -> tuple[list, dict]:
+    """Batch by batch: the norm of ``h_k[p]`` per prompt, and per connection and layer the norm of
+    the vector it would add (and, with a fusion other than ``add``, of what the fusion adds)."""
     encoder = PromptEncoder(tokenizer, model.cc_config.prompt_format)
     pad = pad_token_id(tokenizer)
     num_layers = model.arch.num_layers
@@ -165,52 +207,26 @@ def connection_norms(
         c: {"vector": [[] for _ in range(num_layers)], "added": [[] for _ in range(num_layers)]}
         for c in names
     }
-    fusion = copy.deepcopy(model.fusion).float().cpu()  # the model's own stays where it is
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for start in range(0, len(recs), batch_size):
-                batch = recs[start : start + batch_size]
-                own, h = _prompt_pass(model, encoder, [r.instruction for r in batch], pad, max_length, True)
-                english = None
-                if "english" in names:
-                    english, _ = _prompt_pass(
-                        model, encoder, [r.instruction_en for r in batch], pad, max_length, False
-                    )
-                residual += h.norm(dim=-1).tolist()
-                for c in names:
-                    vectors = map_activations(model, c, english if c == "english" else own).float().cpu()
-                    for layer in range(num_layers):
-                        v = vectors[:, layer]
-                        per[c]["vector"][layer] += v.norm(dim=-1).tolist()
-                        if fusion.kind != "add":
-                            weights = torch.zeros(len(batch), num_layers)
-                            weights[:, layer] = 1.0
-                            added = fusion(h, v, weights) - h
-                            per[c]["added"][layer] += added.norm(dim=-1).tolist()
-    finally:
-        model.train(was_training)
-    out = {
-        "inject_layer": model.cc_config.inject_layer,
-        "num_layers": num_layers,
-        "hidden_size": model.arch.hidden_size,
-        "fusion": fusion.kind,
-        "samples": len(recs),
-        "languages": _count(r.lang or "?" for r in recs),
-        "residual": spread(residual),
-        "connections": {},
-    }
-    for c in names:
-        vec = per[c]["vector"]
-        entry = {
-            "vector": [spread(v) for v in vec],
-            "ratio": [spread([a / max(b, 1e-12) for a, b in zip(v, residual)]) for v in vec],
-        }
-        if fusion.kind != "add":
-            entry["added"] = [spread(v) for v in per[c]["added"]]
-        out["connections"][c] = entry
-    return out
+    for start in range(0, len(recs), batch_size):
+        batch = recs[start : start + batch_size]
+        own, h = _prompt_pass(model, encoder, [r.instruction for r in batch], pad, max_length, True)
+        english = None
+        if "english" in names:
+            english, _ = _prompt_pass(
+                model, encoder, [r.instruction_en for r in batch], pad, max_length, False
+            )
+        residual += h.norm(dim=-1).tolist()
+        for c in names:
+            vectors = map_activations(model, c, english if c == "english" else own).float().cpu()
+            for layer in range(num_layers):
+                v = vectors[:, layer]
+                per[c]["vector"][layer] += v.norm(dim=-1).tolist()
+                if fusion.kind != "add":
+                    weights = torch.zeros(len(batch), num_layers)
+                    weights[:, layer] = 1.0
+                    added = fusion(h, v, weights) - h
+                    per[c]["added"][layer] += added.norm(dim=-1).tolist()
+    return residual, per
 
 
 def _count(values) -> dict:
@@ -236,8 +252,6 @@ def _step(folder: Path) -> int:
 def is_training_run(path: str | Path) -> bool:
     """A training run folder (or one of its checkpoints): it holds ``trainer_state.json`` or
     ``layer_choice.json`` itself or in a ``checkpoint-*`` folder."""
-    from cctuning.training.trainer import LAYER_CHOICE_NAME
-
     path = Path(path)
     if not path.is_dir():
         return False
@@ -263,9 +277,6 @@ def newest_trainer_state(run_dir: str | Path) -> tuple[Path, dict] | None:
 def _whole_run_counts(run_dir: Path) -> tuple[list[int] | None, str | None]:
     """Whole-run layer counts: the run's ``layer_choice.json``, else ``train_results.json``, else the
     newest checkpoint's ``layer_choice.json``."""
-    from cctuning.training.run import TRAIN_RESULTS_NAME
-    from cctuning.training.trainer import LAYER_CHOICE_NAME
-
     data = _read_json(run_dir / LAYER_CHOICE_NAME)
     if isinstance(data, dict) and data.get("counts"):
         return [int(c) for c in data["counts"]], str(run_dir / LAYER_CHOICE_NAME)
@@ -287,8 +298,6 @@ def training_choices(run_dir: str | Path) -> dict:
      "windows": [{"step", "share": [per layer]}],   # only if the trainer logs a distribution
      "counts", "share", "counts_source"}      # whole run (None when not found)
     """
-    from cctuning.model.ccmodel import CONFIG_NAME
-
     run_dir = Path(run_dir)
     found = newest_trainer_state(run_dir)
     steps, tops, entropies, windows = [], [], [], []

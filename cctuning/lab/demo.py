@@ -1,6 +1,6 @@
 """``cctuning demo`` (``make demo``): CC-Tuning next to vanilla SFT on a real model, offline.
 
-The demo is a small preset of :func:`cctuning.experiment.run_experiment`: one seed and three cells,
+The demo is a small preset of :func:`cctuning.lab.experiment.run_experiment`: one seed and three cells,
 ``sft`` (vanilla SFT, connection none), ``cc`` (CC-Tuning, transform) and ``cc-none`` (the same
 CC-Tuning model without the connection, to show what the matrix adds). The experiment runs the
 stages, each reused when it already finished (re-running continues where a killed run stopped):
@@ -12,7 +12,7 @@ stages, each reused when it already finished (re-running continues where a kille
 5. the held-out response NLL of each cell and a development subset of the six benchmarks;
 
 and the demo adds one side-by-side report (``report/summary.md``, plus the table and plots of
-:func:`cctuning.eval.report.build_report`).
+:func:`cctuning.lab.report.build_report`).
 
 The default budget is sized for 2 CPU cores and about 20 minutes; ``--config`` takes a YAML file
 with any :class:`DemoConfig` field for a fuller run (``examples/demo_full.yaml``).
@@ -27,9 +27,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cctuning.config import split_list
-from cctuning.experiment import ExperimentConfig, eval_dir, resolve_cells, run_experiment, stage_key
+from cctuning.eval.benchmarks import resolve_name
+from cctuning.eval.nll import NLL_NAME, load_items, paired_difference
+from cctuning.eval.runner import RESULTS_NAME
 from cctuning.io import write_json, write_text
+from cctuning.lab.experiment import ExperimentConfig, eval_dir, resolve_cells, run_experiment, stage_key
+from cctuning.lab.report import build_report
 from cctuning.training.args import opt
+from cctuning.versions import versions
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +111,6 @@ def experiment_config(cfg: DemoConfig) -> ExperimentConfig:
 
 def run_demo(cfg: DemoConfig) -> tuple[str, Path]:
     """Run every stage; returns the report's Markdown and the folder it is in."""
-    from cctuning.versions import versions
-
     started = time.time()
     root = Path(cfg.output)
     root.mkdir(parents=True, exist_ok=True)
@@ -120,8 +123,6 @@ def run_demo(cfg: DemoConfig) -> tuple[str, Path]:
 
 def write_summary(cfg: DemoConfig, exp: ExperimentConfig, stages: dict, seconds: float) -> tuple[str, Path]:
     """``report/``: the side-by-side report of the three cells' evaluation folders and the summary table."""
-    from cctuning.eval.report import build_report
-
     dirs = [eval_dir(exp.output, name, cfg.seed) for name, *_ in CELLS]
     bench_runs, nll_runs = [d / "bench" for d in dirs], [d / "nll" for d in dirs]
     report_dir = Path(exp.output) / "report"
@@ -181,10 +182,6 @@ def summary_markdown(
 
 
 def _table_rows(cfg: DemoConfig, bench_runs: list[Path], nll_runs: list[Path]) -> list[str]:
-    from cctuning.eval.benchmarks import resolve_name
-    from cctuning.eval.nll import NLL_NAME, load_items, paired_difference
-    from cctuning.eval.runner import RESULTS_NAME
-
     names = [title for _, title, *_ in CELLS]
     results = [json.loads((r / RESULTS_NAME).read_text(encoding="utf-8")) for r in bench_runs]
     nlls = [json.loads((n / NLL_NAME).read_text(encoding="utf-8")) for n in nll_runs]
