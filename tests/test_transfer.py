@@ -1,4 +1,4 @@
-"""The synthetic transfer task (cctuning/transfer.py, docs/transfer.md): its data generator, its
+"""The synthetic transfer task (studies/transfer/, docs/transfer.md): its data generator, its
 statistics, its scoring path and, end to end, the English oracle's margin over SFT."""
 
 import json
@@ -8,7 +8,7 @@ import torch
 
 from cctuning.errors import CCError
 from cctuning.stats import wilson_interval
-from cctuning.transfer import (
+from studies.transfer.run import (
     CELLS,
     FOREIGN_FUNCTION,
     FOREIGN_LANG,
