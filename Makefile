@@ -36,8 +36,8 @@ test: $(STAMP) $(PRESETS_STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check cctuning tests bench scripts
-	$(BIN)/ruff format --check cctuning tests bench scripts
+	$(BIN)/ruff check cctuning tests bench scripts studies
+	$(BIN)/ruff format --check cctuning tests bench scripts studies
 
 demo: $(STAMP) $(PRESETS_STAMP)
 	$(BIN)/cctuning demo $(if $(CONFIG),--config $(CONFIG),)

@@ -1,27 +1,29 @@
-"""The synthetic transfer task (cctuning/transfer.py, docs/transfer.md): its data generator, its
+"""The synthetic transfer task (studies/transfer/, docs/transfer.md): its data generator, its
 statistics, its scoring path and, end to end, the English oracle's margin over SFT."""
 
 import json
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 import torch
 
 from cctuning.errors import CCError
 from cctuning.stats import wilson_interval
-from cctuning.transfer import (
-    CELLS,
+from studies.transfer.__main__ import main
+from studies.transfer.config import CELLS, TransferConfig, check_train_options
+from studies.transfer.run import run_transfer_task
+from studies.transfer.scoring import majority_baseline, probe_accuracy, score_candidates
+from studies.transfer.summary import summary_markdown
+from studies.transfer.world import (
     FOREIGN_FUNCTION,
     FOREIGN_LANG,
-    TransferConfig,
     build_model,
     build_tokenizer,
     build_world,
-    check_train_options,
     eval_items,
-    majority_baseline,
-    probe_accuracy,
-    run_transfer_task,
-    score_candidates,
     stage1_records,
     stage2_records,
 )
@@ -209,7 +211,7 @@ def test_candidate_scores_match_the_training_forward(world):
 # -- end to end ----------------------------------------------------------------------------------
 def _check_summary(summary: dict, seeds: list[int], items_per_seed: int) -> None:
     assert summary["seeds"] == seeds
-    for name, _, _ in CELLS:
+    for name in (cell.name for cell in CELLS):
         cell = summary[f"{name}_accuracy"]
         assert cell["per_seed"] == [r["cells"][name]["accuracy"] for r in summary["per_seed"]]
         assert cell["mean"] == pytest.approx(sum(cell["per_seed"]) / len(seeds))
@@ -221,13 +223,17 @@ def _check_summary(summary: dict, seeds: list[int], items_per_seed: int) -> None
         )
 
 
-def test_oracle_beats_sft_end_to_end(tmp_path):
+def test_oracle_beats_sft_end_to_end(tmp_path, capsys):
     """A small version of the task: the English oracle must beat SFT on held-out foreign questions
     by a margin whose paired bootstrap interval excludes zero, while SFT stays near chance."""
-    cfg = TransferConfig(
-        output=str(tmp_path / "run"), seed_list=[0], entities=32, stage1_epochs=60, bootstrap_reps=400
-    )
-    summary = run_transfer_task(cfg)
+    flags = ["--seed", "0", "--entities", "32", "--stage1-epochs", "60", "--bootstrap-reps", "400"]
+    assert main(["--output", str(tmp_path / "run"), *flags]) == 0  # the command line, as a user runs it
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # what it printed last (the Trainer prints its metrics before): summary.md's table, then where the
+    # summary is
+    printed = capsys.readouterr().out
+    assert printed.endswith(summary_markdown(summary) + f"\nsummary: {tmp_path / 'run'}/summary.json\n")
+    assert (tmp_path / "run" / "summary.md").read_text() in printed
     _check_summary(summary, [0], items_per_seed=48)
     run = summary["per_seed"][0]
     # stage 1 learned the English facts (at these settings seeds 0-4 reach 65-98%)
@@ -238,8 +244,11 @@ def test_oracle_beats_sft_end_to_end(tmp_path):
     assert margin["margin"] == pytest.approx(oracle - sft)
     # seeds 1-4 at these settings give margins of 19-46 points, each with an interval above zero
     assert margin["margin"] >= 0.15 and margin["ci_low"] > 0
-    saved = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert saved["cc_oracle_accuracy"]["mean"] == oracle
+    assert summary["settings"] == asdict(
+        TransferConfig(
+            output=str(tmp_path / "run"), seed_list=[0], entities=32, stage1_epochs=60, bootstrap_reps=400
+        )
+    )
     assert (tmp_path / "run" / "summary.md").read_text().count("\n| ") >= 4
     # the per-item predictions agree with the cell's accuracy
     rows = [json.loads(line) for line in (tmp_path / "run" / "seed-0" / "predictions.jsonl").open()]
@@ -252,6 +261,64 @@ def test_refuses_a_foreign_output_folder(tmp_path):
     with pytest.raises(CCError, match="not written by the transfer task"):
         run_transfer_task(TransferConfig(output=str(tmp_path), seed_list=[0]))
     assert (tmp_path / "seed-0" / "precious.txt").read_text() == "keep me"
+
+
+# -- the command line ------------------------------------------------------------------------------
+PROG_ERROR = "python -m studies.transfer: error: "
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--output", "o", "--nonsense"], "unrecognized arguments: --nonsense"),
+        (["--output", "o", "--entities", "many"], "--entities"),
+        (["--output", "o", "--seeds", "0"], "--seeds must be >= 1, got 0"),
+        (["--output", "o", "--relations", "9"], "--relations must be 1..6, got 9"),
+        (["--output", "o", "--train-option", "lr=1"], "--train-option lr: set by the transfer task itself"),
+        (["--output", "o", "--train-option", "tau"], "--train-option 'tau': expected KEY=VALUE"),
+        (["--output", "o", "--fusion", "nope"], "--fusion: expected one of"),
+        (["--seed", "1"], "--output is required"),
+    ],
+)
+def test_bad_options_are_one_line_errors(argv, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    try:
+        status = main(argv)
+    except SystemExit as stop:  # argparse's own errors (unknown flag) exit from the parser
+        status = stop.code
+    out, err = capsys.readouterr()
+    assert status == 2 and out == ""
+    assert err.startswith(PROG_ERROR) and message in err and err.count("\n") == 1
+    assert not (tmp_path / "o").exists()  # nothing ran
+
+
+def test_a_run_error_is_one_line(tmp_path, capsys):
+    (tmp_path / "seed-3").mkdir()
+    (tmp_path / "seed-3" / "precious.txt").write_text("keep me")
+    assert main(["--output", str(tmp_path), "--seed", "3"]) == 2
+    out, err = capsys.readouterr()
+    assert (
+        out == ""
+        and err
+        == f"{PROG_ERROR}{tmp_path / 'seed-3'} exists and was not written by the "
+        "transfer task; choose another --output\n"
+    )
+    assert (tmp_path / "seed-3" / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.slow
+def test_runs_as_a_module_from_the_repository_root(tmp_path):
+    """``python -m studies.transfer`` from the repository root (not installed: the root is on the path)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "studies.transfer", "--output", str(tmp_path / "o"), "--values", "1"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == f"{PROG_ERROR}--values must be 2..10, got 1\n"
+    assert not (tmp_path / "o").exists()
 
 
 @pytest.mark.slow

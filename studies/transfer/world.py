@@ -1,0 +1,225 @@
+"""The synthetic world of one seed: entities with an English and a foreign name, relations, facts,
+the train/held-out split and the bilingual dictionary; the records of both training stages and the
+evaluation items drawn from it; the word-level tokenizer over its vocabulary and the tiny model."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
+if TYPE_CHECKING:  # config.py imports this module's RELATIONS
+    from studies.transfer.config import TransferConfig
+
+FOREIGN_LANG = "xx"  # the synthetic foreign language's code in the records
+# answer words per relation (shared by both languages); a world uses the first `values` of each
+RELATIONS = {
+    "color": ["red", "blue", "green", "yellow", "black", "white", "pink", "brown", "gray", "purple"],
+    "size": ["tiny", "small", "short", "medium", "tall", "large", "huge", "giant", "wide", "narrow"],
+    "food": ["rice", "bread", "fish", "meat", "soup", "fruit", "cheese", "beans", "corn", "eggs"],
+    "sport": ["chess", "tennis", "golf", "rugby", "boxing", "skiing", "rowing", "karate", "polo", "darts"],
+    "season": ["spring", "summer", "autumn", "winter", "monsoon", "dawn", "dusk", "noon", "night", "harvest"],
+    "metal": ["iron", "gold", "silver", "copper", "tin", "lead", "zinc", "nickel", "bronze", "steel"],
+}
+# English question: "what is the REL of X ?"; foreign question (head-final): "X FOF FREL FWHAT ?"
+ENGLISH_FUNCTION = ("what", "is", "the", "of")
+FOREIGN_FUNCTION = {"what": "ka", "of": "nu"}  # "is" and "the" have no foreign counterpart
+DICTIONARY_WORDS = ("english", "foreign", "word", "for")  # of the dictionary prompts
+TEMPLATE_WORDS = ("###", "Instruction", "Response", ":", "?")  # the plain prompt format, tokenised
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+
+_EN_SYLLABLES = (
+    "ba be bo da de di do fa fe fi ga go la le li lo ma me mi mo na ne no ra re ro sa se so ta te to".split()
+)
+_FO_SYLLABLES = "zhu qex vyl xo kwa tzi ghe yrr dzo ql wyx jho pfu ckz mbe ngo tlu vri hsa qoa".split()
+
+
+# -- the world ---------------------------------------------------------------------------------
+@dataclass
+class World:
+    """Entities, relations, facts, the train/held-out split and the dictionary of one seed."""
+
+    seed: int
+    english_names: list[str]  # entity i's English name
+    foreign_names: list[str]  # entity i's foreign name
+    relations: list[str]  # English relation nouns
+    foreign_relations: list[str]  # their foreign words
+    answers: dict[str, list[str]]  # relation → candidate answer words
+    facts: dict[tuple[int, int], int]  # (entity, relation index) → index into answers[relation]
+    train_entities: list[int]
+    heldout_entities: list[int]
+    dictionary_entities: list[int]
+
+    def answer(self, entity: int, relation: int) -> str:
+        rel = self.relations[relation]
+        return self.answers[rel][self.facts[entity, relation]]
+
+    def english_question(self, entity: int, relation: int) -> str:
+        return f"what is the {self.relations[relation]} of {self.english_names[entity]} ?"
+
+    def foreign_question(self, entity: int, relation: int) -> str:
+        return (
+            f"{self.foreign_names[entity]} {FOREIGN_FUNCTION['of']} {self.foreign_relations[relation]} "
+            f"{FOREIGN_FUNCTION['what']} ?"
+        )
+
+    def dictionary(self) -> list[tuple[str, str]]:
+        """(English word, foreign word) pairs: function and relation words, then the declared entities."""
+        pairs = [(en, fo) for en, fo in FOREIGN_FUNCTION.items()]
+        pairs += list(zip(self.relations, self.foreign_relations))
+        pairs += [(self.english_names[e], self.foreign_names[e]) for e in self.dictionary_entities]
+        return pairs
+
+    def vocabulary(self) -> list[str]:
+        words = list(TEMPLATE_WORDS) + list(ENGLISH_FUNCTION) + list(DICTIONARY_WORDS)
+        words += list(FOREIGN_FUNCTION.values()) + self.relations + self.foreign_relations
+        words += [w for rel in self.relations for w in self.answers[rel]]
+        words += self.english_names + self.foreign_names
+        return list(SPECIAL_TOKENS) + list(dict.fromkeys(words))
+
+
+def _names(rng: random.Random, syllables: list[str], count: int, taken: set[str]) -> list[str]:
+    out: list[str] = []
+    while len(out) < count:
+        name = "".join(rng.choice(syllables) for _ in range(rng.choice((2, 3))))
+        if name not in taken:
+            taken.add(name)
+            out.append(name)
+    return out
+
+
+def build_world(cfg: TransferConfig, seed: int) -> World:
+    """The world of one seed: names, facts and splits all drawn, in this order, from one
+    ``random.Random`` seeded by ``seed`` (a variant that draws more must draw it after these)."""
+    rng = random.Random(f"cctuning-transfer-{seed}")
+    relations = list(RELATIONS)[: cfg.relations]
+    answers = {rel: RELATIONS[rel][: cfg.values] for rel in relations}
+    taken = set(TEMPLATE_WORDS) | set(ENGLISH_FUNCTION) | set(DICTIONARY_WORDS)
+    taken |= set(FOREIGN_FUNCTION.values()) | {w for words in RELATIONS.values() for w in words}
+    taken |= set(RELATIONS)
+    foreign_relations = _names(rng, _FO_SYLLABLES, len(relations), taken)
+    english_names = _names(rng, _EN_SYLLABLES, cfg.entities, taken)
+    foreign_names = _names(rng, _FO_SYLLABLES, cfg.entities, taken)
+    facts = {(e, r): rng.randrange(cfg.values) for e in range(cfg.entities) for r in range(len(relations))}
+    train, heldout, dictionary = _split_entities(rng, cfg)
+    return World(
+        seed=seed,
+        english_names=english_names,
+        foreign_names=foreign_names,
+        relations=relations,
+        foreign_relations=foreign_relations,
+        answers=answers,
+        facts=facts,
+        train_entities=train,
+        heldout_entities=heldout,
+        dictionary_entities=dictionary,
+    )
+
+
+def _split_entities(rng: random.Random, cfg: TransferConfig) -> tuple[list[int], list[int], list[int]]:
+    """The training entities, the held-out ones and the dictionary's (each sorted), drawn in this order."""
+    order = list(range(cfg.entities))
+    rng.shuffle(order)
+    n_held = min(cfg.entities - 1, max(1, round(cfg.entities * cfg.heldout_fraction)))
+    heldout, train = sorted(order[:n_held]), sorted(order[n_held:])
+    dictionary = []
+    for part in (train, heldout):  # stratified: the same fraction of each split is in the dictionary
+        chosen = part[:]
+        rng.shuffle(chosen)
+        dictionary += chosen[: round(len(part) * cfg.dictionary_fraction)]
+    return train, heldout, sorted(dictionary)
+
+
+def stage1_records(world: World) -> list[dict]:
+    """Every fact in English, and the dictionary in both directions."""
+    rows = [
+        {"instruction": world.english_question(e, r), "output": world.answer(e, r), "lang": "en"}
+        for e in range(len(world.english_names))
+        for r in range(len(world.relations))
+    ]
+    for en, fo in world.dictionary():
+        rows.append({"instruction": f"what is the english word for {fo} ?", "output": en, "lang": "dict"})
+        rows.append({"instruction": f"what is the foreign word for {en} ?", "output": fo, "lang": "dict"})
+    return rows
+
+
+def stage2_records(world: World, english_replay: bool = False) -> list[dict]:
+    """The training entities' facts in the official format (foreign instruction, answer, English
+    instruction); with ``english_replay`` also every fact in English (``instruction_en`` is the
+    instruction itself), so that stage 2 does not wash out the English knowledge the English pass
+    has to supply. No held-out entity occurs in a foreign record."""
+    rows = [
+        {
+            "instruction": world.foreign_question(e, r),
+            "output": world.answer(e, r),
+            "instruction_en": world.english_question(e, r),
+            "lang": FOREIGN_LANG,
+        }
+        for e in world.train_entities
+        for r in range(len(world.relations))
+    ]
+    if english_replay:
+        rows += [
+            {
+                "instruction": world.english_question(e, r),
+                "output": world.answer(e, r),
+                "instruction_en": world.english_question(e, r),
+                "lang": "en",
+            }
+            for e in range(len(world.english_names))
+            for r in range(len(world.relations))
+        ]
+    return rows
+
+
+def eval_items(world: World, entities: list[int]) -> list[dict]:
+    """Questions about ``entities`` with their gold answer and the relation's candidates."""
+    dictionary = set(world.dictionary_entities)
+    return [
+        {
+            "entity": e,
+            "relation": world.relations[r],
+            "instruction": world.foreign_question(e, r),
+            "instruction_en": world.english_question(e, r),
+            "answer": world.answer(e, r),
+            "candidates": world.answers[world.relations[r]],
+            "in_dictionary": e in dictionary,
+        }
+        for e in entities
+        for r in range(len(world.relations))
+    ]
+
+
+# -- tokenizer and model -----------------------------------------------------------------------
+def build_tokenizer(world: World):
+    """A word-level fast tokenizer over the world's vocabulary (whitespace and punctuation split)."""
+    vocab = {word: i for i, word in enumerate(world.vocabulary())}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+def build_model(cfg: TransferConfig, vocab_size: int, seed: int):
+    """A randomly initialised tiny Llama (float32)."""
+    config = AutoConfig.for_model(
+        "llama",
+        vocab_size=vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=4 * cfg.hidden_size,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.heads,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
