@@ -324,18 +324,7 @@ def _evaluate_nll(
         sample_layer,
         seed,
     )
-    for item, cut in zip(items, cuts):
-        item.update(cut)
-        item["short"] = bool(cut["response_cut"]) and item["tokens"] < min_response_tokens
-    cut_summary = {
-        "max_length": max_length,
-        "responses_cut": sum(1 for c in cuts if c["response_cut"]),
-        "response_tokens_cut": sum(c["response_cut"] for c in cuts),
-        "instructions_cut": sum(1 for c in cuts if c["instruction_cut"]),
-        "instruction_tokens_cut": sum(c["instruction_cut"] for c in cuts),
-        "min_response_tokens": min_response_tokens,
-        "short_items": sum(1 for i in items if i["short"]),
-    }
+    cut_summary = truncation_summary(items, cuts, max_length, min_response_tokens)
     if cut_summary["short_items"]:
         logger.warning(
             "%s: %d of %d responses were cut to fewer than %d tokens by the budget of %d tokens "
@@ -365,6 +354,25 @@ def _evaluate_nll(
     if output is not None:
         write_nll(output, report, items)
     return report
+
+
+def truncation_summary(
+    items: list[dict], cuts: list[dict], max_length: int, min_response_tokens: int
+) -> dict:
+    """Record each item's cuts on it, flag it ``short`` when its response was cut to fewer than
+    ``min_response_tokens`` tokens, and count both for the report."""
+    for item, cut in zip(items, cuts):
+        item.update(cut)
+        item["short"] = bool(cut["response_cut"]) and item["tokens"] < min_response_tokens
+    return {
+        "max_length": max_length,
+        "responses_cut": sum(1 for c in cuts if c["response_cut"]),
+        "response_tokens_cut": sum(c["response_cut"] for c in cuts),
+        "instructions_cut": sum(1 for c in cuts if c["instruction_cut"]),
+        "instruction_tokens_cut": sum(c["instruction_cut"] for c in cuts),
+        "min_response_tokens": min_response_tokens,
+        "short_items": sum(1 for i in items if i["short"]),
+    }
 
 
 def load_items(run_dir: str | Path) -> list[dict]:
