@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -9,6 +10,8 @@ import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
+
+from cctuning.errors import CCError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -45,7 +48,7 @@ def write_jsonl(path: str | Path, rows) -> None:
 
 
 def save_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> None:
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # deferred: imports torch (5.5 s measured); io needs it here only
 
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
@@ -104,10 +107,6 @@ def folder_lock(folder: str | Path, what: str):
     releases when its process dies however it dies, so a killed run never blocks the next one; the
     file records the holder's pid and job for that error message and is removed on release. A folder
     that the lock itself created is removed again when the block fails and left it empty."""
-    import fcntl
-
-    from cctuning.errors import CCError
-
     folder = Path(folder)
     created = [p for p in (folder, *folder.parents) if not p.exists()]
     folder.mkdir(parents=True, exist_ok=True)
@@ -146,8 +145,6 @@ def folder_lock(folder: str | Path, what: str):
 def check_output_folder(path: str | Path, option: str = "--output") -> Path:
     """Make sure ``path`` is (or can be made) a writable folder before anything slow runs; a file in
     its place, or a folder we cannot write, is a one-line error."""
-    from cctuning.errors import CCError
-
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise CCError(f"{option} {path}: exists and is not a folder")

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+import torch
+from transformers import AutoTokenizer
 
 from cctuning.errors import CCError, first_line
 from cctuning.model.baseref import find_base
 from cctuning.model.ccmodel import CONFIG_NAME, CCConfig, CCModel
 from cctuning.model.lora import ADAPTER_CONFIG_NAME
+from cctuning.presets import resolve_model
 
 #: the files of a tokenizer (those present are saved with a run, and copied byte for byte by export)
 TOKENIZER_FILES = (
@@ -23,20 +28,14 @@ TOKENIZER_FILES = (
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """A folder as is; a preset name through :mod:`cctuning.presets` when that module is present."""
+    """A folder as is; a preset name through :mod:`cctuning.presets` (anything else: a one-line error)."""
     if Path(name_or_path).is_dir():
         return str(name_or_path)
-    try:
-        from cctuning.presets import resolve_model
-    except ImportError:
-        raise CCError(f"model folder '{name_or_path}' does not exist") from None
     return resolve_model(name_or_path)
 
 
 def load_tokenizer(path: str, trust_remote_code: bool = False):
     """The folder's tokenizer; a missing pad token falls back to eos (never a new token id)."""
-    from transformers import AutoTokenizer
-
     try:
         tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
@@ -73,10 +72,6 @@ def resolve_device(device: str | None = "auto"):
     set, else the first CUDA device when there is one, else the CPU (as the Trainer chooses for
     training); ``cpu``, ``cuda``, ``cuda:N`` name one. A CUDA device on a machine without CUDA, or a
     name torch does not know, is a one-line error."""
-    import os
-
-    import torch
-
     name = device or "auto"
     if name == "auto":
         name = os.environ.get(DEVICE_ENV) or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -106,8 +101,6 @@ def load_for_inference(
     ``device``: see :func:`resolve_device`; ``dtype``: a torch dtype or its name (None: as saved)."""
     dev = resolve_device(device)  # a bad device fails before the model loads
     if isinstance(dtype, str):
-        import torch
-
         if dtype not in ("float32", "bfloat16", "float16"):
             raise CCError(f"--dtype: expected float32, bfloat16 or float16, got '{dtype}'")
         dtype = getattr(torch, dtype)

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import functools
 
+import tokenizers
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+
 CHATML_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
@@ -46,15 +50,13 @@ MORE_ARCHITECTURES = (
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer_object():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    tok = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
         vocab_size=512,
         special_tokens=["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(_CORPUS * 4, trainer)
@@ -63,11 +65,8 @@ def _tokenizer_object():
 
 def tiny_tokenizer(chat_template: bool = True):
     """A fast tokenizer with pad/bos/eos, ``<|im_start|>``/``<|im_end|>`` and (optionally) ChatML."""
-    from tokenizers import Tokenizer
-    from transformers import PreTrainedTokenizerFast
-
     tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_object()),
+        tokenizer_object=tokenizers.Tokenizer.from_str(_tokenizer_object()),
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
@@ -81,8 +80,6 @@ def tiny_tokenizer(chat_template: bool = True):
 def tiny_config(arch: str, vocab_size: int, num_layers: int = 3, hidden_size: int = 32):
     """A small random config of ``arch`` (one of ARCHITECTURES or MORE_ARCHITECTURES); dropout is
     off everywhere, so that a training step is deterministic."""
-    from transformers import AutoConfig
-
     if arch not in ARCHITECTURES + MORE_ARCHITECTURES:
         raise ValueError(f"no tiny config for {arch!r}; known: {ARCHITECTURES + MORE_ARCHITECTURES}")
     tokens = dict(vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2)
@@ -138,9 +135,6 @@ def tiny_config(arch: str, vocab_size: int, num_layers: int = 3, hidden_size: in
 
 def tiny_model(arch: str = "llama", seed: int = 0, tokenizer=None, **kwargs):
     """A random float32 causal LM of ``arch`` sized for the tiny tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     tokenizer = tokenizer or tiny_tokenizer()
     torch.manual_seed(seed)
     config = tiny_config(arch, len(tokenizer), **kwargs)

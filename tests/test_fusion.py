@@ -51,10 +51,10 @@ def test_gated_connection_at_init_equals_sft_exactly(tokenizer, fusion):
     cc.generator = torch.Generator().manual_seed(0)
     out = cc(**batch)
     ref = sft(**batch)  # the SFT model ignores the English inputs
-    assert sft.last_layer_choice is None
+    assert ref.layer_choice is None
     assert torch.equal(out.logits, ref.logits)
     assert torch.equal(out.loss, ref.loss)
-    assert cc.last_layer_choice is not None  # the connection ran: only its gate is 0
+    assert out.layer_choice is not None  # the connection ran: only its gate is 0
     # and the gate is the one weight of the connection that gets a gradient at step 0
     out.loss.backward()
     assert cc.fusion.gate.grad.abs().sum() > 0

@@ -10,6 +10,7 @@ from cctuning.data.encoding import IGNORE_INDEX, PromptEncoder
 from cctuning.errors import CCError
 from cctuning.model import CCConfig, CCModel, locate
 from cctuning.model.ccmodel import positions_from_mask
+from cctuning.model.connection import connected_forward, injected, prefill_to_connection
 from cctuning.testing import tiny_model
 
 PAIRS = [
@@ -96,10 +97,9 @@ def test_left_and_right_padding_give_the_same_loss_and_choice(tokenizer):
     cc = CCModel.from_base(tiny_model("qwen2", tokenizer=tokenizer), CCConfig()).eval()
     with torch.no_grad():
         right = cc(**batch_for(tokenizer, "right"))
-        choice_r = cc.last_layer_choice
         left = cc(**batch_for(tokenizer, "left"))
     torch.testing.assert_close(right.loss, left.loss, atol=1e-5, rtol=1e-5)
-    assert torch.equal(choice_r, cc.last_layer_choice)
+    assert torch.equal(right.layer_choice, left.layer_choice)
 
 
 def test_training_forward_equals_hand_computation(tokenizer, arch):
@@ -132,7 +132,7 @@ def test_training_forward_equals_hand_computation(tokenizer, arch):
     e = model.get_input_embeddings()(b["input_ids"])[rows, b["cc_position"]]
     logits = (acts.mean(1) + e) @ cc.decision_maker.proj.weight.T
     chosen = logits.argmax(-1)
-    assert torch.equal(chosen, cc.last_layer_choice)
+    assert torch.equal(chosen, out.layer_choice)
     c = acts[rows, chosen]
 
     # 3. fused pass: add c after decoder layer 1 at p
@@ -246,3 +246,113 @@ def test_unsupported_architecture_names_what_was_looked_for():
 
     with pytest.raises(CCError, match=r"looked for get_decoder\(\).*--layers-path"):
         locate(Weird())
+
+
+def ffn_outputs_at(model, input_ids, attention_mask, positions) -> torch.Tensor:
+    """``f_l[p]`` (batch, L, d) from one full uncached forward, with hooks written here."""
+    store = {}
+    arch = locate(model)
+    hs = [
+        m.register_forward_hook(lambda mod, a, o, i=i: store.__setitem__(i, o))
+        for i, m in enumerate(arch.ffn)
+    ]
+    with torch.no_grad():
+        model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=positions_from_mask(attention_mask),
+        )
+    for h in hs:
+        h.remove()
+    rows = torch.arange(len(input_ids))
+    return torch.stack([store[i][rows, positions] for i in range(len(store))], 1)
+
+
+LONG_PAIRS = [
+    (p + " Tafadhali jibu swali hili kwa ufupi sana." * (i % 2), a, e) for i, (p, a, e) in enumerate(PAIRS)
+]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])  # a cache cut back; sliding-window layers
+@pytest.mark.parametrize("connection", ["transform", "english"])
+@pytest.mark.parametrize("always_cache", [False, True])
+def test_prefill_to_connection_equals_full_uncached_forwards(tokenizer, arch, connection, always_cache):
+    """The prefill's ``f_l[p]`` are the FFN outputs at p of a full uncached forward of the same rows;
+    the fused pass continued from its cache (twice, rewound in between) gives the logits of the full
+    uncached connected forward from its start; the cache starts at min p where it is kept."""
+    from tests.conftest import connected_model
+
+    cc = connected_model(tokenizer, arch)
+    b = batch_for(tokenizer, "left", LONG_PAIRS)
+    ids, mask, column = b["input_ids"], b["attention_mask"], b["cc_position"]
+    assert ids.shape[1] > 16 and len(set(column.tolist())) == 3  # beyond gemma's window; three p
+    positions = positions_from_mask(mask)
+    english = (b["en_input_ids"], b["en_attention_mask"], b["en_cc_position"])
+    prefill = prefill_to_connection(cc, connection, ids, mask, positions, column, english, always_cache)
+
+    source = english if connection == "english" else (ids, mask, column)
+    torch.testing.assert_close(prefill.activations, ffn_outputs_at(cc.base, *source), atol=1e-5, rtol=1e-5)
+    croppable = arch == "llama"
+    kept = always_cache or (croppable and connection == "transform")
+    assert prefill.start == (int(column.min()) if kept else 0)
+    assert (prefill.cache is not None) == kept
+    if kept and croppable:
+        assert prefill.cache.get_seq_length() == prefill.start
+    with torch.no_grad():
+        full = connected_forward(cc, connection, ids, mask, column, *english, position_ids=positions)
+    for draw in range(1 if kept and not croppable else 2):
+        if draw:
+            prefill.rewind()  # back to [0, start) for another fused pass
+        inj = prefill.injection(cc, connection, ids, column)
+        with torch.no_grad(), injected(cc, inj):
+            out = cc.base(
+                input_ids=ids[:, prefill.start :],
+                attention_mask=mask,
+                position_ids=positions[:, prefill.start :],
+                past_key_values=prefill.cache,
+                use_cache=kept,
+            )
+        assert torch.equal(inj.layers, full.layer_choice)
+        torch.testing.assert_close(out.logits, full.logits[:, prefill.start :], atol=1e-5, rtol=1e-5)
+    if kept and not croppable:  # a sliding-window cache serves one pass (generation's)
+        with pytest.raises(RuntimeError, match="cannot be cut back"):
+            prefill.rewind()
+
+
+def test_layer_choice_comes_with_the_output_and_last_layer_choice_is_deprecated(tokenizer):
+    """The forward's output carries the chosen layers (the Decision Maker's argmax, computed here
+    from its inputs); ``last_layer_choice`` still gives them, with a DeprecationWarning, and is read-only."""
+    from tests.conftest import connected_model
+
+    cc = connected_model(tokenizer, "qwen2")
+    b = batch_for(tokenizer, "right")
+    with torch.no_grad():
+        out = cc(**b)
+    acts = ffn_outputs_at(cc.base, b["en_input_ids"], b["en_attention_mask"], b["en_cc_position"])
+    e = cc.base.get_input_embeddings()(b["input_ids"])[torch.arange(3), b["cc_position"]]
+    expected = ((acts.mean(1) + e) @ cc.decision_maker.proj.weight.T).argmax(-1)
+    assert torch.equal(out.layer_choice, expected) and out["layer_choice"] is out.layer_choice
+    assert type(out).__name__ == "CC" + type(cc.base(input_ids=b["input_ids"])).__name__
+    with pytest.warns(DeprecationWarning, match="layer_choice from the forward's output"):
+        assert torch.equal(cc.last_layer_choice, expected)
+    with pytest.raises(AttributeError):
+        cc.last_layer_choice = None
+    sft = CCModel.from_base(tiny_model("qwen2", tokenizer=tokenizer), CCConfig(method="sft")).eval()
+    with torch.no_grad():
+        assert sft(**b).layer_choice is None
+
+
+def test_nothing_in_the_library_reads_last_layer_choice():
+    """The deprecated ``CCModel.last_layer_choice`` is defined, never used, inside cctuning."""
+    import ast
+    from pathlib import Path
+
+    import cctuning
+
+    users = [
+        f"{path.name}:{node.lineno}"
+        for path in Path(cctuning.__file__).parent.rglob("*.py")
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8")))
+        if isinstance(node, ast.Attribute) and node.attr == "last_layer_choice"
+    ]
+    assert users == []

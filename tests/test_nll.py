@@ -186,17 +186,18 @@ def old_items(model, tokenizer, rows, connection, batch_size, draws=0, seed=0):
             b = CCCollator(tokenizer.pad_token_id, "right")(feats[start : start + batch_size])
             sums, layers = [], []
             for _ in range(draws if sampled else 1):
-                logits = connected_forward(
+                fwd = connected_forward(
                     model, connection, b["input_ids"], b["attention_mask"], b["cc_position"],
                     b.get("en_input_ids"), b.get("en_attention_mask"), b.get("en_cc_position"),
                     position_ids=positions_from_mask(b["attention_mask"]), use_cache=False,
-                ).logits  # fmt: skip
+                )  # fmt: skip
+                logits = fwd.logits
                 target = b["labels"][:, 1:]
                 nll = F.cross_entropy(
                     logits[:, :-1].transpose(1, 2).float(), target.clamp(min=0), reduction="none"
                 )
                 sums.append((nll * (target != -100)).sum(1))
-                layers.append(model.last_layer_choice)
+                layers.append(fwd.layer_choice)
             for j in range(len(sums[0])):
                 out.append(
                     {

@@ -90,7 +90,7 @@ def forward(model, batch, autocast: bool = False):
         acts = model.collect_activations(
             batch["en_input_ids"], batch["en_attention_mask"], batch["en_cc_position"]
         )
-    return out.logits, out.loss, acts, model.last_layer_choice
+    return out.logits, out.loss, acts, out.layer_choice
 
 
 # -- the Decision Maker ------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -247,8 +248,6 @@ def validate_record(
 
 def check_data_file(path: Path) -> None:
     """A data path must be a regular file: say what it is otherwise."""
-    import stat
-
     if path.is_symlink() and not path.exists():
         raise DataError(str(path), None, None, "a broken symbolic link")
     if not path.exists():

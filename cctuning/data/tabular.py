@@ -42,7 +42,7 @@ def is_table(path: Path) -> bool:
 
 def _import_datasets(path: Path, what: str):
     try:
-        import datasets
+        import datasets  # deferred: optional dependency (the data extra)
     except ImportError:
         raise CCError(f"{path}: reading {what} needs the datasets library: {INSTALL_HINT}") from None
     return datasets

@@ -35,10 +35,9 @@ from cctuning.io import check_output_folder, folder_lock, write_json, write_text
 from cctuning.model.ccmodel import positions_from_mask
 from cctuning.model.connection import (
     injected,
-    injection,
     layer_sampling,
+    prefill_to_connection,
     resolve_connection,
-    source_activations,
 )
 from cctuning.stats import bootstrap_ratio, two_level_bootstrap
 from cctuning.versions import versions
@@ -65,9 +64,11 @@ def batch_nll(
 
     * the LM head runs only from the first column where some row is scored (``logits_to_keep``), not
       over the whole vocabulary at every prompt position;
-    * ``transform``: one pass over ``[0, max p]`` fills a KV cache and captures ``f_l[p]``, the cache
-      is cut back to ``min p`` and only the tail from there runs again, fused, instead of a second
-      full pass (a cache that cannot be cut back, e.g. sliding-window layers: two full passes).
+    * the prompt prefix is run once (:func:`~cctuning.model.connection.prefill_to_connection`):
+      ``transform`` with a cache that can be cut back: one pass over ``[0, max p]`` fills a KV cache
+      and captures ``f_l[p]``, the cache is cut back to ``min p`` and only the tail from there runs
+      again, fused, instead of a second full pass (a cache that cannot be cut back, e.g.
+      sliding-window layers, and ``english``: the fused pass runs over the whole sequence).
 
     With left padding (what :func:`score_records` uses) every row's response ends in the last column,
     so the scored columns are few."""
@@ -75,7 +76,6 @@ def batch_nll(
     positions = positions_from_mask(mask)
     start = _first_scored_column(labels)
     keep = {"logits_to_keep": ids.shape[1] - start} if _keeps_logits(model) else {}
-    runs = []
     with torch.no_grad():
         if connection == "none":
             out = model.base(
@@ -83,36 +83,23 @@ def batch_nll(
             )
             return [(*_response_nll(out.logits, labels), None)] * draws
         column = batch["cc_position"]
-        cache = _prefix_cache(model, ids, mask, positions, column) if connection == "transform" else None
-        if cache is not None:
-            cache, acts, first = cache
-        else:  # f_l[p] depends on the tokens up to p only: the transform pass stops at max p
-            first, end = 0, int(column.max()) + 1 if connection == "transform" else ids.shape[1]
-            acts = source_activations(
-                model,
-                connection,
-                ids[:, :end],
-                mask[:, :end],
-                column,
-                batch.get("en_input_ids"),
-                batch.get("en_attention_mask"),
-                batch.get("en_cc_position"),
-            )
+        english = (batch.get("en_input_ids"), batch.get("en_attention_mask"), batch.get("en_cc_position"))
+        prefill = prefill_to_connection(model, connection, ids, mask, positions, column, english)
+        first = prefill.start
         tail = {} if not keep else {"logits_to_keep": min(keep["logits_to_keep"], ids.shape[1] - first)}
+        runs = []
         for _ in range(draws):
-            inj = injection(model, connection, acts, ids[:, first:], column - first)
-            model.last_layer_choice = inj.layers
+            inj = prefill.injection(model, connection, ids, column)
             with injected(model, inj):
                 out = model.base(
                     input_ids=ids[:, first:],
                     attention_mask=mask,
                     position_ids=positions[:, first:],
-                    past_key_values=cache,
-                    use_cache=cache is not None,
+                    past_key_values=prefill.cache,
+                    use_cache=prefill.cache is not None,
                     **tail,
                 )
-            if cache is not None:
-                _cut_back(cache, first)  # back to the prompt prefix for the next draw
+            prefill.rewind()  # back to the prompt prefix for the next draw
             runs.append((*_response_nll(out.logits, labels), inj.layers))
     return runs
 
@@ -139,37 +126,6 @@ def _response_nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Ten
         shifted.reshape(-1, shifted.shape[-1]), target.clamp(min=0).reshape(-1), reduction="none"
     ).view(target.shape)
     return torch.where(valid, nll, 0.0).sum(1), valid.sum(1)
-
-
-def _prefix_cache(model, ids, mask, positions, column):
-    """``(cache, f_l[p], min p)``: one decoder pass over ``[0, max p]`` into a KV cache, capturing
-    ``f_l[p]`` of every row, then the cache cut back to ``[0, min p)``; None when the model's cache
-    cannot be cut back (sliding-window or other non-dynamic layers)."""
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    cache = DynamicCache(config=model.base.config)
-    if not all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", [])):
-        return None
-    end, first = int(column.max()) + 1, int(column.min())
-    with model.hooks.capturing(column):
-        model.arch.decoder(
-            input_ids=ids[:, :end],
-            attention_mask=mask[:, :end],
-            position_ids=positions[:, :end],
-            past_key_values=cache,
-            use_cache=True,
-        )
-        acts = model.hooks.stacked()
-    _cut_back(cache, first)
-    return cache, acts, first
-
-
-def _cut_back(cache, length: int) -> None:
-    """Keep the first ``length`` tokens of a dynamic KV cache."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
 
 
 def summarize(items: list[dict], reps: int = 1000, seed: int = 0) -> dict:
@@ -368,18 +324,7 @@ def _evaluate_nll(
         sample_layer,
         seed,
     )
-    for item, cut in zip(items, cuts):
-        item.update(cut)
-        item["short"] = bool(cut["response_cut"]) and item["tokens"] < min_response_tokens
-    cut_summary = {
-        "max_length": max_length,
-        "responses_cut": sum(1 for c in cuts if c["response_cut"]),
-        "response_tokens_cut": sum(c["response_cut"] for c in cuts),
-        "instructions_cut": sum(1 for c in cuts if c["instruction_cut"]),
-        "instruction_tokens_cut": sum(c["instruction_cut"] for c in cuts),
-        "min_response_tokens": min_response_tokens,
-        "short_items": sum(1 for i in items if i["short"]),
-    }
+    cut_summary = truncation_summary(items, cuts, max_length, min_response_tokens)
     if cut_summary["short_items"]:
         logger.warning(
             "%s: %d of %d responses were cut to fewer than %d tokens by the budget of %d tokens "
@@ -409,6 +354,25 @@ def _evaluate_nll(
     if output is not None:
         write_nll(output, report, items)
     return report
+
+
+def truncation_summary(
+    items: list[dict], cuts: list[dict], max_length: int, min_response_tokens: int
+) -> dict:
+    """Record each item's cuts on it, flag it ``short`` when its response was cut to fewer than
+    ``min_response_tokens`` tokens, and count both for the report."""
+    for item, cut in zip(items, cuts):
+        item.update(cut)
+        item["short"] = bool(cut["response_cut"]) and item["tokens"] < min_response_tokens
+    return {
+        "max_length": max_length,
+        "responses_cut": sum(1 for c in cuts if c["response_cut"]),
+        "response_tokens_cut": sum(c["response_cut"] for c in cuts),
+        "instructions_cut": sum(1 for c in cuts if c["instruction_cut"]),
+        "instruction_tokens_cut": sum(c["instruction_cut"] for c in cuts),
+        "min_response_tokens": min_response_tokens,
+        "short_items": sum(1 for i in items if i["short"]),
+    }
 
 
 def load_items(run_dir: str | Path) -> list[dict]:

@@ -8,14 +8,15 @@ Connection modes:
 * ``none``: plain generation of the same model.
 
 Fast path: with causal attention the tokens before p are identical in the collecting pass and in
-the fused pass, so the prefix ``[0, p)`` is run once into the KV cache; only the tail from p is
-run twice. With a cache that can be cut back (``DynamicLayer``), one pass over ``[0, p]`` fills the
-cache and collects ``f_l[p]``, and the cache is cut back to p; otherwise (e.g. sliding-window
-layers) the prefix is run alone and the tail collected on a copy of the cache. The fused pass over
-the tail is the first forward of ``transformers``' ``generate``, which continues from our cache
-with the injection armed for that one forward only. The overhead over plain generation is about
-one extra token step instead of a second prefill. ``naive=True`` runs the official two-full-prefill
-path (used by tests and benchmarks to check and measure the fast one).
+the fused pass, so the prefix ``[0, p)`` is run once into the KV cache and only the tail from p is
+run twice (:func:`~cctuning.model.connection.prefill_to_connection`, which the held-out NLL shares:
+with a cache that can be cut back one pass over ``[0, p]`` fills it and collects ``f_l[p]``, and the
+cache is cut back to p; otherwise, e.g. with sliding-window layers, the prefix is run alone and the
+tail collected on a copy of the cache). The fused pass over the tail is the first forward of
+``transformers``' ``generate``, which continues from that cache with the injection armed for that
+one forward only. The overhead over plain generation is about one extra token step instead of a
+second prefill. ``naive=True`` runs the official two-full-prefill path (used by tests and benchmarks
+to check and measure the fast one).
 
 Decoding is ``transformers``' ``generate`` (no fusion after the prefill): greedy by default, as in
 the paper; ``generation_kwargs`` passes any ``GenerationConfig`` option (``do_sample``,
@@ -30,21 +31,27 @@ chat template puts after an assistant turn (e.g. ``<|im_end|>``, ``<|eot_id|>``,
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 from transformers import DynamicCache, GenerationConfig
-from transformers.cache_utils import DynamicLayer
 from transformers.generation import StoppingCriteria, StoppingCriteriaList, StopStringCriteria
 
 from cctuning.data.collator import pad_rows, pad_token_id
 from cctuning.data.encoding import EncodedPrompt, PromptEncoder
 from cctuning.errors import CCError
 from cctuning.model.ccmodel import CCModel, positions_from_mask
-from cctuning.model.connection import default_connection, injected, injection, resolve_connection
+from cctuning.model.connection import (
+    Injection,
+    Prefill,
+    default_connection,
+    injected,
+    prefill_to_connection,
+    resolve_connection,
+    source_activations,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -267,16 +274,28 @@ class CCGenerator:
         limit = self.max_length or getattr(self.model.config, "max_position_embeddings", None)
         return None if limit is None else max(1, limit - new_tokens)
 
-    def _forward(self, ids, mask, positions, cache):
-        """One chunk through the decoder (no LM head), filling the cache."""
-        return self.model.arch.decoder(
-            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True
-        )
-
-    def _english_acts(self, en_batch) -> torch.Tensor:
+    def _english(self, en_batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The English prompts' ids, mask and p, left-padded."""
         ids, mask, shift = pad_rows([e.ids for e in en_batch], self.pad_id, "left")
         pos = torch.tensor([e.position for e in en_batch]) + shift
-        return self.model.collect_activations(ids.to(self.device), mask.to(self.device), pos.to(self.device))
+        return ids.to(self.device), mask.to(self.device), pos.to(self.device)
+
+    def _prefill(self, connection, naive, ids, mask, column, en_batch) -> tuple[Prefill, Injection | None]:
+        """The cache that ``generate`` continues from and the injection of its first forward: the prompt
+        prefix run once (:func:`~cctuning.model.connection.prefill_to_connection`), or with ``naive``
+        an empty cache and ``f_l[p]`` from a full pass of their own (the official path)."""
+        english = self._english(en_batch) if connection == "english" else None
+        if connection == "none":
+            return Prefill(DynamicCache(config=self.model.base.config), 0, None), None
+        if naive:
+            acts = source_activations(self.model, connection, ids, mask, column, *(english or (None,) * 3))
+            prefill = Prefill(DynamicCache(config=self.model.base.config), 0, acts)
+        else:
+            pos = positions_from_mask(mask)
+            prefill = prefill_to_connection(
+                self.model, connection, ids, mask, pos, column, english, always_cache=True
+            )
+        return prefill, prefill.injection(self.model, connection, ids, column)
 
     @torch.no_grad()
     def _generate_batch(
@@ -284,40 +303,10 @@ class CCGenerator:
     ) -> list[Generation]:
         ids, mask, shift = pad_rows([e.ids for e in batch], self.pad_id, "left")
         ids, mask = ids.to(self.device), mask.to(self.device)
-        pos = positions_from_mask(mask)
         width = ids.shape[1]
         # left padding: each row's p is its own position shifted by its padding
         column = (torch.tensor([e.position for e in batch]) + shift).to(self.device)
-        p = int(column.min())  # the prefix [0, p) is the same in the collecting and the fused pass
-        cache = DynamicCache(config=self.model.base.config)
-        inj = None
-        if connection != "none" and naive:
-            if connection == "transform":
-                acts = self.model.collect_activations(ids, mask, column)
-            else:
-                acts = self._english_acts(en_batch)
-            inj = injection(self.model, connection, acts, ids, column)
-        elif connection != "none":
-            if connection == "transform" and _croppable(cache):
-                # one pass over [0, max p] fills the cache and captures f_l[p]; the cache is then cut
-                # back to [0, p), so the only extra work over plain generation is the fused pass from p
-                end = int(column.max()) + 1
-                with self.model.hooks.capturing(column):
-                    self._forward(ids[:, :end], mask[:, :end], pos[:, :end], cache)
-                    acts = self.model.hooks.stacked()
-                cache.crop(p - end)  # remove the tokens from p on
-            else:
-                if p > 0:
-                    self._forward(ids[:, :p], mask[:, :p], pos[:, :p], cache)
-                if connection == "transform":  # a cache that cannot be cut back: collect on a copy
-                    snapshot = copy.deepcopy(cache)
-                    with self.model.hooks.capturing(column - p):
-                        self._forward(ids[:, p:], mask, pos[:, p:], cache)
-                        acts = self.model.hooks.stacked()
-                    cache = snapshot
-                else:
-                    acts = self._english_acts(en_batch)
-            inj = injection(self.model, connection, acts, ids[:, p:], column - p)
+        prefill, inj = self._prefill(connection, naive, ids, mask, column, en_batch)
         criteria = (
             _StopStrings(self.tokenizer, list(stop_strings), width, len(batch), self.device)
             if stop_strings
@@ -335,13 +324,16 @@ class CCGenerator:
             out = self.model.base.generate(
                 input_ids=ids,
                 attention_mask=mask,
-                past_key_values=cache,
+                past_key_values=prefill.cache,
                 generation_config=config,
                 stopping_criteria=StoppingCriteriaList([criteria]) if criteria else None,
             )
-        new = out.sequences[:, width:].tolist()
+        return self._results(batch, out, width, criteria, inj, return_first_logits)
+
+    def _results(self, batch, out, width, criteria, inj, return_first_logits) -> list[Generation]:
+        """One :class:`Generation` per row of ``generate``'s output, cut at its stop string or token."""
         results = []
-        for i, toks in enumerate(new):
+        for i, toks in enumerate(out.sequences[:, width:].tolist()):
             if criteria is not None and int(criteria.lengths[i]) >= 0:
                 toks = toks[: int(criteria.lengths[i])]
             cut = next((j for j, t in enumerate(toks) if t in self.stop_ids), len(toks))
@@ -356,7 +348,3 @@ class CCGenerator:
                 )
             )
         return results
-
-
-def _croppable(cache) -> bool:
-    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", []))

@@ -295,18 +295,26 @@ def fit_transform_matrix(
         max_length=max_length,
         max_batch_tokens=max_batch_tokens,
     )
+    return solve_matrix(model, acc, stored, len(fit), len(held), ridge, seed)
+
+
+def solve_matrix(
+    model, acc: NormalEquations, stored: dict, fit_pairs: int, heldout_pairs: int, ridge: float, seed: int
+) -> tuple[TransformMatrix, FitReport]:
+    """Solve the accumulated normal equations with ``ridge``; the matrix (stamped with the model's
+    Decision Maker) and its report, with the metrics measured on the ``stored`` pairs."""
     solution = acc.solve(ridge)
     matrix = solution.float()
     report = FitReport(
-        pairs=len(fit) + len(held),
-        fit_pairs=len(fit),
-        heldout_pairs=len(held),
+        pairs=fit_pairs + heldout_pairs,
+        fit_pairs=fit_pairs,
+        heldout_pairs=heldout_pairs,
         ridge=ridge,
-        per_layer=per_layer,
+        per_layer=acc.per_layer,
         num_layers=model.arch.num_layers,
         hidden_size=model.arch.hidden_size,
         fit={**stored["fit"].before_after(matrix), "mse_all_pairs": acc.mse(solution)},
-        heldout=stored["held"].before_after(matrix) if held else {},
+        heldout=stored["held"].before_after(matrix) if heldout_pairs else {},
         seed=seed,
     )
     meta = report.to_dict()

@@ -74,33 +74,57 @@ def locate(model: nn.Module, layers_path: str | None = None, ffn_name: str | Non
             f"{type(model).__name__} (model_type '{model_type}') is not supported: "
             f"{UNSUPPORTED_MODEL_TYPES[model_type]}"
         )
-    n_layers = getattr(config, "num_hidden_layers", None)
-    named = dict(model.named_modules())
-    layers, found_path = None, None
+    layers, found_path = _find_layers(model, layers_path, getattr(config, "num_hidden_layers", None))
+    chosen = _find_ffn(layers, model_type, ffn_name)
+    ffn = [getattr(layer, chosen) for layer in layers]
+    # the English pass only needs the layers: run the decoder without the LM head when we can
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    hidden = getattr(config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
+    return Architecture(
+        layers=layers,
+        ffn=ffn,
+        embeddings=model.get_input_embeddings(),
+        decoder=decoder,
+        layers_path=found_path,
+        ffn_name=chosen,
+        hidden_size=int(hidden),
+    )
+
+
+def _find_layers(
+    model: nn.Module, layers_path: str | None, n_layers: int | None
+) -> tuple[nn.ModuleList, str]:
+    """The decoder layers and their dotted path: ``layers_path`` when given, else the decoder's layer
+    list, else the one ``nn.ModuleList`` of ``n_layers`` modules."""
     if layers_path:
         layers = _get(model, layers_path)
         if not isinstance(layers, nn.ModuleList):
             raise CCError(f"--layers-path '{layers_path}' does not name an nn.ModuleList in this model")
-        found_path = layers_path
-    else:
-        decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-        for name in LAYER_LIST_NAMES:
-            cand = getattr(decoder, name, None) if decoder is not None else None
-            if isinstance(cand, nn.ModuleList) and len(cand) > 0:
-                layers = cand
+        return layers, layers_path
+    named = dict(model.named_modules())
+    layers = None
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    for name in LAYER_LIST_NAMES:
+        cand = getattr(decoder, name, None) if decoder is not None else None
+        if isinstance(cand, nn.ModuleList) and len(cand) > 0:
+            layers = cand
+            break
+    if layers is None:
+        for module in named.values():
+            if isinstance(module, nn.ModuleList) and n_layers and len(module) == n_layers:
+                layers = module
                 break
-        if layers is None:
-            for module in named.values():
-                if isinstance(module, nn.ModuleList) and n_layers and len(module) == n_layers:
-                    layers = module
-                    break
-        if layers is None:
-            raise CCError(
-                f"cannot find the decoder layers of {type(model).__name__}: looked for "
-                f"get_decoder().{{{','.join(LAYER_LIST_NAMES)}}} and for an nn.ModuleList of "
-                f"num_hidden_layers={n_layers} modules; pass --layers-path (e.g. model.layers)"
-            )
-        found_path = next(n for n, m in named.items() if m is layers)
+    if layers is None:
+        raise CCError(
+            f"cannot find the decoder layers of {type(model).__name__}: looked for "
+            f"get_decoder().{{{','.join(LAYER_LIST_NAMES)}}} and for an nn.ModuleList of "
+            f"num_hidden_layers={n_layers} modules; pass --layers-path (e.g. model.layers)"
+        )
+    return layers, next(n for n, m in named.items() if m is layers)
+
+
+def _find_ffn(layers: nn.ModuleList, model_type: str, ffn_name: str | None) -> str:
+    """The attribute name of the feed-forward block, present in every layer."""
     candidates = (
         [ffn_name] if ffn_name else [FFN_OUTPUT_BY_MODEL_TYPE.get(model_type, "")] + list(FFN_CANDIDATES)
     )
@@ -116,16 +140,4 @@ def locate(model: nn.Module, layers_path: str | None = None, ffn_name: str | Non
             f"decoder layer {missing[0]} of {len(layers)} has no '{chosen}' (layers without it: "
             f"{', '.join(map(str, missing))}): CC-Tuning needs a feed-forward block in every layer"
         )
-    ffn = [getattr(layer, chosen) for layer in layers]
-    # the English pass only needs the layers: run the decoder without the LM head when we can
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    hidden = getattr(config, "hidden_size", None) or model.get_input_embeddings().embedding_dim
-    return Architecture(
-        layers=layers,
-        ffn=ffn,
-        embeddings=model.get_input_embeddings(),
-        decoder=decoder,
-        layers_path=found_path,
-        ffn_name=chosen,
-        hidden_size=int(hidden),
-    )
+    return chosen

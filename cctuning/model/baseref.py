@@ -160,16 +160,46 @@ def find_base(
     folder = Path(folder)
     expected = cc_config.base_model_fingerprint
     if given is not None:
-        if not Path(given).is_dir():
-            raise CCError(f"{folder}: base model of the LoRA adapter: model folder '{given}' does not exist")
-        if expected and weights_fingerprint(given) != expected:
-            logger.warning(
-                "%s: the base model given (%s) is not the one the adapter was trained on (its weights "
-                "fingerprint differs); using it as asked",
-                folder,
-                given,
-            )
-        return str(given)
+        return _given_base(folder, given, expected)
+    paths, names = _recorded_bases(folder, cc_config)
+    mismatched: list[str] = []
+    resolve_errors: list[str] = []
+    found = _first_base(paths, names, resolve_name, expected, mismatched, resolve_errors)
+    if found is not None:
+        return found
+    what = f"{folder}: base model of the LoRA adapter"
+    if mismatched:
+        raise CCError(
+            f"{what}: '{mismatched[0]}' holds other weights than the base the adapter was trained on "
+            "(weights fingerprint differs); pass base_model=PATH (cctuning export --base-model PATH) to "
+            "use a base anyway"
+        )
+    hint = (
+        "load with cctuning.loading.load_for_inference to resolve a preset name, or pass base_model=PATH"
+        if names and resolve_name is None
+        else "put it back, or pass base_model=PATH (cctuning export --base-model PATH)"
+    )
+    detail = f" ({resolve_errors[0]})" if resolve_errors else ""
+    raise CCError(f"{what} not found: recorded {describe(folder, cc_config)}{detail}; {hint}")
+
+
+def _given_base(folder: Path, given: str | Path, expected: str | None) -> str:
+    """The base folder the caller gave: it must exist; other weights than recorded are only logged."""
+    if not Path(given).is_dir():
+        raise CCError(f"{folder}: base model of the LoRA adapter: model folder '{given}' does not exist")
+    if expected and weights_fingerprint(given) != expected:
+        logger.warning(
+            "%s: the base model given (%s) is not the one the adapter was trained on (its weights "
+            "fingerprint differs); using it as asked",
+            folder,
+            given,
+        )
+    return str(given)
+
+
+def _recorded_bases(folder: Path, cc_config) -> tuple[list[str], list[str]]:
+    """The folders (the first absolute one, the relative one, the other absolute ones) and the names
+    that ``folder`` records for its base, in the order they are tried."""
     recorded = [r for r in (cc_config.base_model, _peft_base(folder)) if r]
     if not recorded and not cc_config.base_model_relative:
         raise CCError(f"{folder}: a LoRA folder that does not name its base model; pass base_model=PATH")
@@ -177,8 +207,20 @@ def find_base(
     absolute = [r for r in recorded if os.path.isabs(r)]
     paths = absolute[:1] + ([os.path.normpath(folder / relative)] if relative else []) + absolute[1:]
     names = [n for n in (cc_config.base_model_id, *recorded) if n and not os.path.isabs(n)]
-    mismatched: list[str] = []
-    resolve_errors: list[str] = []
+    return paths, names
+
+
+def _first_base(
+    paths: list[str],
+    names: list[str],
+    resolve_name: Callable[[str], str] | None,
+    expected: str | None,
+    mismatched: list[str],
+    resolve_errors: list[str],
+) -> str | None:
+    """The first of ``paths``, then ``names``, that is a folder with the ``expected`` fingerprint;
+    the folders passed over for their weights go to ``mismatched``, the names that did not resolve
+    to ``resolve_errors``."""
 
     def verified(path: str) -> bool:
         if expected and weights_fingerprint(path) != expected:
@@ -201,17 +243,4 @@ def find_base(
             continue
         if verified(path):
             return str(path)
-    what = f"{folder}: base model of the LoRA adapter"
-    if mismatched:
-        raise CCError(
-            f"{what}: '{mismatched[0]}' holds other weights than the base the adapter was trained on "
-            "(weights fingerprint differs); pass base_model=PATH (cctuning export --base-model PATH) to "
-            "use a base anyway"
-        )
-    hint = (
-        "load with cctuning.loading.load_for_inference to resolve a preset name, or pass base_model=PATH"
-        if names and resolve_name is None
-        else "put it back, or pass base_model=PATH (cctuning export --base-model PATH)"
-    )
-    detail = f" ({resolve_errors[0]})" if resolve_errors else ""
-    raise CCError(f"{what} not found: recorded {describe(folder, cc_config)}{detail}; {hint}")
+    return None

@@ -17,16 +17,16 @@ from __future__ import annotations
 
 import json
 import logging
-import typing
+import pickle
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
+from transformers import AutoModelForCausalLM
 
-from cctuning.config import coerce
-from cctuning.data.encoding import PromptFormat
 from cctuning.errors import CCError, first_line
 from cctuning.io import (
     INCOMPLETE_MARKER,
@@ -43,88 +43,13 @@ from cctuning.model.decision import DecisionMaker
 from cctuning.model.fusion import Fusion
 from cctuning.model.hooks import ConnectionHooks
 from cctuning.model.lora import ADAPTER_CONFIG_NAME, is_peft, load_adapter
+from cctuning.model.settings import CONFIG_NAME, CCConfig, parse_layer_choice
 from cctuning.model.transform import DECISION_MAKER_STAMP, TransformMatrix
 from cctuning.versions import versions
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "cctuning_config.json"
 DECISION_MAKER_NAME = "decision_maker.safetensors"
-METHODS = ("cc", "sft", "none")
-
-
-@dataclass
-class CCConfig:
-    """Settings of the connection. ``method``: ``cc`` (CC-Tuning), ``sft`` (trained without the
-    connection: the baseline) or ``none`` (a plain HF model loaded as is)."""
-
-    method: str = "cc"
-    inject_layer: int = 0
-    tau: float = 1.0
-    english_grad: bool = False
-    sample_layer: bool = False
-    layers_path: str | None = None
-    ffn_module: str | None = None
-    num_layers: int | None = None
-    hidden_size: int | None = None
-    prompt_format: PromptFormat = field(default_factory=PromptFormat)
-    base_model: str | None = None  # the base folder (absolute) or preset name; see model/baseref.py
-    base_model_relative: str | None = None  # the base folder relative to this folder, when near
-    base_model_id: str | None = None  # the preset name (or another name) of the base, when known
-    base_model_fingerprint: str | None = None  # baseref.weights_fingerprint of a LoRA folder's base
-    layer_choice: str = "learned"  # learned | random | mean | fixed:K (ablations of the Decision Maker)
-    # beyond the paper, opt-in (docs/method.md §5); the defaults are the paper's behaviour
-    fusion: str = "add"  # add | scaled | gated | gated-scalar (model/fusion.py)
-    dm_input: str = "raw"  # raw | rms: the Decision Maker's input (model/decision.py)
-    tau_end: float | None = None  # Gumbel temperature annealed from tau to tau_end over training
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise CCError(f"unknown method '{self.method}' (use {', '.join(METHODS)})")
-        parse_layer_choice(self.layer_choice)
-        if self.tau <= 0:
-            raise CCError(f"tau must be > 0, got {self.tau}")
-        if self.tau_end is not None and self.tau_end <= 0:
-            raise CCError(f"tau_end must be > 0, got {self.tau_end}")
-        if isinstance(self.prompt_format, dict):
-            self.prompt_format = PromptFormat.from_dict(self.prompt_format)
-
-    @classmethod
-    def load(cls, path: str | Path) -> CCConfig:
-        """Read ``cctuning_config.json``; a damaged or hand-edited file is a one-line error."""
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise CCError(f"{path}: not a valid JSON file ({err})") from None
-        if not isinstance(data, dict):
-            raise CCError(f"{path}: expected a JSON object")
-        hints = typing.get_type_hints(cls)
-        fields = cls.__dataclass_fields__
-        known = {
-            k: v if k == "prompt_format" else coerce(v, hints[k], f"{path}: '{k}'")
-            for k, v in data.items()
-            if k in fields
-        }
-        if not isinstance(known.get("prompt_format", {}), dict):
-            raise CCError(f"{path}: 'prompt_format': expected an object, got {known['prompt_format']!r}")
-        return cls(**known)
-
-
-LAYER_CHOICES = ("learned", "random", "mean", "fixed:K")
-
-
-def parse_layer_choice(rule: str) -> tuple[str, int | None]:
-    """``learned`` (the paper's Decision Maker), ``random`` (a uniformly random layer per example and
-    step), ``mean`` (the mean of all layers' activations) or ``fixed:K`` (always layer K; negative K
-    counts from the last layer)."""
-    if rule in ("learned", "random", "mean"):
-        return rule, None
-    if rule.startswith("fixed:"):
-        try:
-            return "fixed", int(rule.split(":", 1)[1])
-        except ValueError:
-            pass
-    raise CCError(f"unknown layer choice '{rule}' (use {', '.join(LAYER_CHOICES)})")
 
 
 def _non_reentrant(layer: nn.Module) -> bool:
@@ -135,8 +60,6 @@ def _non_reentrant(layer: nn.Module) -> bool:
 
 def _load_failure(path: str | Path, err: Exception) -> str:
     """What went wrong when transformers could not load ``path``, in one line."""
-    import pickle
-
     if isinstance(err, pickle.UnpicklingError):
         return (
             "its pickle weights (pytorch_model.bin) hold objects other than tensors and were refused "
@@ -210,15 +133,19 @@ class CCModel(nn.Module):
             self.decision_maker.requires_grad_(False)  # an ablation replaces it: no gradient, no DDP stall
         self.hooks = ConnectionHooks(self.arch, cc_config.inject_layer)
         self.generator: torch.Generator | None = None
-        self.last_layer_choice: torch.Tensor | None = None
+        self._last_layer_choice: torch.Tensor | None = None  # for the deprecated last_layer_choice only
         self.transform = None  # a TransformMatrix, set by fit-matrix or loaded with the folder
         self.decision_maker_sha256: str | None = None  # of the file the Decision Maker was loaded from
+
+    @property
+    def last_layer_choice(self) -> torch.Tensor | None:
+        """Deprecated, removed in the next release: the layers chosen by the last connected forward.
+        Read ``layer_choice`` from the forward's output instead."""
+        return connection.deprecated_last_layer_choice(self)
 
     # -- construction ------------------------------------------------------------------------
     @staticmethod
     def _load_base(path: str | Path, dtype=None, trust_remote_code: bool = False, **kwargs) -> nn.Module:
-        from transformers import AutoModelForCausalLM
-
         try:
             return AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
@@ -297,8 +224,6 @@ class CCModel(nn.Module):
         self.transform = transform
 
     def load_decision_maker(self, file: str | Path) -> None:
-        from safetensors.torch import load_file
-
         file = Path(file)
         if not file.is_file():
             raise CCError(f"{file}: missing (a CC-Tuning folder needs its Decision Maker weights)")

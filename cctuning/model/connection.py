@@ -10,16 +10,24 @@ its choice to ``h_k[p]`` of the non-English pass (docs/method.md §2.3, §2.5):
 
 Training (:meth:`CCModel.forward`), the held-out NLL, generation, the benchmark runner, the
 experiment runner and the CLI all resolve the mode with :func:`resolve_connection` and produce the
-vectors with :func:`injection`; the full-sequence paths run :func:`connected_forward`. Generation
-collects the activations from its KV-cache prefill itself and hands them to :func:`injection`.
+vectors with :func:`injection`; the full-sequence paths run :func:`connected_forward`, whose output
+carries the chosen layers (``output.layer_choice``). Generation and the held-out NLL run the prompt
+once into a KV cache with :func:`prefill_to_connection` and continue from it with the injection.
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+from transformers.utils import ModelOutput
 
 from cctuning.errors import CCError
 
@@ -129,10 +137,12 @@ def connected_forward(
     **kwargs,
 ):
     """One full-sequence forward of ``model.base`` with the connection at ``positions`` (training,
-    teacher-forced scoring). Sets ``model.last_layer_choice``."""
+    teacher-forced scoring). The output is the base model's with one field more, ``layer_choice``:
+    the layer chosen per row (None without connection, or when no single layer is chosen)."""
     if connection == "none":
-        model.last_layer_choice = None
-        return model.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        return with_layer_choice(
+            model, model.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs), None
+        )
     acts = source_activations(
         model,
         connection,
@@ -145,6 +155,148 @@ def connected_forward(
         english_grad,
     )
     inj = injection(model, connection, acts, input_ids, positions)
-    model.last_layer_choice = inj.layers
     with injected(model, inj):
-        return model.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        out = model.base(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+    return with_layer_choice(model, out, inj.layers)
+
+
+@functools.cache
+def _output_type(base_type: type) -> type:
+    """``base_type`` (a transformers ``ModelOutput`` dataclass) with the field ``layer_choice`` added."""
+    return dataclasses.make_dataclass(
+        f"CC{base_type.__name__}",
+        [("layer_choice", "torch.Tensor | None", dataclasses.field(default=None))],
+        bases=(base_type,),
+        namespace={"__module__": __name__},
+    )
+
+
+def with_layer_choice(model, output, layers: torch.Tensor | None):
+    """The base model's ``output`` with ``layer_choice`` = ``layers`` (a tuple output, from
+    ``return_dict=False``, is returned as it is). ``layers`` is also kept for the deprecated
+    ``CCModel.last_layer_choice``, which nothing in cctuning reads."""
+    model._last_layer_choice = layers
+    if not isinstance(output, ModelOutput):
+        return output
+    return _output_type(type(output))(**output, layer_choice=layers)
+
+
+def deprecated_last_layer_choice(model) -> torch.Tensor | None:
+    """What ``CCModel.last_layer_choice`` returns, with a DeprecationWarning (kept for one release)."""
+    warnings.warn(
+        "CCModel.last_layer_choice is deprecated and will be removed in the next release: read "
+        "layer_choice from the forward's output (connected_forward, CCModel.forward) or Injection.layers",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+    return model._last_layer_choice
+
+
+# -- the prompt prefill of generation and scoring -----------------------------------------------------
+def can_crop(cache) -> bool:
+    """Whether every layer of ``cache`` can be cut back to fewer tokens (``DynamicLayer``; not
+    sliding-window or recurrent layers, which keep only a window or a state of the past)."""
+    return all(type(layer) is DynamicLayer for layer in getattr(cache, "layers", []))
+
+
+@dataclass
+class Prefill:
+    """What a fused pass continues from: the KV cache of the columns ``[0, start)`` (None: no cache, the
+    fused pass runs from column 0) and ``activations``, the ``f_l[p]`` (batch, L, d) that the
+    connection reads, before any mapping."""
+
+    cache: DynamicCache | None
+    start: int
+    activations: torch.Tensor | None  # None for connection none
+
+    def injection(
+        self, model, connection: str, input_ids: torch.Tensor, positions: torch.Tensor
+    ) -> Injection:
+        """The connection's choice for the fused pass over the columns from ``start`` (``positions``:
+        p per row, counted in the whole batch's columns; the injection's positions count from ``start``)."""
+        return injection(
+            model, connection, self.activations, input_ids[:, self.start :], positions - self.start
+        )
+
+    def rewind(self) -> None:
+        """Cut the cache back to ``[0, start)`` after a fused pass, for another one (the held-out NLL's
+        draws); only a cache that :func:`can_crop` is ever kept for more than one pass."""
+        if self.cache is not None:
+            if not can_crop(self.cache):
+                raise RuntimeError("this KV cache cannot be cut back: it serves one fused pass only")
+            _crop_to(self.cache, self.start)
+
+
+def _crop_to(cache: DynamicCache, length: int) -> None:
+    """Keep the first ``length`` tokens of a cache that :func:`can_crop`."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
+
+
+def _decode(model, input_ids, attention_mask, position_ids, cache) -> None:
+    """One chunk through the decoder (no LM head), appended to ``cache``."""
+    model.arch.decoder(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        past_key_values=cache,
+        use_cache=True,
+    )
+
+
+@torch.no_grad()
+def prefill_to_connection(
+    model,
+    connection: str,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    position_ids: torch.Tensor,
+    positions: torch.Tensor,
+    english: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    always_cache: bool = False,
+) -> Prefill:
+    """Run a batch's prompts up to the connection and capture ``f_l[p]`` (``positions``: p per row in the
+    batch's columns; ``english``: the English prompts' ids, mask and p for connection ``english``).
+
+    With causal attention the columns before ``min p`` are the same in the collecting pass and in the
+    fused pass, so they are run once into a KV cache where that saves work. The one rule:
+
+    * ``transform``, with a cache that :func:`can_crop`: one decoder pass over ``[0, max p]`` fills the
+      cache and captures ``f_l[p]`` of every row; the cache is then cut back to ``min p``;
+    * otherwise, with ``always_cache`` (generation, which continues from a cache in any case): the
+      columns ``[0, min p)`` are run into the cache; ``transform`` captures ``f_l[p]`` by running the
+      rest of the sequence on a copy of it, so this cache is never cut back;
+    * otherwise (teacher-forced scoring): no cache, the fused pass runs from column 0; ``transform``
+      captures ``f_l[p]`` in a pass over ``[0, max p]`` (``f_l[p]`` depends on the tokens up to p only).
+
+    ``english`` reads ``f_l[p]`` from the English prompts' own pass in every case."""
+    cache = DynamicCache(config=model.base.config)
+    english = english or (None, None, None)
+    first, end = int(positions.min()), int(positions.max()) + 1
+    if connection == "transform" and can_crop(cache):
+        with model.hooks.capturing(positions):
+            _decode(model, input_ids[:, :end], attention_mask[:, :end], position_ids[:, :end], cache)
+            acts = model.hooks.stacked()
+        _crop_to(cache, first)
+        return Prefill(cache, first, acts)
+    if not always_cache:
+        end = end if connection == "transform" else input_ids.shape[1]
+        acts = source_activations(
+            model,
+            connection,
+            input_ids[:, :end],
+            attention_mask[:, :end],
+            positions,
+            *english,
+        )
+        return Prefill(None, 0, acts)
+    if first > 0:
+        _decode(model, input_ids[:, :first], attention_mask[:, :first], position_ids[:, :first], cache)
+    if connection != "transform":
+        acts = source_activations(model, connection, input_ids, attention_mask, positions, *english)
+        return Prefill(cache, first, acts)
+    with model.hooks.capturing(positions - first):
+        _decode(model, input_ids[:, first:], attention_mask, position_ids[:, first:], copy.deepcopy(cache))
+        acts = model.hooks.stacked()
+    return Prefill(cache, first, acts)

@@ -11,8 +11,10 @@ loaded from the path (or preset name) recorded in ``cctuning_config.json``.
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
+from safetensors.torch import load_file
 from torch import nn
 
 from cctuning.config import split_list
@@ -26,11 +28,9 @@ ALL_LINEAR = "all-linear"
 
 
 def is_peft(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
+    """Whether ``model`` is a PEFT model; never imports peft (before it is imported, no model is one)."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
 
 
 def _targets(target: str | None) -> str | list[str]:
@@ -54,7 +54,7 @@ def add_lora(
     ``alpha`` defaults to ``2 r``; ``target`` is ``all-linear`` (every linear layer but the LM head)
     or comma-separated module names such as ``q_proj,v_proj``.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import LoraConfig, get_peft_model  # deferred: peft takes ~6 s to import (measured), LoRA only
 
     if r <= 0:
         raise CCError(f"--lora-r must be > 0, got {r}")
@@ -86,7 +86,7 @@ def add_lora(
 
 def load_adapter(base: nn.Module, folder: str | Path, trainable: bool = False) -> nn.Module:
     """Put the adapter saved in ``folder`` on ``base``; only its safetensors file is ever read."""
-    from peft import PeftModel
+    from peft import PeftModel  # deferred: peft takes ~6 s to import (measured), LoRA only
 
     folder = Path(folder)
     weights = folder / ADAPTER_WEIGHTS_NAME
@@ -102,8 +102,7 @@ def load_adapter(base: nn.Module, folder: str | Path, trainable: bool = False) -
 def load_adapter_weights(peft_model: nn.Module, file: str | Path) -> None:
     """Load adapter weights saved by ``save_pretrained`` into ``peft_model`` (resume); every LoRA
     weight of the model must be in the file and nothing else."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
+    from peft import set_peft_model_state_dict  # deferred: peft takes ~6 s to import (measured), LoRA only
 
     file = Path(file)
     if not file.is_file():

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from cctuning.errors import CCError, first_line
 from cctuning.io import save_safetensors, write_json
@@ -66,8 +67,6 @@ class TransformMatrix:
 
     @classmethod
     def load(cls, folder: str | Path) -> TransformMatrix | None:
-        from safetensors import safe_open
-
         file = Path(folder) / MATRIX_NAME
         if not file.is_file():
             return None

@@ -18,6 +18,11 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
 from cctuning.errors import CCError
 from cctuning.io import sha256_file
 from cctuning.presets.publish import new_build_dir, publish_build, remove_abandoned_builds
@@ -75,9 +80,6 @@ def locate_gguf(name: str, workdir: str | os.PathLike) -> Path:
 
 def _load_gguf(name: str, workdir: Path):
     """Tokenizer and (dequantized, float32) model of the preset's GGUF; ``workdir`` is deleted after."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     gguf_path = locate_gguf(name, workdir)
     tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
     qmodel = AutoModelForCausalLM.from_pretrained(
@@ -88,8 +90,6 @@ def _load_gguf(name: str, workdir: Path):
 
 
 def _logits(model, input_ids):
-    import torch
-
     with torch.inference_mode():
         return model(input_ids=input_ids).logits.float()
 
@@ -106,8 +106,6 @@ def _reference_tensors(input_ids, logits) -> dict:
 
 def _store_reference(qmodel, tokenizer, build: Path):
     """The reference prompt's input ids and the GGUF model's logits on them, also saved in ``build``."""
-    from safetensors.torch import save_file
-
     input_ids = tokenizer(REFERENCE_PROMPT, return_tensors="pt").input_ids
     reference = _logits(qmodel, input_ids)
     save_file(_reference_tensors(input_ids, reference), build / REFERENCE_FILE)
@@ -119,8 +117,6 @@ def reference_diff(model, folder: str | os.PathLike) -> float:
 
     Lets a test check a converted preset against its GGUF without loading the GGUF again.
     """
-    from safetensors.torch import load_file
-
     ref = load_file(Path(folder) / REFERENCE_FILE)
     logits = _logits(model, ref["input_ids"].to(model.device))[0].cpu()
     last = (logits[-1] - ref["last_logits"]).abs().max()
@@ -130,9 +126,6 @@ def reference_diff(model, folder: str | os.PathLike) -> float:
 
 def _plain_copy(qmodel, preset: Preset):
     """The GGUF-loaded model rebuilt without ``quantization_config``, so Trainer/save accept it."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
     config = copy.deepcopy(qmodel.config)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -169,9 +162,6 @@ def _verify(build: Path, preset: Preset, tokenizer, input_ids, reference) -> tup
     whole logits in memory, and what the stored reference lets a later test re-check); the saved
     tokenizer must keep the chat template and encode the reference prompt the same way.
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     name = preset.name
     reloaded = AutoModelForCausalLM.from_pretrained(build, dtype=torch.float32).eval()
     quantized = getattr(reloaded, "is_quantized", False) or hasattr(reloaded.config, "quantization_config")
@@ -201,9 +191,6 @@ def _version(dist: str) -> str | None:
 
 def _write_record(build: Path, preset: Preset, diff: float, tied: bool, seconds: float) -> None:
     """:data:`~cctuning.presets.registry.METADATA_FILE`, written last: it marks the folder complete."""
-    import torch
-    import transformers
-
     record = {
         "format": FORMAT_VERSION,
         "preset": preset.name,

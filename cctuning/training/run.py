@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
+from transformers import TrainingArguments, integrations, set_seed
 
 from cctuning.data.collator import CCCollator
 from cctuning.data.encoding import IGNORE_INDEX, PromptEncoder, PromptFormat, encode_records
@@ -103,8 +104,6 @@ _REPORT_PACKAGES = {
 def check_report_to(report_to: list[str]) -> None:
     """Each --report-to integration is one the Trainer knows and, for those in _REPORT_PACKAGES,
     installed: a one-line error instead of the Trainer's traceback."""
-    from transformers import integrations
-
     known = getattr(integrations.integration_utils, "INTEGRATION_TO_CALLBACK", None)
     for name in report_to:
         if known is not None and name not in known:
@@ -117,8 +116,6 @@ def check_report_to(report_to: list[str]) -> None:
 def build_training_arguments(cfg: TrainConfig):
     """The Trainer's arguments: ours from ``cfg``, then the TrainingArguments fields the user gave
     (``cfg.trainer``, checked by :func:`resolve_trainer_options`), which override our defaults."""
-    from transformers import TrainingArguments
-
     cfg = resolve_trainer_options(cfg)
     kwargs = dict(
         output_dir=cfg.output,
@@ -191,8 +188,6 @@ def prepare(cfg: TrainConfig):
         report.skipped,
         encoder.stats.summary(),
     )
-    from transformers import set_seed
-
     set_seed(cfg.seed)
     cc_config = CCConfig(
         method=cfg.method,
@@ -451,8 +446,6 @@ def last_checkpoint(output: str | Path) -> str | None:
 def _finished_checkpoint(folder: Path) -> bool:
     """The Trainer writes trainer_state.json last (not atomically: a kill can cut it), our save
     leaves a marker until its last file has landed."""
-    import json
-
     state = folder / "trainer_state.json"
     if not state.is_file() or is_incomplete(folder):
         return False

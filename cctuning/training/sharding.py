@@ -25,6 +25,9 @@ from __future__ import annotations
 
 import os
 
+import accelerate.state
+from accelerate.utils import DistributedType
+
 from cctuning.errors import CCError
 
 ENGINES = {"fsdp": "FSDP", "deepspeed": "DeepSpeed"}
@@ -58,10 +61,7 @@ def before_accelerator(args) -> None:
     FSDP (see the module's docstring); refuses FSDP1 there."""
     if requested_engine(args) != "fsdp":
         return
-    from accelerate.state import PartialState
-    from accelerate.utils import DistributedType
-
-    state = PartialState()
+    state = accelerate.state.PartialState()  # looked up at the call: tests replace it
     if state.distributed_type != DistributedType.MULTI_CPU:
         return  # an accelerator machine: accelerate sets FSDP up itself
     version = fsdp_version(args)

@@ -2,9 +2,10 @@
 
 Everything engine-side (accumulation, schedules, mixed precision, checkpoints, resume, logging,
 accelerate/DeepSpeed/FSDP) is the Trainer's. The loss is the model's own (plain response-only
-cross-entropy), so ``compute_loss`` is only extended to count the Decision Maker's layer choices;
-saving and checkpoint loading are overridden because the model folder holds our own files
-beside the Hugging Face ones (or beside PEFT's adapter files with LoRA).
+cross-entropy), so ``compute_loss`` is only extended to count the Decision Maker's layer choices,
+which the forward returns with its output (``layer_choice``); saving and checkpoint loading are
+overridden because the model folder holds our own files beside the Hugging Face ones (or beside
+PEFT's adapter files with LoRA).
 
 With several processes (DDP, DeepSpeed, FSDP) the Decision Maker is an ordinary submodule of the
 wrapped model, so the engine synchronises its gradients like any other weight; the layer-choice
@@ -13,13 +14,16 @@ counts are summed over processes at every step so that every rank holds (and sav
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import load_sharded_checkpoint
 
 from cctuning.errors import CCError
 from cctuning.io import atomic_path, write_json
@@ -118,22 +122,25 @@ class CCTrainer(Trainer):
         return optimizer
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss = result[0] if return_outputs else result
+        loss, outputs = super().compute_loss(model, inputs, True, num_items_in_batch)
         if not torch.isfinite(loss.detach()).all():
             raise CCError(
                 f"step {self.state.global_step + 1}: the loss is {float(loss.detach().float().mean())}; "
                 "training stopped (lower --lr?); the last saved checkpoint is unchanged"
             )
-        choice = self._cc_model().last_layer_choice
+        choice = getattr(outputs, "layer_choice", None)  # CCModel.forward returns the chosen layers
         if choice is not None and model.training:
-            counts = torch.bincount(choice.cpu(), minlength=len(self.layer_counts))
-            if self.accelerator.num_processes > 1:  # every rank runs this step: a collective is safe
-                counts = self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum").cpu()
-            self.layer_counts += counts
-            self._window_counts += counts
-            self._cc_model().last_layer_choice = None
-        return result
+            self._count_layers(choice)
+        return (loss, outputs) if return_outputs else loss
+
+    def _count_layers(self, choice: torch.Tensor) -> None:
+        """Add one step's chosen layers to the run's and the logging window's counts (summed over
+        processes, so that every rank holds the same)."""
+        counts = torch.bincount(choice.cpu(), minlength=len(self.layer_counts))
+        if self.accelerator.num_processes > 1:  # every rank runs this step: a collective is safe
+            counts = self.accelerator.reduce(counts.to(self.accelerator.device), reduction="sum").cpu()
+        self.layer_counts += counts
+        self._window_counts += counts
 
     def log(self, logs: dict, start_time: float | None = None) -> None:
         total = int(self._window_counts.sum())
@@ -160,9 +167,6 @@ class CCTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
         """Load the base weights and the Decision Maker of a checkpoint written by :meth:`_save`."""
-        from safetensors.torch import load_file
-        from transformers.trainer_utils import load_sharded_checkpoint
-
         cc_model = self._cc_model() if model is None else self.accelerator.unwrap_model(model)
         ckpt = Path(resume_from_checkpoint)
         single, index = ckpt / SAFE_WEIGHTS_NAME, ckpt / SAFE_WEIGHTS_INDEX_NAME
@@ -204,8 +208,6 @@ class CCTrainer(Trainer):
         if isinstance(resume_from_checkpoint, (str, os.PathLike)):
             choice_file = Path(resume_from_checkpoint) / LAYER_CHOICE_NAME
             if choice_file.is_file() and len(self.layer_counts):
-                import json
-
                 counts = json.loads(choice_file.read_text())["counts"]
                 self.layer_counts = torch.tensor(counts, dtype=torch.long)
         return super().train(resume_from_checkpoint, *args, **kwargs)
