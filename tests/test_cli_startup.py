@@ -146,7 +146,7 @@ def test_quiet_drops_the_hidden_lines_and_verbose_brings_them_back(capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("verbose", [False, True])
 def test_train_and_export_say_nothing_of_the_hidden_lines(base_dir, data_file, tmp_path, verbose):
-    """A LoRA run with gradient checkpointing on the CPU, and its export, each in a fresh process:
+    """A LoRA run with gradient checkpointing on the CPU, and its merged export, each in a fresh process:
     DeepSpeed's accelerator line and transformers' is_gradient_checkpointing FutureWarning only with -v."""
     v = ["-v"] if verbose else []
     out = tmp_path / "run"
@@ -165,7 +165,17 @@ def test_train_and_export_say_nothing_of_the_hidden_lines(base_dir, data_file, t
     )
     assert train.returncode == 0, train.stderr
     export = run_python(
-        ["-m", "cctuning.cli", *v, "export", "--model", str(out), "--output", str(tmp_path / "e")]
+        [
+            "-m",
+            "cctuning.cli",
+            *v,
+            "export",
+            "--model",
+            str(out),
+            "--output",
+            str(tmp_path / "e"),
+            "--merge-lora",
+        ]
     )
     assert export.returncode == 0, export.stderr
     train_text, export_text = train.stdout + train.stderr, export.stdout + export.stderr
@@ -174,4 +184,5 @@ def test_train_and_export_say_nothing_of_the_hidden_lines(base_dir, data_file, t
     assert ("Setting accelerator to CPU" in train_text) == cpu_line
     assert ("Setting accelerator to CPU" in export_text) == cpu_line
     assert ("`is_gradient_checkpointing` is deprecated" in train_text) == verbose
+    assert ("`is_gradient_checkpointing` is deprecated" in export_text) == verbose  # the LoRA run is loaded
     assert "saved cc model to" in train_text and "exported cc" in export_text
