@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 from cctuning.eval.benchmarks import BENCHMARKS
 from cctuning.eval.lmeval_tasks import TASKS_DIR
@@ -30,7 +31,8 @@ MODEL_ARGS = {
     "max_length": "tokens of context + continuation, cut from the left (default: the model's)",
     "max_gen_toks": "new tokens of a generation at most (default 256, lm-eval's)",
     "dtype": "float32, bfloat16, float16 or auto (default: as saved)",
-    "device": "cpu, cuda or cuda:N (default: --device, else CUDA when there is one, else the CPU)",
+    "device": "cpu, cuda or cuda:N (default: --device, else $CCTUNING_DEVICE, else CUDA when there is "
+    "one, else the CPU)",
     "add_bos_token": "true or false: add the BOS token (default: as lm-eval's hf model)",
     "prefix_token_id": "the token before a continuation without context (default: BOS, else EOS)",
     "trust_remote_code": "true: allow code from the model folder to run (only if you trust it)",
@@ -58,7 +60,10 @@ def usage() -> str:
         "lm-evaluation-harness with cctuning's model and tasks; every argument after `lm-eval` is lm-eval's.",
         "",
         f"model_args of --model {MODEL}, comma-separated KEY=VALUE:",
-        *(f"  {name:{width}}{text}" for name, text in MODEL_ARGS.items()),
+        *(
+            textwrap.fill(text, 100, initial_indent=f"  {name:{width}}", subsequent_indent=" " * (width + 2))
+            for name, text in MODEL_ARGS.items()
+        ),
         "",
         "our tasks: cctuning_<benchmark> (a group: the languages averaged) and cctuning_<benchmark>_<lang>;",
         f"  {', '.join(choice)}: likelihood of the labels (cctuning_<benchmark>_gen: generated and parsed);",
