@@ -98,7 +98,7 @@ class TrainerField:
 @functools.cache
 def trainer_fields() -> dict[str, TrainerField]:
     """The init fields of the installed ``TrainingArguments`` with their resolved types."""
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments  # deferred: seconds; train --help reads the cached specs
 
     try:
         hints = typing.get_type_hints(TrainingArguments)
