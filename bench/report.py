@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from bench.startup import BASELINE
+
 START, END = "<!-- bench-results:start -->", "<!-- bench-results:end -->"
 DISTURBED = "†"
 
@@ -209,6 +211,28 @@ def flops_rows(results: dict) -> list[str]:
     return lines
 
 
+def startup_rows(results: dict) -> list[str]:
+    """The Markdown table of the ``startup`` section (empty when it did not run)."""
+    res = results.get("startup")
+    if not res:
+        return []
+    if "error" in res:
+        return [f"startup: {res['error']}"]
+    rows = [
+        "| command | best s | ratio to `import torch` (best) | per round, median (min–max) | target | holds |",
+        "|---|---|---|---|---|---|",
+        f'| `python -c "import torch"` | {res["best_seconds"][BASELINE]:.3f} | 1 | | | |',
+    ]
+    for name, target in res["targets"].items():
+        per_round = res["ratio_per_round"][name]
+        rows.append(
+            f"| `{name}` | {res['best_seconds'][name]:.3f} | {res['ratio_of_best'][name]:.3f}{mark(res['contention'])} | "
+            f"{per_round['median']:.3f} ({per_round['min']:.3f}–{per_round['max']:.3f}) | ≤ {target} | "
+            f"{'yes' if res['holds'][name] else '**no**'} |"
+        )
+    return rows
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     load = results.get("load_average", {})
@@ -248,6 +272,12 @@ def markdown(results: dict) -> str:
         "40 new tokens; all but `nll-none` with the transform connection.",
         "",
         *flops_rows(results),
+        "",
+        "**Start-up of the command line** (startup): each command a fresh process, best of "
+        f"{results.get('startup', {}).get('seconds', {}).get('import torch', {}).get('repeats', '–')} rounds, "
+        'against `python -c "import torch"` in the same rounds.',
+        "",
+        *startup_rows(results),
         "",
         "**Absolute figures** (they depend on the machine; for context only).",
         "",

@@ -4,7 +4,8 @@ Sections: ``train`` (optimizer step, CC-Tuning / SFT), ``generate`` (connection 
 ``matrix`` (Transform Matrix fit vs N), ``eval`` (items/s, batched / batch 1), ``memory`` (peak RSS
 of a step, CC-Tuning / SFT), ``precision`` (bf16 / fp32 train step, held-out NLL of bf16 weights),
 ``flops`` (achieved FLOP/s of the evaluation and generation paths against the matmul peak, fp32 and
-bf16, batch 1 and batched). Models: ``tiny`` and ``medium`` (random Llama models, always there)
+bf16, batch 1 and batched), ``startup`` (``cctuning --help``, ``--version`` and ``train --help``
+against ``import torch``, fresh processes; no model). Models: ``tiny`` and ``medium`` (random Llama models, always there)
 and ``smollm2-135m`` (a real model, when its preset is installed; skipped with the reason if not).
 """
 
@@ -43,10 +44,11 @@ from bench.generation import GenerateSetup, bench_generate
 from bench.matrix_fit import summarise_fits
 from bench.precision import PrecisionSetup, bench_precision
 from bench.report import update_readme, write_markdown
+from bench.startup import StartupSetup, bench_startup
 from bench.train import VARIANTS, TrainSetup, bench_train_time
 from cctuning.config import split_list
 
-SECTIONS = ("train", "generate", "matrix", "eval", "memory", "precision", "flops")
+SECTIONS = ("train", "generate", "matrix", "eval", "memory", "precision", "flops", "startup")
 MODEL_SECTIONS = ("train", "generate", "eval", "precision", "flops")  # sections that run on a loaded model
 BENCH_DIR = Path(__file__).resolve().parent
 MEMORY_BATCH = {"tiny": (8, 256), "medium": (8, 256), SMOLLM2: (4, 256)}  # (batch, max_length)
@@ -74,6 +76,7 @@ def profile(quick: bool) -> dict[str, Any]:
                 SMOLLM2: PrecisionSetup(8, 256, steps=1, repeats=2, nll_records=8),
             },
             "flops": {"tiny": FlopsSetup(8, repeats=1), SMOLLM2: FlopsSetup(8, repeats=1)},
+            "startup": StartupSetup(repeats=5),
         }
     return {
         "train": {
@@ -97,6 +100,7 @@ def profile(quick: bool) -> dict[str, Any]:
             "tiny": FlopsSetup(16, repeats=3),
             SMOLLM2: FlopsSetup(8, repeats=3),
         },
+        "startup": StartupSetup(repeats=15),
     }
 
 
@@ -207,6 +211,10 @@ class Bench:
             )
             self.results["matrix_fit"].append({**summarise_fits(model, n, runs), "contention": info})
 
+    def startup(self) -> dict:
+        """``cctuning --help``, ``--version`` and ``train --help`` against ``import torch``, fresh processes."""
+        return bench_startup(self.plan["startup"], self.contention)
+
     # -- the whole run ---------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
         set_threads(self.args.threads)
@@ -232,6 +240,9 @@ class Bench:
         if "matrix" in sections:
             log("matrix")
             self.guarded("matrix", "all", self.matrix)
+        if "startup" in sections:
+            log("startup")
+            self.results["startup"] = self.guarded("startup", "all", self.startup)
         self.results["load_average"]["end"] = load_average()
         self.results["seconds"] = round(time.perf_counter() - started, 1)
         return self.results

@@ -91,6 +91,8 @@ def _convert(value, tp):
         raise ValueError
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         values = [m.value for m in tp]
+        if value is False and "no" in values:  # YAML 1.1 reads `save_strategy: no` as false
+            return "no"
         found = value.value if isinstance(value, tp) else value
         if found not in values:
             raise ValueError
@@ -175,67 +177,120 @@ def _metavar(tp, base) -> str:
     return getattr(base, "__name__", "VALUE").upper()
 
 
-def add_dataclass_arguments(
-    parser,
+def _jsonable(value):
+    """A default as JSON can hold it: an enum's value, a tuple as a list, anything else JSON cannot
+    hold as its ``repr``."""
+    if isinstance(value, enum.Enum):
+        value = value.value
+    if isinstance(value, tuple):
+        value = list(value)
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
+    return value
+
+
+def _argument_spec(f: dataclasses.Field, tp, *, dict_as_json: bool, show_default: bool, check_choices: bool):
+    """The spec of one field's flag (see :func:`argument_specs`), or None when it gets none."""
+    base = _base_type(tp)
+    if (base is dict and not dict_as_json) or base not in (bool, int, float, str, list, dict):
+        return None  # a dict without dict_as_json, or a Python object (no text form): Python API only
+    doc = str(f.metadata.get("help", "")).replace("%", "%%")
+    default = field_default(f)
+    helptext = doc
+    if show_default and default is not False and default not in (dataclasses.MISSING, None, "", [], {}):
+        shown = default.value if isinstance(default, enum.Enum) else default
+        helptext += f" (default: {shown})".replace("%", "%%")
+    choices = list(f.metadata["choices"]) if f.metadata.get("choices") else None
+    metavar = None
+    if base is not bool:
+        metavar = f.metadata.get("metavar") or _metavar(tp, base)
+        if choices and check_choices:
+            metavar = f.metadata.get("metavar")
+        elif choices:
+            metavar = "{" + ",".join(str(c) for c in choices) + "}"
+    return {
+        "name": f.name,
+        "flags": ["--" + f.name.replace("_", "-"), *f.metadata.get("aliases", ())],
+        "type": getattr(base, "__name__", str(base)),
+        "default": None if default is dataclasses.MISSING else _jsonable(default),
+        "required": default is dataclasses.MISSING,
+        "choices": [_jsonable(c) for c in choices] if choices else None,
+        "checked_choices": bool(choices and check_choices),
+        "metavar": metavar,
+        "nargs": "+" if base is list else None,
+        "doc": doc,
+        "help": helptext,
+    }
+
+
+def argument_specs(
     cls,
     skip: tuple[str, ...] = (),
     *,
-    dest_prefix: str = "",
     dict_as_json: bool = False,
     show_default: bool = False,
     check_choices: bool = True,
     hints: dict | None = None,
-) -> list[str]:
-    """Add one ``--flag`` per dataclass field; every default is SUPPRESS so we see what was given.
+) -> list[dict]:
+    """One JSON-able spec per dataclass field that can be a flag (:func:`add_argument_specs` adds them).
 
-    The flag is the field's name with ``-`` for ``_``; its value is read as text and converted by
-    :func:`coerce` (so a bad value is a one-line error naming the flag, not argparse's usage text).
-    ``bool`` → ``--flag/--no-flag``; a list → one or more values (``--flag a b``); a ``Literal`` or an
-    enum shows its values; a dict field is skipped unless ``dict_as_json`` (then it takes JSON text).
-    ``choices`` in a field's metadata are checked by argparse, or only shown with ``check_choices=False``
-    (for the caller to check, with a one-line error).
-    A flag the parser already has is skipped (the parser's own options win). ``dest_prefix`` is put
-    before each destination name; ``show_default`` adds the field's default to the help. Returns the
-    names of the fields that got a flag."""
+    The flag is the field's name with ``-`` for ``_`` (and the aliases of its metadata); its value is
+    read as text and converted later by :func:`coerce`. ``bool`` → ``--flag/--no-flag``; a list → one
+    or more values (``--flag a b``); a ``Literal`` or an enum shows its values; a dict field is
+    skipped unless ``dict_as_json`` (then it takes JSON text); a field of a type without a text form
+    is skipped. ``choices`` in a field's metadata are checked by argparse, or only shown with
+    ``check_choices=False`` (for the caller to check, with a one-line error). ``show_default`` adds
+    the field's default to the help (``doc`` keeps the help without it), unless it is empty or False
+    (``--no-flag`` is the default then). A spec also records the
+    field's base ``type``, ``default`` and ``choices``, so that a cached one can be checked."""
     hints = _type_hints(cls) if hints is None else hints
-    taken = set(getattr(parser, "_option_string_actions", {}))
-    added = []
+    specs = []
     for f in dataclasses.fields(cls):
         if f.name in skip or f.metadata.get("cli") is False or not f.init or f.name not in hints:
             continue
-        flag = "--" + f.name.replace("_", "-")
-        names = [flag] + list(f.metadata.get("aliases", ()))
-        if any(name in taken for name in names):
+        spec = _argument_spec(
+            f,
+            hints[f.name],
+            dict_as_json=dict_as_json,
+            show_default=show_default,
+            check_choices=check_choices,
+        )
+        if spec is not None:
+            specs.append(spec)
+    return specs
+
+
+def add_argument_specs(parser, specs: list[dict], *, dest_prefix: str = "") -> list[str]:
+    """Add the flags of :func:`argument_specs`; every default is SUPPRESS so we see what was given.
+    A flag the parser already has is skipped (the parser's own options win). ``dest_prefix`` is put
+    before each destination name. Returns the names of the fields that got a flag."""
+    taken = set(getattr(parser, "_option_string_actions", {}))
+    added = []
+    for spec in specs:
+        if any(name in taken for name in spec["flags"]):
             continue
-        tp = hints[f.name]
-        base = _base_type(tp)
-        if base is dict and not dict_as_json:
-            continue
-        if base not in (bool, int, float, str, list, dict):
-            continue  # a Python object (no text form): only the Python API can set it
-        helptext = str(f.metadata.get("help", "")).replace("%", "%%")
-        default = field_default(f)
-        if show_default and default not in (dataclasses.MISSING, None, "", [], {}):
-            if isinstance(default, enum.Enum):
-                default = default.value
-            helptext += f" (default: {default})".replace("%", "%%")
-        kwargs = dict(default=argparse.SUPPRESS, help=helptext, dest=dest_prefix + f.name)
-        if base is bool:
-            parser.add_argument(*names, action=argparse.BooleanOptionalAction, **kwargs)
+        kwargs = dict(default=argparse.SUPPRESS, help=spec["help"], dest=dest_prefix + spec["name"])
+        if spec["type"] == "bool":
+            parser.add_argument(*spec["flags"], action=argparse.BooleanOptionalAction, **kwargs)
         else:
-            metavar = f.metadata.get("metavar") or _metavar(tp, base)
-            if f.metadata.get("choices"):
-                if check_choices:
-                    kwargs["choices"] = list(f.metadata["choices"])
-                    metavar = f.metadata.get("metavar")
-                else:
-                    metavar = "{" + ",".join(str(c) for c in f.metadata["choices"]) + "}"
-            if base is list:
-                kwargs["nargs"] = "+"
-            parser.add_argument(*names, type=str, metavar=metavar, **kwargs)
-        taken.update(names)
-        added.append(f.name)
+            if spec["checked_choices"]:
+                kwargs["choices"] = spec["choices"]
+            if spec["nargs"]:
+                kwargs["nargs"] = spec["nargs"]
+            parser.add_argument(*spec["flags"], type=str, metavar=spec["metavar"], **kwargs)
+        taken.update(spec["flags"])
+        added.append(spec["name"])
     return added
+
+
+def add_dataclass_arguments(
+    parser, cls, skip: tuple[str, ...] = (), *, dest_prefix: str = "", **options
+) -> list[str]:
+    """One ``--flag`` per dataclass field (:func:`argument_specs` with ``options``, added by
+    :func:`add_argument_specs`); returns the names of the fields that got a flag."""
+    return add_argument_specs(parser, argument_specs(cls, skip, **options), dest_prefix=dest_prefix)
 
 
 def split_list(text: str | None) -> list[str]:

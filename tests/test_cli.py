@@ -1,15 +1,19 @@
 """`cctuning train` on a tiny model with good and bad input, options from flags and YAML, the console
-script. What a run saves and resuming it: tests/test_trainer.py."""
+script, train's --help in sections, --no-checkpoints. What a run saves and resuming it:
+tests/test_trainer.py; start-up, --version and -v: tests/test_cli_startup.py."""
 
+import dataclasses
+import json
 import subprocess
 import sys
 
 import pytest
 
-from cctuning.cli import main
+from cctuning.cli import build_parser, main
 from cctuning.config import build_config, split_list
 from cctuning.errors import CCError
 from cctuning.training import TrainConfig
+from cctuning.training.args import OPTION_GROUPS
 from tests.conftest import FAST, flags, make_records, write_jsonl
 
 
@@ -114,3 +118,75 @@ def test_console_script_runs_as_a_process(base_dir, data_file, tmp_path):
         and "missing.jsonl: no such file" in proc.stderr
         and "Traceback" not in proc.stderr
     )
+
+
+# -- train --help ----------------------------------------------------------------------------------------
+def train_help(capsys) -> str:
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    return capsys.readouterr().out
+
+
+def test_train_help_shows_the_common_options_first_with_their_defaults(capsys):
+    text = train_help(capsys)
+    titles = [*OPTION_GROUPS, "transformers.TrainingArguments"]
+    starts = [text.index(f"\n{title}:\n") for title in titles]
+    assert starts == sorted(starts)  # the sections in this order
+    common = text[starts[0] : starts[1]]
+    defaults = TrainConfig()
+    for flag, value in [("--batch-size", defaults.batch_size), ("--lr", defaults.lr), ("--epochs", defaults.epochs),
+                        ("--max-length", defaults.max_length), ("--save-total-limit", defaults.save_total_limit),
+                        ("--method", defaults.method), ("--lora-r", defaults.lora_r)]:  # fmt: skip
+        entry = common[common.index(f"  {flag} ") :].split("\n  --")[0]
+        assert f"(default: {value})" in " ".join(entry.split()), flag
+    for flag in (
+        "--model MODEL",
+        "--data DATA",
+        "--output DIR",
+        "--save-strategy",
+        "--no-checkpoints",
+        "--resume",
+    ):
+        assert f"  {flag}" in common, flag
+    assert "--adam-beta2" in text[starts[-1] :] and "--adam-beta2" not in text[: starts[-1]]
+    assert "--tau FLOAT" in text[starts[1] : starts[2]]  # the mechanism's options
+
+
+def test_every_train_option_is_in_one_section():
+    grouped = [name for names in OPTION_GROUPS.values() for name in names]
+    fields = [f.name for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli") is not False]
+    assert sorted(grouped) == sorted(fields)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+def test_no_checkpoints_keeps_only_the_final_folder(base_dir, data_file, tmp_path, capsys):
+    argv = ["train", *flags(model=base_dir, data=data_file), *FAST, "--save-steps", "1"]
+    assert main([*argv, "--output", str(tmp_path / "with")]) == 0
+    assert sorted(p.name for p in (tmp_path / "with").glob("checkpoint-*")) == [
+        "checkpoint-2",
+        "checkpoint-3",
+    ]
+    out = tmp_path / "without"
+    assert main([*argv, "--output", str(out), "--no-checkpoints"]) == 0
+    # the same final folder, without the checkpoints
+    final = {p.name for p in (tmp_path / "with").iterdir() if not p.name.startswith("checkpoint-")}
+    assert {p.name for p in out.iterdir()} == final
+    assert {"model.safetensors", "decision_maker.safetensors", "train_results.json"} <= final
+    assert json.loads((out / "train_results.json").read_text())["global_step"] == 3
+    assert f"saved cc model to {out}" in capsys.readouterr().out
+
+
+def test_save_strategy_no_in_yaml_is_no_checkpoints(tmp_path):
+    from cctuning.training.options import build_train_config
+    from cctuning.training.run import build_training_arguments
+
+    path = tmp_path / "c.yaml"
+    for text in ("save_strategy: no\n", "trainer:\n  save_strategy: 'no'\n", "save-strategy: steps\n"):
+        path.write_text(f"output: {tmp_path / 'o'}\n{text}")
+        cfg = build_train_config(str(path), {})
+        expected = "steps" if "steps" in text else "no"
+        assert cfg.trainer == {"save_strategy": expected}
+        assert build_training_arguments(cfg).save_strategy == expected
+    assert build_train_config(None, {"trainer.save_strategy": "no"}).trainer == {"save_strategy": "no"}
+    parser = build_parser()
+    assert vars(parser.parse_args(["train", "--no-checkpoints"]))["trainer.save_strategy"] == "no"

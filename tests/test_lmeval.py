@@ -1,6 +1,7 @@
 """The lm-evaluation-harness backend (cctuning/eval/lmeval.py), checked against lm-eval's own ``hf``
 model, ``cctuning eval --nll``, ``cctuning eval`` and by hand; everything offline."""
 
+import inspect
 import json
 import os
 import re
@@ -14,15 +15,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 
+from cctuning.cli import lm_eval as lm_eval_cli  # noqa: E402
 from cctuning.cli import main  # noqa: E402
 from cctuning.data.encoding import PromptFormat  # noqa: E402
 from cctuning.errors import CCError  # noqa: E402
-from cctuning.eval import lmeval  # noqa: E402
+from cctuning.eval import lmeval, lmeval_tasks  # noqa: E402
 from cctuning.eval.benchmarks import Item, load_benchmark  # noqa: E402
 from cctuning.eval.nll import evaluate_nll, load_items  # noqa: E402
 from cctuning.eval.runner import EvalConfig, evaluate  # noqa: E402
 from cctuning.eval.scoring import score_item  # noqa: E402
 from cctuning.inference import TransformMatrix  # noqa: E402
+from cctuning.loading import resolve_device  # noqa: E402
 from cctuning.model import CCConfig, CCModel  # noqa: E402
 from cctuning.testing import CHATML_TEMPLATE, tiny_model, tiny_tokenizer  # noqa: E402
 from tests.conftest import connected_model, make_records, write_jsonl  # noqa: E402
@@ -249,11 +252,11 @@ def test_model_args_and_errors(cc, tok):
 
 def test_shipped_task_configs_are_written_by_the_function_and_load_offline(tmp_path):
     shipped = {
-        str(p.relative_to(lmeval.TASKS_DIR)): p.read_text(encoding="utf-8")
-        for p in lmeval.TASKS_DIR.rglob("*.yaml")
+        str(p.relative_to(lmeval_tasks.TASKS_DIR)): p.read_text(encoding="utf-8")
+        for p in lmeval_tasks.TASKS_DIR.rglob("*.yaml")
     }
-    assert shipped == lmeval.task_configs()
-    manager = lmeval.task_manager(include_defaults=False)
+    assert shipped == lmeval_tasks.task_configs()
+    manager = lmeval_tasks.task_manager(include_defaults=False)
     for group in ("cctuning_xnli", "cctuning_xnli_gen", "cctuning_xstorycloze", "cctuning_mmmlu", "cctuning_xquad",
                   "cctuning_mkqa", "cctuning_xlsum"):  # fmt: skip
         assert group in manager.all_groups
@@ -272,28 +275,70 @@ def test_shipped_task_configs_are_written_by_the_function_and_load_offline(tmp_p
     )
     for kwargs in ({"cctuning_data_dir": str(tmp_path)}, {}):
         files = "MMMLU/sw.jsonl" if kwargs else str(own / "sw.jsonl")
-        split = lmeval.load_split({"test": files}, "MMMLU", "sw", pretrained="ignored", **kwargs)["test"]
+        split = lmeval_tasks.load_split({"test": files}, "MMMLU", "sw", pretrained="ignored", **kwargs)[
+            "test"
+        ]
         assert split["prompt"] == [d["prompt"] for d in docs[:3]]
     (own / "sw.jsonl").write_text('{"id": 1}\n', encoding="utf-8")
     with pytest.raises(CCError, match="sw.jsonl:1: field 'prompt': missing"):
-        lmeval.load_split("MMMLU/sw.jsonl", "MMMLU", "sw", cctuning_data_dir=str(tmp_path))
+        lmeval_tasks.load_split("MMMLU/sw.jsonl", "MMMLU", "sw", cctuning_data_dir=str(tmp_path))
 
 
 def test_generative_tasks_score_with_our_rules():
-    doc = lmeval._doc(load_benchmark("MKQA", "de", limit=1)[0])
+    doc = lmeval_tasks._doc(load_benchmark("MKQA", "de", limit=1)[0])
     item = Item(doc["id"], doc["prompt"], tuple(doc["answer"]), doc["prompt_en"], "de", "MKQA")
     for output in (doc["answer"][0], "nichts", f"Die Antwort ist {doc['answer'][0]}."):
         metrics = score_item(item, output)
-        assert lmeval.process_results(doc, [output]) == {
+        assert lmeval_tasks.process_results(doc, [output]) == {
             k: float(metrics[k]) for k in ("exact_match", "f1", "contains")
         }
-    choice = lmeval._doc(load_benchmark("XNLI", "sw", limit=1)[0])
-    assert lmeval.process_results(choice, [f"Jibu: {choice['answer']}"]) == {"accuracy": 1.0, "parsed": 1.0}
-    assert lmeval.process_results(choice, ["sijui"]) == {"accuracy": 0.0, "parsed": 0.0}
+    choice = lmeval_tasks._doc(load_benchmark("XNLI", "sw", limit=1)[0])
+    assert lmeval_tasks.process_results(choice, [f"Jibu: {choice['answer']}"]) == {
+        "accuracy": 1.0,
+        "parsed": 1.0,
+    }
+    assert lmeval_tasks.process_results(choice, ["sijui"]) == {"accuracy": 0.0, "parsed": 0.0}
+
+
+def test_lm_eval_help_starts_with_our_usage(capsys):
+    with pytest.raises(SystemExit) as exit:
+        main(["lm-eval", "--help"])
+    out = capsys.readouterr().out
+    assert exit.value.code == 0 and out.startswith("usage: cctuning lm-eval [run] --model cctuning")
+    ours, theirs = out.split("lm-eval's own help follows.")
+    for name in lm_eval_cli.MODEL_ARGS:
+        assert f"\n  {name} " in ours
+    assert "cctuning lm-eval ls tasks" in ours and "cctuning_xnli_gen" not in ours
+    assert "usage: lm-eval" in theirs  # then lm-eval's own help
+
+
+def test_usage_lists_every_model_arg_of_the_model():
+    taken = set(inspect.signature(lmeval.CCLM.__init__).parameters) - {"self", "unknown"}
+    assert set(lm_eval_cli.MODEL_ARGS) | {"tokenizer"} == taken  # tokenizer: a Python object only
+    assert lm_eval_cli.MODEL == lmeval.MODEL_NAME
+
+
+@pytest.mark.parametrize(
+    "argv,batch_size,device",
+    [
+        (["--model_args", "pretrained=m,batch_size=8"], "8", str(resolve_device("auto"))),
+        (["--model_args", "pretrained=m", "--batch_size", "3", "--device", "cpu"], "3", "cpu"),
+        (["--model_args", "pretrained=m,batch_size=2,device=cpu", "--batch_size", "5"], "2", "cpu"),
+    ],
+)
+def test_lm_eval_is_told_the_batch_size_and_device_the_model_uses(argv, batch_size, device):
+    _, args = lm_eval_cli._parse(["--model", "cctuning", "--tasks", "cctuning_xnli_sw", *argv])
+    lm_eval_cli.settle_model_options(args)
+    assert (getattr(args, "batch_size", None), args.device) == (batch_size, device)
+    _, other = lm_eval_cli._parse(
+        ["--model", "hf", "--model_args", "pretrained=m,batch_size=8", "--tasks", "x"]
+    )
+    lm_eval_cli.settle_model_options(other)  # another model's options are lm-eval's business
+    assert (getattr(other, "batch_size", None), other.device) == (None, None)
 
 
 @pytest.mark.slow
-def test_lm_eval_run_matches_cctuning_eval(tmp_path, tok, capsys):
+def test_lm_eval_run_matches_cctuning_eval(tmp_path, tok, capsys, caplog):
     """``cctuning lm-eval`` (lm-eval's command line, offline) on a saved tiny CC-Tuning model, limit 4:
     the likelihood task picks per item the label ``cctuning eval --scoring likelihood`` picks, and its
     log-likelihoods differ from ours by one constant per item (the prompt's last token, that lm-eval
@@ -303,11 +348,20 @@ def test_lm_eval_run_matches_cctuning_eval(tmp_path, tok, capsys):
     out = tmp_path / "lmeval"
     args = ["--model", "cctuning", "--model_args", f"pretrained={folder},connection=transform,batch_size=4",
             "--tasks", "cctuning_xstorycloze_sw,cctuning_mkqa_de", "--limit", "4", "--apply_chat_template",
-            "--device", "cpu", "--output_path", str(out), "--log_samples"]  # fmt: skip
+            "--output_path", str(out), "--log_samples"]  # fmt: skip
     assert main(["lm-eval", *args]) == 0
-    assert "cctuning_xstorycloze_sw" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "cctuning_xstorycloze_sw" in captured.out
+    # lm-eval's header names the batch size used (not its --batch_size default 1), and with no --device
+    # the run uses (and says) cctuning's device, never lm-eval's default cuda:0
+    assert "num_fewshot: None, batch_size: 4\n" in captured.out
+    assert "cuda:0" not in captured.out + captured.err + caplog.text
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     assert results["config"]["connection"] == "transform" and results["config"]["transform_matrix"]
+    assert (results["config"]["batch_size"], results["config"]["device"]) == (
+        "4",
+        str(resolve_device("auto")),
+    )
     samples = {
         task: [
             json.loads(line) for line in next(out.rglob(f"samples_{task}_*.jsonl")).read_text().splitlines()

@@ -3,23 +3,32 @@ and our own options meet, the warmup ratio as the Trainer's schedule, --report-t
 back from the event file) and wandb offline; --config for generate, eval and fit-matrix."""
 
 import dataclasses
+import enum
 import importlib.util
+import json
 import math
+import re
+from importlib import metadata
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from cctuning.cli import _apply_config_file, _given_flags, build_parser, main
+from cctuning.cli import apply_config_file, build_parser, main
+from cctuning.cli.common import given_flags
 from cctuning.config import _base_type
 from cctuning.errors import CCError
-from cctuning.training import TrainConfig
+from cctuning.training import TrainConfig, options
 from cctuning.training.options import (
     FIXED,
     OUR_DEFAULTS,
+    SPEC_FILE,
     build_train_config,
+    generate_trainer_specs,
     resolve_trainer_options,
     trainer_fields,
+    trainer_flag_specs,
     twins,
 )
 from cctuning.training.run import build_training_arguments
@@ -29,13 +38,13 @@ from tests.conftest import FAST, flags
 def parse(*argv: str, command: str = "train"):
     parser = build_parser()
     argv = [command, *map(str, argv)]
-    _apply_config_file(parser, argv)
+    apply_config_file(parser, argv)
     return parser.parse_args(argv)
 
 
 def train_config(*argv: str) -> TrainConfig:
     args = parse(*argv)
-    return build_train_config(args.config, _given_flags(args))
+    return build_train_config(args.config, given_flags(args))
 
 
 def one_line_error(capsys, argv) -> str:
@@ -59,6 +68,76 @@ def test_every_training_arguments_field_has_a_flag():
     assert len(trainer_fields()) > 100 and len(missing) <= 2
     for flag in ("--deepspeed", "--report-to", "--adam-beta2", "--weight-decay", "--optim", "--fsdp"):
         assert flag in options
+
+
+def pinned_transformers() -> str:
+    constraints = Path(__file__).resolve().parents[1] / "requirements" / "constraints.txt"
+    return re.search(r"^transformers==(\S+)", constraints.read_text(), re.M).group(1)
+
+
+def test_shipped_flags_are_those_of_the_pinned_transformers():
+    """The flags `cctuning train --help` reads instead of importing transformers: the shipped file is
+    for the version the project pins, and is what the installed dataclass generates."""
+    shipped = json.loads(SPEC_FILE.read_text(encoding="utf-8"))
+    assert shipped["transformers"] == pinned_transformers() and shipped["schema"] == options.SPEC_SCHEMA
+    if metadata.version("transformers") != shipped["transformers"]:
+        pytest.skip("another transformers than the pinned one is installed")
+    # if this fails: python -c "from cctuning.training.options import write_spec_file; write_spec_file()"
+    assert shipped["fields"] == generate_trainer_specs()
+    assert trainer_flag_specs() == shipped["fields"]
+
+
+def plain(value):
+    """A default as JSON holds it, worked out from the value itself."""
+    if isinstance(value, enum.Enum):
+        return value.value
+    return list(value) if isinstance(value, tuple) else value
+
+
+WIDER = {("int", "float"), ("str", "list"), ("str", "dict")}
+
+
+def test_flags_match_the_dataclass_fields():
+    """Names, types, defaults and choices of the flags in use, against TrainingArguments itself."""
+    specs = {s["name"]: s for s in trainer_flag_specs()}
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    assert set(specs) <= set(fields) and len(specs) >= len(fields) - 2
+    kinds = {bool: "bool", int: "int", float: "float", str: "str", list: "list", dict: "dict"}
+    for name, spec in specs.items():
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        assert spec["default"] == plain(default), name
+        assert spec["choices"] == (list(f.metadata["choices"]) if f.metadata.get("choices") else None), name
+        assert spec["flags"][0] == "--" + name.replace("_", "-")
+        if default is not None and not isinstance(default, enum.Enum):  # the flag holds its default
+            expected = kinds[type(plain(default))]
+            # (a float field with an int default; a str-or-list field such as report_to)
+            assert spec["type"] == expected or (expected, spec["type"]) in WIDER, name
+        assert (spec["nargs"] == "+") == (spec["type"] == "list"), name
+    assert specs["save_strategy"]["metavar"] == "{no,steps,epoch,best}"  # an enum: its values
+    assert specs["liger_kernel_config"]["type"] == "dict" and specs["report_to"]["type"] == "list"
+
+
+def test_flags_of_another_transformers_are_generated_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.setenv("CCTUNING_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(options.metadata, "version", lambda name: "9.9.9")
+    calls = []
+
+    def generate():
+        calls.append(1)
+        return [{"name": "made_up", "flags": ["--made-up"]}]
+
+    monkeypatch.setattr(options, "generate_trainer_specs", generate)
+    assert trainer_flag_specs() == trainer_flag_specs() == [{"name": "made_up", "flags": ["--made-up"]}]
+    assert len(calls) == 1  # the second came from the cache
+    cached = tmp_path / "cache" / "trainer-flags-9.9.9.json"
+    assert json.loads(cached.read_text())["transformers"] == "9.9.9"
+    cached.write_text('{"schema": 0, "transformers": "9.9.9", "fields": []}')  # an older layout
+    assert trainer_flag_specs()[0]["name"] == "made_up" and len(calls) == 2
+    cached.write_text("{cut")
+    assert trainer_flag_specs()[0]["name"] == "made_up" and len(calls) == 3
+    monkeypatch.setenv("CCTUNING_CACHE", str(cached / "not-a-folder"))  # cannot be written: still works
+    assert trainer_flag_specs()[0]["name"] == "made_up" and len(calls) == 4
 
 
 def test_flags_reach_the_trainer_and_only_those(tmp_path):

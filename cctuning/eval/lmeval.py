@@ -1,10 +1,12 @@
-"""lm-evaluation-harness backend: the model class ``cctuning`` and the tasks of our six benchmarks.
+"""lm-evaluation-harness backend: the model class ``cctuning`` (the tasks of our six benchmarks:
+:mod:`cctuning.eval.lmeval_tasks`, whose names are also importable from here).
 
 lm-eval 0.4.13 finds models only in its own registry (no entry points for models or tasks), so
-``cctuning lm-eval ARGS...`` (:func:`run_cli`) registers :class:`CCLM` as ``cctuning``, adds the
-task folder shipped in the package (:data:`TASKS_DIR`) to ``--include_path`` and runs lm-eval's own
-command line with every argument passed through. In Python, importing this module registers the
-model: ``lm_eval.simple_evaluate(model="cctuning", model_args=..., task_manager=task_manager())``.
+``cctuning lm-eval ARGS...`` (:mod:`cctuning.cli.lm_eval`) registers :class:`CCLM` as ``cctuning``,
+adds the task folder shipped in the package (:data:`TASKS_DIR`) to ``--include_path`` and runs
+lm-eval's own command line with every argument passed through. In Python, importing this module
+registers the model: ``lm_eval.simple_evaluate(model="cctuning", model_args=...,
+task_manager=task_manager())``.
 
 What :class:`CCLM` computes (docs/evaluation.md, "lm-evaluation-harness"):
 
@@ -26,29 +28,31 @@ What :class:`CCLM` computes (docs/evaluation.md, "lm-evaluation-harness"):
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import model_registry
-from lm_eval.models.utils import (
-    Collator,
-    handle_stop_sequences,
-    normalize_gen_kwargs,
-    postprocess_generated_text,
-    resolve_max_length,
-)
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.models.utils import resolve_max_length
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm.auto import tqdm
 
 from cctuning.data.collator import pad_rows
 from cctuning.data.encoding import PLAIN_HEAD, PLAIN_TAIL, EncodedPrompt, PromptEncoder
 from cctuning.errors import CCError
-from cctuning.eval.benchmarks import BENCHMARKS, RESOURCE_DIR, Item, read_items
-from cctuning.eval.scoring import score_item
+from cctuning.eval.lmeval_args import read_batch_size, read_device, read_dtype, read_sample_layer
+from cctuning.eval.lmeval_generate import GenerateUntil
+from cctuning.eval.lmeval_tasks import (
+    TASKS_DIR,
+    load_split,
+    process_results,
+    task_configs,
+    task_manager,
+    write_task_configs,
+)
 from cctuning.inference.generate import CCGenerator
 from cctuning.loading import load_for_inference
 from cctuning.model.ccmodel import positions_from_mask
@@ -56,8 +60,19 @@ from cctuning.model.connection import connected_forward, layer_sampling, resolve
 
 logger = logging.getLogger(__name__)
 
+__all__ = [
+    "CCLM",
+    "MODEL_NAME",
+    "TASKS_DIR",
+    "load_split",
+    "process_results",
+    "register",
+    "task_configs",
+    "task_manager",
+    "write_task_configs",
+]
+
 MODEL_NAME = "cctuning"
-TASKS_DIR = Path(__file__).resolve().parent.parent / "resources" / "lm_eval_tasks"
 DEFAULT_MAX_LENGTH = 2048  # lm-eval's own fallback when neither config nor tokenizer gives one
 
 
@@ -65,14 +80,6 @@ def register() -> None:
     """Register :class:`CCLM` with lm-eval as ``cctuning`` (again: nothing happens)."""
     if model_registry.get(MODEL_NAME, None) is not CCLM:
         model_registry.register(MODEL_NAME)(CCLM)
-
-
-def task_manager(include_path: str | Path | list | None = None, **kwargs):
-    """An lm-eval ``TaskManager`` that knows our tasks (and ``include_path``'s)."""
-    from lm_eval.tasks import TaskManager
-
-    extra = [] if include_path is None else include_path if isinstance(include_path, list) else [include_path]
-    return TaskManager(include_path=[str(TASKS_DIR), *map(str, extra)], **kwargs)
 
 
 @dataclass
@@ -87,7 +94,7 @@ class _Scored:
     members: list[tuple[int, int, list[int]]] = field(default_factory=list)
 
 
-class CCLM(TemplateLM):
+class CCLM(GenerateUntil, TemplateLM):
     """A cctuning model folder (CC-Tuning, SFT or plain) for lm-evaluation-harness (``--model cctuning``).
 
     ``model_args``: ``pretrained`` (a folder or preset name, or a loaded :class:`CCModel` with
@@ -120,12 +127,12 @@ class CCLM(TemplateLM):
             raise CCError(
                 f"lm-eval model 'cctuning' does not take {', '.join(sorted(unknown))} (see cctuning.eval.lmeval.CCLM)"
             )
-        self._device = _device(device)
+        self._device = read_device(device)
         if isinstance(pretrained, (str, Path)):  # loaded straight onto the device
             model, tokenizer, folder = load_for_inference(
                 str(pretrained),
                 trust_remote_code=trust_remote_code,
-                dtype=_dtype(dtype),
+                dtype=read_dtype(dtype),
                 device=str(self._device),
             )
         else:
@@ -136,14 +143,10 @@ class CCLM(TemplateLM):
         self.tokenizer = tokenizer
         self.folder = folder
         self.connection = resolve_connection(model, connection)
-        if isinstance(sample_layer, bool):
-            sample_layer = int(sample_layer)
-        if not isinstance(sample_layer, int) or sample_layer < 0:
-            raise CCError(f"sample_layer takes the number of draws (≥ 0), got {sample_layer!r}")
-        self.sample_layer = sample_layer if self.connection != "none" else 0
+        self.sample_layer = read_sample_layer(sample_layer) if self.connection != "none" else 0
         self.seed = int(seed)
         self.english_field = english_field
-        self._batch_size = _batch_size(batch_size, max_batch_size)
+        self._batch_size = read_batch_size(batch_size, max_batch_size)
         self._max_length = int(max_length) if max_length else None
         self._max_gen_toks = int(max_gen_toks)
         self.add_bos_token = add_bos_token
@@ -165,8 +168,6 @@ class CCLM(TemplateLM):
 
     @classmethod
     def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None):
-        from lm_eval.utils import simple_parse_args_string
-
         return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # -- what lm-eval reads --------------------------------------------------------------------
@@ -394,7 +395,11 @@ class CCLM(TemplateLM):
         bar = tqdm(total=count * draws, desc=f"loglikelihood ({self.connection})", disable=disable_tqdm)
         try:
             for draw in range(draws):
-                sampling = layer_sampling(self.model, self.seed + draw) if self.sample_layer else _nothing()
+                sampling = (
+                    layer_sampling(self.model, self.seed + draw)
+                    if self.sample_layer
+                    else contextlib.nullcontext()
+                )
                 with sampling, torch.no_grad():
                     for start in range(0, len(inputs), self.batch_size):
                         batch = inputs[start : start + self.batch_size]
@@ -435,278 +440,6 @@ class CCLM(TemplateLM):
         )
         logprobs = torch.log_softmax(out.logits.float(), dim=-1)
         return [logprobs[i, : len(row)] for i, row in enumerate(rows)]
-
-    # -- generation ----------------------------------------------------------------------------
-    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Batches of requests with the same options, longest first (as lm-eval's ``hf`` model)."""
-        if self.sample_layer > 1:
-            logger.warning(
-                "generate_until samples one layer per request (sample_layer=%d)", self.sample_layer
-            )
-        collator = Collator(
-            [(*request.args, index) for index, request in enumerate(requests)],
-            sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
-            group_by="gen_kwargs",
-            group_fn=lambda r: r[1],
-        )
-        eos = self.tokenizer.decode(self.eot_token_id, skip_special_tokens=False)
-        results = []
-        bar = tqdm(total=len(requests), desc=f"generate_until ({self.connection})", disable=disable_tqdm)
-        sampling = layer_sampling(self.model, self.seed) if self.sample_layer else _nothing()
-        try:
-            with sampling:
-                for chunk in collator.get_batched(n=self.batch_size):
-                    for text, (context, gen_kwargs, _) in zip(
-                        self._generate_chunk(chunk, requests, eos), chunk
-                    ):
-                        results.append(text)
-                        self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
-                        bar.update(1)
-        finally:
-            bar.close()
-        return collator.get_original(results)
-
-    def _generate_chunk(self, chunk, requests, eos: str) -> list[str]:
-        options = normalize_gen_kwargs(chunk[0][1], self.max_gen_toks)
-        until = handle_stop_sequences(options.pop("until", None), eos=eos)
-        max_gen_toks = options.pop("max_gen_toks")
-        if options.pop("max_length", None) is not None:
-            logger.warning("max_length in the generation options is ignored; max_gen_toks bounds generation")
-        if options.get("temperature") == 0.0 and not options.get("do_sample"):
-            options.pop("temperature")  # greedy (lm-eval's temperature 0)
-            options["do_sample"] = False
-        room = self.max_length - max_gen_toks
-        if room <= 0:
-            raise CCError(
-                f"max_gen_toks={max_gen_toks} leaves no room for a prompt in max_length={self.max_length}"
-            )
-        encoded = []
-        for context, _, _ in chunk:
-            ids = self.tok_encode(context, left_truncate_len=room)
-            encoded.append(EncodedPrompt(ids=ids, position=self._position(len(ids))))
-        english = (
-            [self._english_prompt(requests[index]) for _, _, index in chunk]
-            if self.connection == "english"
-            else None
-        )
-        outs = self.generator.generate_encoded(
-            encoded,
-            self.connection,
-            english,
-            max_new_tokens=max_gen_toks,
-            generation_kwargs=options,
-            stop_strings=[u for u in until if u] or None,
-            sort=False,
-        )
-        return [postprocess_generated_text(out.text, until, None) for out in outs]
-
-
-class _nothing:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
-def _dtype(name):
-    if name in (None, "auto") or isinstance(name, torch.dtype):
-        return None if name == "auto" else name
-    value = getattr(torch, str(name), None)
-    if not isinstance(value, torch.dtype):
-        raise CCError(f"unknown dtype '{name}' (use float32, bfloat16, float16 or auto)")
-    return value
-
-
-def _device(name) -> torch.device:
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        logger.info("device %s is not available here; using the CPU", name)
-        return torch.device("cpu")
-    return device
-
-
-def _batch_size(value, max_batch_size) -> int:
-    if isinstance(value, str) and value.startswith("auto"):
-        size = int(max_batch_size or 8)
-        logger.warning("batch_size=%s: cctuning does not detect a batch size; using %d", value, size)
-        return size
-    try:
-        size = int(value)
-    except (TypeError, ValueError):
-        raise CCError(f"batch_size must be a positive integer, got {value!r}") from None
-    if size <= 0:
-        raise CCError(f"batch_size must be a positive integer, got {value!r}")
-    return size
-
-
-# -- tasks ------------------------------------------------------------------------------------------
-def load_split(data_files, benchmark: str, lang: str, cctuning_data_dir: str | None = None, **_metadata):
-    """``custom_dataset`` of our task YAMLs: the ``data_files`` (relative paths: inside
-    ``cctuning_data_dir``, a ``--metadata`` key, or else the bundled development split), read and
-    checked as ``cctuning eval`` reads them. Other keys (lm-eval's metadata, the model_args) are ignored."""
-    from datasets import Dataset, DatasetDict
-
-    base = Path(cctuning_data_dir).expanduser() if cctuning_data_dir else RESOURCE_DIR
-    files = data_files if isinstance(data_files, dict) else {"test": data_files}
-    splits = {}
-    for split, name in files.items():
-        path = Path(name).expanduser()
-        items = read_items(path if path.is_absolute() else base / path, benchmark, lang)
-        splits[split] = Dataset.from_list([_doc(item) for item in items])
-    return DatasetDict(splits)
-
-
-def _doc(item: Item) -> dict:
-    answer = list(item.answer) if isinstance(item.answer, tuple) else item.answer
-    return {
-        "id": str(item.id),
-        "prompt": item.prompt,
-        "answer": answer,
-        "prompt_en": item.prompt_en,
-        "benchmark": item.benchmark,
-        "lang": item.lang,
-    }
-
-
-def process_results(doc: dict, results: list[str]) -> dict[str, float]:
-    """Our runner's per-item scores (``cctuning.eval.scoring.score_item``) of a generated answer."""
-    answer = doc["answer"]
-    item = Item(
-        id=doc["id"],
-        prompt=doc["prompt"],
-        answer=tuple(answer) if isinstance(answer, list) else answer,
-        prompt_en=doc["prompt_en"],
-        lang=doc["lang"],
-        benchmark=doc["benchmark"],
-    )
-    metrics = score_item(item, results[0])
-    return {name: float(metrics[name]) for name in _generate_metrics(doc["benchmark"])}
-
-
-def _generate_metrics(benchmark: str) -> tuple[str, ...]:
-    spec = BENCHMARKS[benchmark]
-    return spec.metrics + (("parsed",) if spec.answer_kind == "choice" else ())
-
-
-GENERATED = "# Written by cctuning.eval.lmeval.write_task_configs(); change that function, not this file.\n"
-MAX_GEN_TOKS = 40  # as `cctuning eval` and the paper
-
-
-def _yaml_list(values) -> str:
-    return "[" + ", ".join(f'"{v}"' for v in values) + "]"
-
-
-def _task_head(task: str, bench: str, lang: str) -> str:
-    return (
-        f"{GENERATED}task: {task}\n"
-        "dataset_path: json\n"
-        "dataset_kwargs:\n"
-        "  data_files:\n"
-        f"    test: {bench}/{lang}.jsonl\n"
-        f"  benchmark: {bench}\n"
-        f"  lang: {lang}\n"
-        "custom_dataset: !function cctuning.eval.lmeval.load_split\n"
-        "test_split: test\n"
-        "doc_to_text: prompt\n"
-    )
-
-
-def _metrics(names) -> str:
-    lines = ["metric_list:\n"]
-    for name in names:
-        lines.append(f"  - metric: {name}\n    aggregation: mean\n    higher_is_better: true\n")
-    return "".join(lines)
-
-
-def _group(group: str, tasks: list[str], metrics) -> str:
-    lines = [f"{GENERATED}group: {group}\ntask:\n"]
-    lines += [f"  - {t}\n" for t in tasks]
-    lines.append("aggregate_metric_list:\n")
-    for name in metrics:
-        lines.append(f"  - metric: {name}\n    aggregation: mean\n    weight_by_size: false\n")
-    lines.append("metadata:\n  version: 1.0\n")
-    return "".join(lines)
-
-
-def task_configs() -> dict[str, str]:
-    """Every task and group YAML of :data:`TASKS_DIR` by relative path. Per benchmark, a task per
-    language ``cctuning_<benchmark>_<lang>`` and a group ``cctuning_<benchmark>`` (languages
-    weighted equally, as ``cctuning eval``'s average). Multiple-choice benchmarks are scored by
-    likelihood (``acc``: the label whose continuation after the prompt is most likely); their
-    ``cctuning_<benchmark>_gen_<lang>`` tasks generate and parse the label as ``cctuning eval``'s
-    default scoring does. The others generate (greedy, 40 tokens) and are scored by our rules."""
-    out = {}
-    for bench, spec in BENCHMARKS.items():
-        key = bench.lower()
-        variants = []
-        if spec.answer_kind == "choice":
-            variants.append((f"cctuning_{key}", "choice", ("acc",)))
-            variants.append((f"cctuning_{key}_gen", "generate", _generate_metrics(bench)))
-        else:
-            variants.append((f"cctuning_{key}", "generate", _generate_metrics(bench)))
-        for group, kind, metrics in variants:
-            tasks = []
-            for lang in spec.languages:
-                task = f"{group}_{lang}"
-                tasks.append(task)
-                text = _task_head(task, bench, lang)
-                if kind == "choice":
-                    labels = ", ".join(f"'{label}'" for label in spec.labels)
-                    text += (
-                        "output_type: multiple_choice\n"
-                        f"doc_to_choice: {_yaml_list(spec.labels)}\n"
-                        f'doc_to_target: "{{{{[{labels}].index(answer)}}}}"\n'
-                        'target_delimiter: ""\n'
-                    )
-                else:
-                    text += (
-                        "output_type: generate_until\n"
-                        "doc_to_target: answer\n"
-                        "generation_kwargs:\n"
-                        "  until: []\n"
-                        f"  max_gen_toks: {MAX_GEN_TOKS}\n"
-                        "  do_sample: false\n"
-                        "process_results: !function cctuning.eval.lmeval.process_results\n"
-                    )
-                text += _metrics(metrics) + "metadata:\n  version: 1.0\n"
-                out[f"{key}/{task}.yaml"] = text
-            out[f"{key}/_{group}.yaml"] = _group(group, tasks, metrics)
-    return out
-
-
-def write_task_configs(folder: str | Path = TASKS_DIR) -> list[Path]:
-    """Write :func:`task_configs` into ``folder`` (the package's own task folder by default)."""
-    written = []
-    for rel, text in task_configs().items():
-        path = Path(folder) / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
-        written.append(path)
-    return written
-
-
-# -- command line -----------------------------------------------------------------------------------
-def run_cli(argv: list[str]) -> int:
-    """lm-eval's command line (``lm-eval ARGS``) with the model ``cctuning`` registered and our task
-    folder added to ``--include_path`` (before any folder given there)."""
-    from lm_eval._cli import HarnessCLI
-
-    register()
-    cli = HarnessCLI()
-    saved = sys.argv
-    sys.argv = ["lm-eval", *argv]
-    try:
-        args = cli.parse_args()
-    finally:
-        sys.argv = saved
-    if hasattr(args, "include_path"):
-        given = args.include_path
-        args.include_path = [str(TASKS_DIR)] + ([given] if given else [])
-    cli.execute(args)
-    return 0
 
 
 register()

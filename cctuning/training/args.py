@@ -12,11 +12,12 @@ def opt(default, help: str, **meta):
 
 @dataclass
 class TrainConfig:
-    model: str | None = opt(None, "base model: a Hugging Face folder or a preset name")
+    model: str | None = opt(None, "base model: a Hugging Face folder or a preset name", metavar="MODEL")
     data: str | None = opt(
         None,
         "training records: .json, .jsonl, .parquet, .arrow, .csv or a datasets save_to_disk folder "
         "(README: Data formats)",
+        metavar="DATA",
     )
     data_format: str = opt(
         "auto",
@@ -32,7 +33,9 @@ class TrainConfig:
         metavar="FIELD=COLUMN,...",
     )
     split: str | None = opt(None, "the split of a DatasetDict folder (needed when it has several)")
-    output: str | None = opt(None, "output folder (a Hugging Face model folder plus CC-Tuning files)")
+    output: str | None = opt(
+        None, "output folder (a Hugging Face model folder plus CC-Tuning files)", metavar="DIR"
+    )
     method: str = opt(
         "cc", "cc: CC-Tuning; sft: plain multilingual SFT on the same pipeline", choices=["cc", "sft"]
     )
@@ -128,3 +131,23 @@ class TrainConfig:
             "cli": False,
         },
     )
+
+
+# the sections of `cctuning train --help`, in order, each option once (tests/test_cli.py): the common
+# options first, then the mechanism's; the Trainer's own fields follow in a section of their own
+OPTION_GROUPS = {
+    "common options": (
+        "method", "model", "data", "output", "epochs", "max_steps", "batch_size", "grad_accum",
+        "max_length", "lr", "seed", "dtype", "bf16", "fp16", "gradient_checkpointing", "lora_r",
+        "lora_alpha", "lora_dropout", "lora_target", "trust_remote_code", "report_to", "resume",
+        "overwrite", "save_steps", "save_total_limit",
+    ),
+    "CC-Tuning (the connection and the Decision Maker)": (
+        "tau", "tau_end", "inject_layer", "position_offset", "english_grad", "layer_choice", "fusion",
+        "dm_input", "dm_lr_scale", "layers_path", "ffn_module",
+    ),
+    "data and prompts": (
+        "data_format", "columns", "split", "skip_invalid", "template", "system_prompt", "padding_side",
+    ),
+    "schedule and logging": ("scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "logging_steps"),
+}  # fmt: skip

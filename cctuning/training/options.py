@@ -12,6 +12,11 @@ fields' types, defaults and help), not written by hand, so a new field is a new 
 * **Fixed fields are refused** (:data:`FIXED`) unless given the value we set: the run depends on it.
 * **Only what the user gave reaches the Trainer**: every other field keeps our default (set in
   ``build_training_arguments``) or the Trainer's.
+* **The flags are read from a cache**, so that ``cctuning train --help`` does not import
+  transformers (seconds): :func:`trainer_flag_specs` reads the specs shipped for the transformers
+  version the project pins (:data:`SPEC_FILE`), else the ones generated once for the installed
+  version under ``~/.cache/cctuning`` (``$CCTUNING_CACHE``), else generates them (and caches them).
+  tests/test_trainer_options.py checks the shipped specs against the installed dataclass.
 
 Sources, later winning: the defaults, the YAML file (a field at the top level or under ``trainer:``),
 the flags. ``--warmup-steps`` (a Trainer field: a step count, or a fraction below 1) and our
@@ -22,11 +27,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
+import os
 import typing
+from importlib import metadata
 from pathlib import Path
 
 from cctuning.config import (
-    add_dataclass_arguments,
+    add_argument_specs,
+    argument_specs,
     coerce,
     flag_values,
     make_config,
@@ -34,6 +43,7 @@ from cctuning.config import (
     read_yaml,
 )
 from cctuning.errors import CCError
+from cctuning.io import write_json
 from cctuning.training.args import TrainConfig
 
 # destination prefix of the generated flags in the parsed namespace (``trainer.adam_beta2``)
@@ -50,6 +60,11 @@ TWINS = {
     "activation_checkpointing": "gradient_checkpointing",
     "resume_from_checkpoint": "resume",
 }
+
+# the generated flags shipped with the package, for the transformers version the project pins
+SPEC_FILE = Path(__file__).resolve().parent.parent / "resources" / "trainer_flags.json"
+# bump when the specs' layout (cctuning.config.argument_specs) changes: cached ones are regenerated
+SPEC_SCHEMA = 1
 
 # fields whose value the run depends on: field → (the value we set, why)
 FIXED = {
@@ -83,7 +98,7 @@ class TrainerField:
 @functools.cache
 def trainer_fields() -> dict[str, TrainerField]:
     """The init fields of the installed ``TrainingArguments`` with their resolved types."""
-    from transformers import TrainingArguments
+    from transformers import TrainingArguments  # deferred: seconds; train --help reads the cached specs
 
     try:
         hints = typing.get_type_hints(TrainingArguments)
@@ -104,19 +119,74 @@ def tf_type(name: str):
     return trainer_fields()[name].type
 
 
-def twins() -> dict[str, str]:
+def twins(names=None) -> dict[str, str]:
     """Every TrainingArguments field that one of our options sets: field → option (same-named fields
-    such as ``seed`` and ``max_steps`` included)."""
+    such as ``seed`` and ``max_steps`` included). ``names``: the fields (default: the installed ones)."""
+    names = set(trainer_fields() if names is None else names)
     ours = {f.name for f in dataclasses.fields(TrainConfig)}
-    same = {name: name for name in trainer_fields() if name in ours and name != "trainer"}
-    return {**same, **{k: v for k, v in TWINS.items() if k in trainer_fields()}}
+    same = {name: name for name in names if name in ours and name != "trainer"}
+    return {**same, **{k: v for k, v in TWINS.items() if k in names}}
 
 
-def add_trainer_arguments(parser) -> list[str]:
+def generate_trainer_specs() -> list[dict]:
+    """The flag specs of every TrainingArguments field, from the installed transformers (seconds)."""
+    from transformers import TrainingArguments  # deferred: seconds; the cached specs spare them
+
+    hints = {name: tf.type for name, tf in trainer_fields().items()}
+    return argument_specs(
+        TrainingArguments, dict_as_json=True, show_default=True, check_choices=False, hints=hints
+    )
+
+
+def spec_document(specs: list[dict], version: str) -> dict:
+    return {"schema": SPEC_SCHEMA, "transformers": version, "fields": specs}
+
+
+def cache_file(version: str) -> Path:
+    """Where the specs generated for transformers ``version`` are cached: under ``$CCTUNING_CACHE``,
+    else ``~/.cache/cctuning`` (as :func:`cctuning.presets.registry.cache_root`)."""
+    root = Path(os.environ.get("CCTUNING_CACHE") or Path.home() / ".cache" / "cctuning").expanduser()
+    return root / f"trainer-flags-{version}.json"
+
+
+def _read_specs(path: Path, version: str) -> list[dict] | None:
+    """The specs of ``path`` when it holds those of transformers ``version`` in our layout, else None."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or (doc.get("schema"), doc.get("transformers")) != (SPEC_SCHEMA, version):
+        return None
+    return doc.get("fields")
+
+
+def trainer_flag_specs() -> list[dict]:
+    """The flag specs of the installed transformers' TrainingArguments: shipped, cached or generated
+    (then cached; a cache that cannot be written is skipped)."""
+    version = metadata.version("transformers")
+    for path in (SPEC_FILE, cache_file(version)):
+        specs = _read_specs(path, version)
+        if specs is not None:
+            return specs
+    specs = generate_trainer_specs()
+    try:
+        write_json(cache_file(version), spec_document(specs, version))
+    except OSError:
+        pass  # a read-only home: generated again next time
+    return specs
+
+
+def write_spec_file(path: str | Path = SPEC_FILE) -> Path:
+    """Write the specs of the installed transformers into ``path`` (the shipped file by default: run
+    this after changing the pinned transformers version or :data:`SPEC_SCHEMA`)."""
+    write_json(path, spec_document(generate_trainer_specs(), metadata.version("transformers")))
+    return Path(path)
+
+
+def add_trainer_arguments(parser, promoted: dict[str, object] | None = None) -> list[str]:
     """One flag per TrainingArguments field that the parser does not already have (our options keep
-    their flags), in a group of its own; returns the fields that got one."""
-    from transformers import TrainingArguments
-
+    their flags), in a group of its own; a field of ``promoted`` (field → argument group) goes into
+    that group instead. Returns the fields that got one."""
     group = parser.add_argument_group(
         "transformers.TrainingArguments",
         "Every other Trainer field, generated from the installed transformers; only those you give "
@@ -124,28 +194,33 @@ def add_trainer_arguments(parser) -> list[str]:
         "(--learning-rate is --lr, --output-dir is --output, ...). Also in YAML, at the top level or "
         "under 'trainer:'.",
     )
-    hints = {name: tf.type for name, tf in trainer_fields().items()}
-    added = add_dataclass_arguments(
-        group,
-        TrainingArguments,
-        dest_prefix=FLAG_PREFIX,
-        dict_as_json=True,
-        show_default=True,
-        check_choices=False,
-        hints=hints,
-    )
-    twin = twins()
-    for action in group._group_actions:
+    specs = trainer_flag_specs()
+    promoted = promoted or {}
+    added = []
+    for name, target in promoted.items():
+        added += add_argument_specs(target, [s for s in specs if s["name"] == name], dest_prefix=FLAG_PREFIX)
+    rest = [s for s in specs if s["name"] not in promoted]
+    added += add_argument_specs(group, rest, dest_prefix=FLAG_PREFIX)
+    _explain(parser, {s["name"]: s for s in specs})
+    return added
+
+
+def _explain(parser, specs: dict[str, dict]) -> None:
+    """The help of a generated flag that an option of ours sets, that we fix, or whose default is ours."""
+    twin = twins(specs)
+    for action in parser._actions:
+        if not action.dest.startswith(FLAG_PREFIX):
+            continue
         name = action.dest[len(FLAG_PREFIX) :]
+        if _flag(name) not in action.option_strings:  # --no-checkpoints sets save_strategy too
+            continue
         if name in twin:
             action.help = f"the Trainer's name of {_flag(twin[name])}: sets it"
         elif name in FIXED:
             value, why = FIXED[name]
             action.help = f"set by cctuning to {value}: {why}"
-        elif name in OUR_DEFAULTS:
-            text = str(trainer_fields()[name].field.metadata.get("help", "")).replace("%", "%%")
-            action.help = f"{text} (cctuning's default: {OUR_DEFAULTS[name]})"
-    return added
+        elif name in OUR_DEFAULTS and name in specs:
+            action.help = f"{specs[name]['doc']} (cctuning's default: {OUR_DEFAULTS[name]})"
 
 
 def _flag(name: str) -> str:

@@ -1,0 +1,126 @@
+"""``cctuning lm-eval ARGS...``: lm-evaluation-harness's own command line, with the model ``cctuning``
+registered and our task folder added to ``--include_path``; every argument is lm-eval's.
+
+``cctuning lm-eval --help`` starts with our usage (:func:`usage`: the model, its ``model_args``, our
+tasks), then lm-eval's help. A run with ``--model cctuning`` passes lm-eval the batch size and the
+device the model uses, so that its header and its results name them: a ``batch_size`` in
+``--model_args`` (which the model takes over ``--batch_size``), the device of ``model_args`` or
+``--device``, else cctuning's ``auto`` device (not lm-eval's default ``cuda:0``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import textwrap
+
+from cctuning.eval.benchmarks import BENCHMARKS
+from cctuning.eval.lmeval_tasks import TASKS_DIR
+
+MODEL = "cctuning"  # cctuning.eval.lmeval.MODEL_NAME
+# every model_arg of cctuning.eval.lmeval.CCLM that text can give (tests/test_lmeval.py checks the list)
+MODEL_ARGS = {
+    "pretrained": "PATH: a model folder (CC-Tuning, SFT or plain) or a preset name (required)",
+    "connection": "transform, none or english (default: transform when the folder has a Transform "
+    "Matrix, else none); english reads the English prompt from each document",
+    "english_field": "the documents' field holding the English prompt (default: prompt_en)",
+    "sample_layer": "K: sample the layer with Gumbel noise K times and average (default 0: argmax)",
+    "seed": "seed of sample_layer (default 0)",
+    "batch_size": "requests per forward pass (default: --batch_size, else 1); auto is max_batch_size",
+    "max_batch_size": "the batch size that batch_size=auto means (default 8)",
+    "max_length": "tokens of context + continuation, cut from the left (default: the model's)",
+    "max_gen_toks": "new tokens of a generation at most (default 256, lm-eval's)",
+    "dtype": "float32, bfloat16, float16 or auto (default: as saved)",
+    "device": "cpu, cuda or cuda:N (default: --device, else $CCTUNING_DEVICE, else CUDA when there is "
+    "one, else the CPU)",
+    "add_bos_token": "true or false: add the BOS token (default: as lm-eval's hf model)",
+    "prefix_token_id": "the token before a continuation without context (default: BOS, else EOS)",
+    "trust_remote_code": "true: allow code from the model folder to run (only if you trust it)",
+}
+HELP_ARGS = ([], ["-h"], ["--help"], ["run"], ["run", "-h"], ["run", "--help"])
+
+
+def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
+    # every argument after `lm-eval` is lm-eval's (no option of ours: prefix_chars matches none)
+    p = sub.add_parser(name, help=help, add_help=False, prefix_chars="\0")
+    p.add_argument("lm_eval_args", nargs="*")
+    p.set_defaults(func=lambda args: run_cli(args.lm_eval_args))
+    return p
+
+
+def usage() -> str:
+    """Our part of ``cctuning lm-eval --help``."""
+    choice = [b.lower() for b, spec in BENCHMARKS.items() if spec.answer_kind == "choice"]
+    generated = [b.lower() for b, spec in BENCHMARKS.items() if spec.answer_kind != "choice"]
+    width = max(map(len, MODEL_ARGS)) + 2
+    lines = [
+        f"usage: cctuning lm-eval [run] --model {MODEL} --model_args KEY=VALUE,... --tasks TASK,... [lm-eval options]",
+        "       cctuning lm-eval ls tasks       every task lm-eval knows, ours included",
+        "",
+        "lm-evaluation-harness with cctuning's model and tasks; every argument after `lm-eval` is lm-eval's.",
+        "",
+        f"model_args of --model {MODEL}, comma-separated KEY=VALUE:",
+        *(
+            textwrap.fill(text, 100, initial_indent=f"  {name:{width}}", subsequent_indent=" " * (width + 2))
+            for name, text in MODEL_ARGS.items()
+        ),
+        "",
+        "our tasks: cctuning_<benchmark> (a group: the languages averaged) and cctuning_<benchmark>_<lang>;",
+        f"  {', '.join(choice)}: likelihood of the labels (cctuning_<benchmark>_gen: generated and parsed);",
+        f"  {', '.join(generated)}: generated and scored by our rules (docs/evaluation.md)",
+        "",
+        "example:",
+        f"  cctuning lm-eval --model {MODEL} --model_args pretrained=runs/cc,batch_size=8 \\",
+        "      --tasks cctuning_xnli --apply_chat_template --output_path results/lm-eval",
+        "",
+        "lm-eval's own help follows.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _parse(argv: list[str]) -> tuple:
+    """lm-eval's command line object and its parse of ``argv`` (``lm-eval ARGS``)."""
+    from lm_eval._cli.harness import HarnessCLI  # deferred: lm-eval is optional (extra eval)
+
+    cli = HarnessCLI()
+    saved = sys.argv
+    sys.argv = ["lm-eval", *argv]
+    try:
+        return cli, cli.parse_args()
+    finally:
+        sys.argv = saved
+
+
+def settle_model_options(args: argparse.Namespace) -> None:
+    """For ``--model cctuning``: lm-eval's ``--batch_size`` and ``--device`` become the ones the
+    model uses (what lm-eval prints and records), see the module's docstring."""
+    if getattr(args, "command", None) != "run" or getattr(args, "model", None) != MODEL:
+        return
+    model_args = args.model_args if isinstance(args.model_args, dict) else {}
+    if "batch_size" in model_args:
+        args.batch_size = str(model_args["batch_size"])
+    if "device" in model_args:
+        args.device = str(model_args["device"])
+    elif not args.device:
+        from cctuning.loading import resolve_device  # deferred: imports torch
+
+        args.device = str(resolve_device("auto"))
+
+
+def run_cli(argv: list[str]) -> int:
+    """lm-eval's command line (``lm-eval ARGS``) with the model ``cctuning`` registered and our task
+    folder added to ``--include_path`` (before any folder given there)."""
+    if argv in HELP_ARGS:
+        print(usage())
+    cli, args = _parse(argv)
+    if getattr(args, "command", None) == "run":
+        from cctuning.eval.lmeval import register  # deferred: imports torch; only a run needs the model
+
+        register()
+    settle_model_options(args)
+    if hasattr(args, "include_path"):
+        given = args.include_path
+        args.include_path = [str(TASKS_DIR)] + ([given] if given else [])
+    cli.execute(args)
+    return 0
