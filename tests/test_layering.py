@@ -14,7 +14,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cctuning"
 
 # lowest first; the first part of the module name after ``cctuning.`` decides its layer
 LAYERS = [
-    {"errors", "io", "versions", "config", "stats"},
+    {"errors", "io", "versions", "config", "stats", "guard"},
     {"data"},
     {"model"},
     {"loading", "presets"},
