@@ -22,7 +22,9 @@ How a block's lines are read (``commands_in``):
   the ``--model_args`` keys of ``--model cctuning`` against the model class's parameters and the
   ``--tasks`` named ``cctuning_*`` against the shipped task folder.
 
-A line that names a cctuning command and cannot be tokenised fails: nothing is skipped silently.
+Every ``--flag`` must be written as the parser spells it: argparse accepts an abbreviation
+(``--batch`` for ``--batch-size``), which would let a renamed flag pass. A line that names a
+cctuning command and cannot be tokenised fails: nothing is skipped silently.
 """
 
 from __future__ import annotations
@@ -234,9 +236,13 @@ def _parse(argv: list[str]) -> str | None:
 
 
 @functools.lru_cache(maxsize=1)
-def _lm_eval_names() -> tuple[frozenset, frozenset]:
-    """The model class's ``model_args`` and the names of the shipped lm-eval tasks and groups."""
-    from cctuning.eval.lmeval import CCLM, TASKS_DIR
+def _lm_eval_names() -> tuple[frozenset, frozenset] | None:
+    """The model class's ``model_args`` and the names of the shipped lm-eval tasks and groups (None
+    without lm-eval, the ``eval`` extra: then only our parser checks ``cctuning lm-eval``)."""
+    try:
+        from cctuning.eval.lmeval import CCLM, TASKS_DIR
+    except ImportError:
+        return None
 
     params = inspect.signature(CCLM.__init__).parameters
     model_args = frozenset(n for n, p in params.items() if n != "self" and p.kind is not p.VAR_KEYWORD)
@@ -253,6 +259,8 @@ def _check_lm_eval(argv: list[str]) -> str | None:
     """Our part of ``cctuning lm-eval ...``: the cctuning model's arguments and our task names."""
     args = argv[1:]
     model = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--model"), None)
+    if _lm_eval_names() is None:
+        return None
     model_args, tasks = _lm_eval_names()
     for i, a in enumerate(args[:-1]):
         if a == "--model_args" and model == "cctuning":
@@ -307,6 +315,19 @@ def resolve_placeholders(argv: list[str]) -> list[str]:
     return out
 
 
+def _inexact_option(argv: list[str]) -> str | None:
+    """The first ``--flag`` that is not one of the subcommand's own option strings: argparse would
+    take an abbreviation (``--batch`` for ``--batch-size``), which a renamed flag can silently match."""
+    sub = _subparser(argv[0]) if argv else None
+    if sub is None:
+        return None
+    for token in argv[1:]:
+        name = token.split("=", 1)[0]
+        if name.startswith("--") and name != "--" and name not in sub._option_string_actions:
+            return f"{name} is not an option of 'cctuning {argv[0]}' as written (an abbreviation?)"
+    return None
+
+
 def check(command: Command) -> str | None:
     """None when the command is valid, else why not."""
     for argv in [command.argv, *command.alternatives]:
@@ -318,6 +339,7 @@ def check(command: Command) -> str | None:
             lenient = command.elided or "--config" in argv
             if problem and lenient and "the following arguments are required" in problem:
                 problem = None
+            problem = problem or _inexact_option(argv)
         if problem:
             shown = f" (read as: cctuning {' '.join(argv)})"
             return f"{command}{shown}\n    {problem}"
@@ -476,6 +498,8 @@ cctuning train --not-checked-in-python
         ("cctuning generate --model runs/cc --connection transform|sideways", "sideways"),
         ("cctuning eval --model runs/cc --sample-layer K", "--sample-layer"),
         ("cctuning fit-matrix --data train.jsonl", "--model"),
+        ("cctuning train --model m --batch 4", "--batch"),  # argparse would take the abbreviation
+        ("cctuning fit-matrix ... --sample 10", "--sample"),  # elided arguments: still checked
         ("cctuning lm-eval --model cctuning --model_args pretrained=runs/cc,conection=none", "conection"),
         (
             "cctuning lm-eval --model cctuning --model_args pretrained=x --tasks cctuning_xnli_xx",
@@ -485,6 +509,8 @@ cctuning train --not-checked-in-python
     ],
 )
 def test_invalid_commands_are_caught(line, expected):
+    if "lm-eval" in line:
+        pytest.importorskip("lm_eval")
     [command] = commands_in(f"```\n{line}\n```\n", "bad.md")
     problem = check(command)
     assert problem and expected in problem
