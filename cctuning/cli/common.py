@@ -24,7 +24,7 @@ def given_flags(args: argparse.Namespace) -> dict:
 
 def add_data_options(p: argparse.ArgumentParser, data_flag: str = "--data") -> None:
     """``--format``, ``--columns`` and ``--split``: how the records of ``data_flag`` are read (as
-    train's options of the same names; README "Data formats")."""
+    train's options of the same names; docs/data.md)."""
     p.add_argument(
         "--format",
         dest="data_format",

@@ -16,7 +16,7 @@ class TrainConfig:
     data: str | None = opt(
         None,
         "training records: .json, .jsonl, .parquet, .arrow, .csv or a datasets save_to_disk folder "
-        "(README: Data formats)",
+        "(docs/data.md)",
         metavar="DATA",
     )
     data_format: str = opt(
