@@ -41,6 +41,7 @@ from cctuning.model.arch import Architecture, locate
 from cctuning.model.baseref import find_base, record_base
 from cctuning.model.decision import DecisionMaker
 from cctuning.model.fusion import Fusion
+from cctuning.model.health import check_finite_weights
 from cctuning.model.hooks import ConnectionHooks
 from cctuning.model.lora import ADAPTER_CONFIG_NAME, is_peft, load_adapter
 from cctuning.model.settings import CONFIG_NAME, CCConfig, parse_layer_choice
@@ -79,6 +80,11 @@ def _load_failure(path: str | Path, err: Exception) -> str:
     if not isinstance(err, (OSError, ValueError, KeyError, RuntimeError, TypeError)):
         raise err
     return first_line(err)
+
+
+def _adapter_weight(name: str) -> bool:
+    """Whether a parameter of a PEFT model was loaded from its adapter file (not from the base)."""
+    return "lora_" in name or "modules_to_save" in name
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -147,11 +153,13 @@ class CCModel(nn.Module):
     @staticmethod
     def _load_base(path: str | Path, dtype=None, trust_remote_code: bool = False, **kwargs) -> nn.Module:
         try:
-            return AutoModelForCausalLM.from_pretrained(
+            model = AutoModelForCausalLM.from_pretrained(
                 str(path), dtype=dtype, trust_remote_code=trust_remote_code, **kwargs
             )
         except Exception as err:  # noqa: BLE001 - every loader failure becomes one line, never a traceback
             raise CCError(f"cannot load a causal LM from '{path}': {_load_failure(path, err)}") from None
+        check_finite_weights(model, path)  # every load of weights passes here: train, inference, LoRA bases
+        return model
 
     @classmethod
     def from_base(
@@ -197,6 +205,7 @@ class CCModel(nn.Module):
             base_path = find_base(path, cc_config, given=base_model)
             base = cls._load_base(base_path, dtype=dtype, trust_remote_code=trust_remote_code, **kwargs)
             base = load_adapter(base, path)
+            check_finite_weights(base, path, only=_adapter_weight)
         else:
             if ours:
                 kwargs.setdefault("use_safetensors", True)  # our folders hold safetensors only, never pickles

@@ -20,13 +20,24 @@ from cctuning.data.encoding import IGNORE_INDEX, PromptEncoder, PromptFormat, en
 from cctuning.data.formats import DataOptions
 from cctuning.data.records import LoadReport, load_records, system_prompt_of
 from cctuning.errors import CCError, first_line
-from cctuning.io import INCOMPLETE_MARKER, check_output_folder, folder_lock, is_incomplete, write_json
+from cctuning.io import INCOMPLETE_MARKER, check_output_folder, folder_lock, write_json
 from cctuning.loading import TOKENIZER_FILES, load_tokenizer, resolve_model_path
 from cctuning.model.ccmodel import CONFIG_NAME, DECISION_MAKER_NAME, CCConfig, CCModel
+from cctuning.model.health import constant_logits
 from cctuning.model.lora import add_lora
 from cctuning.model.transform import MATRIX_NAME, MATRIX_REPORT_NAME
 from cctuning.training.args import TrainConfig
 from cctuning.training.options import resolve_trainer_options
+from cctuning.training.resume import (
+    SETTINGS_NAME,
+    check_same_run,
+    checkpoint_step,
+    finished_step,
+    last_checkpoint,
+    resume_checkpoint,
+    run_settings,
+    saved_final,
+)
 from cctuning.training.trainer import LAYER_CHOICE_NAME, CCTrainer
 from cctuning.versions import versions
 
@@ -280,6 +291,7 @@ RUN_FILES = (
     MATRIX_REPORT_NAME,
     LAYER_CHOICE_NAME,
     TRAIN_RESULTS_NAME,
+    SETTINGS_NAME,
     INCOMPLETE_MARKER,
 )
 RUN_PATTERNS = ("checkpoint-*", "model-*-of-*.safetensors", ".stage-*", "eval", "runs")
@@ -329,24 +341,6 @@ def check_output(cfg: TrainConfig) -> None:
             entry.unlink()
 
 
-def resume_checkpoint(cfg: TrainConfig) -> str | None:
-    """The checkpoint ``--resume`` asks for, checked to be complete."""
-    if not cfg.resume:
-        return None
-    if cfg.resume == "last":
-        found = last_checkpoint(cfg.output)
-        if found is None:
-            raise CCError(f"--resume last: no finished checkpoint in '{cfg.output}'")
-        return found
-    folder = Path(cfg.resume)
-    if not _finished_checkpoint(folder):
-        raise CCError(
-            f"--resume {cfg.resume}: not a finished checkpoint folder (trainer_state.json missing or cut, "
-            "or an interrupted save)"
-        )
-    return str(folder)
-
-
 def train(cfg: TrainConfig) -> Path:
     """Train and save; returns the output folder. The output folder is locked for the run (a second
     process gets a one-line error naming the holder) and checked first (:func:`check_output`)."""
@@ -365,6 +359,9 @@ def _is_main_process() -> bool:
 
 def _train(cfg: TrainConfig) -> Path:
     resume = resume_checkpoint(cfg)  # before anything slow: a wrong --resume fails at once
+    settings = run_settings(cfg)
+    if resume and _nothing_left(cfg, settings, resume):
+        return Path(cfg.output)
     # the TrainingArguments first: under DeepSpeed ZeRO-3 they make from_pretrained load the model
     # already partitioned (HfDeepSpeedConfig), instead of whole on every rank
     args = build_training_arguments(cfg)
@@ -377,6 +374,7 @@ def _train(cfg: TrainConfig) -> Path:
         data_collator=collator,
         processing_class=tokenizer,
         connection_lr_scale=cfg.dm_lr_scale,
+        run_settings=settings,
     )
     if resume:
         logger.info("resuming from %s", resume)
@@ -386,6 +384,7 @@ def _train(cfg: TrainConfig) -> Path:
     trainer.save_model(str(out))
     if not trainer.is_world_process_zero():
         return out
+    trained = result.global_step - checkpoint_step(resume)  # steps of this command
     write_json(
         out / TRAIN_RESULTS_NAME,
         {
@@ -394,13 +393,43 @@ def _train(cfg: TrainConfig) -> Path:
             "skipped_records": report.skipped,
             "truncation": asdict(stats),
             "global_step": result.global_step,
-            "train_loss": result.training_loss,
+            "train_loss": result.training_loss if trained else None,
             "seconds": round(time.time() - start, 2),
             "layer_choice_counts": trainer.layer_counts.tolist(),
+            "warnings": model_warnings(trainer, tokenizer),
             "versions": versions(),
         },
     )
     return out
+
+
+def _nothing_left(cfg: TrainConfig, settings: dict, checkpoint: str) -> bool:
+    """Check that ``checkpoint`` is this run's (its settings); True when it ended the run and
+    ``--output`` already holds the run's final model: a rerun trains nothing and writes nothing."""
+    check_same_run(settings, checkpoint, f"--resume {cfg.resume}")
+    step = finished_step(checkpoint)
+    ours = Path(checkpoint).resolve().parent == Path(cfg.output).resolve()
+    if step is None or not ours or not saved_final(cfg.output, step, TRAIN_RESULTS_NAME):
+        return False
+    logger.info("%s: the run ended at step %d and its model is saved; nothing to train", cfg.output, step)
+    return True
+
+
+def model_warnings(trainer: CCTrainer, tokenizer) -> list[str]:
+    """Warnings about the trained model, logged and recorded in train_results.json: a model whose
+    logits are the same for every token (:func:`~cctuning.model.health.constant_logits`) predicts
+    nothing. Skipped where the weights are sharded over processes (FSDP, DeepSpeed)."""
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        return []
+    found = []
+    if constant_logits(trainer._cc_model(), tokenizer):
+        found.append(
+            "the trained model gives every token the same logit on a probe prompt: it predicts nothing "
+            "(the run diverged: lower --lr)"
+        )
+    for text in found:
+        logger.warning("%s", text)
+    return found
 
 
 def train_or_reuse(cfg: TrainConfig) -> bool:
@@ -424,33 +453,4 @@ def train_or_reuse(cfg: TrainConfig) -> bool:
     else:  # the folder holds at most the remains of a run killed before its first checkpoint
         cfg.overwrite = True
     train(cfg)
-    return True
-
-
-def last_checkpoint(output: str | Path) -> str | None:
-    """The newest ``checkpoint-N`` that was written completely (its trainer_state.json comes last,
-    and no interrupted save of ours left its marker)."""
-    folder = Path(output)
-    if not folder.is_dir():
-        return None
-    done = [
-        p
-        for p in folder.glob("checkpoint-*")
-        if p.is_dir() and p.name.split("-")[-1].isdigit() and _finished_checkpoint(p)
-    ]
-    if not done:
-        return None
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1])))
-
-
-def _finished_checkpoint(folder: Path) -> bool:
-    """The Trainer writes trainer_state.json last (not atomically: a kill can cut it), our save
-    leaves a marker until its last file has landed."""
-    state = folder / "trainer_state.json"
-    if not state.is_file() or is_incomplete(folder):
-        return False
-    try:
-        json.loads(state.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return False
     return True

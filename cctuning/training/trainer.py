@@ -25,10 +25,12 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import load_sharded_checkpoint
 
-from cctuning.errors import CCError
+from cctuning.errors import CCError, first_line
 from cctuning.io import atomic_path, write_json
 from cctuning.model.ccmodel import DECISION_MAKER_NAME, CCModel
+from cctuning.model.health import check_finite_weights
 from cctuning.model.lora import ADAPTER_WEIGHTS_NAME, load_adapter_weights
+from cctuning.training.resume import SETTINGS_NAME, previous_advice
 from cctuning.training.sharding import after_accelerator, before_accelerator
 
 logger = logging.getLogger(__name__)
@@ -75,9 +77,10 @@ class _FiniteGradients(TrainerCallback):
 class CCTrainer(Trainer):
     """``connection_lr_scale`` multiplies the learning rate of the Decision Maker and the fusion gates."""
 
-    def __init__(self, *args, connection_lr_scale: float = 1.0, **kwargs):
+    def __init__(self, *args, connection_lr_scale: float = 1.0, run_settings: dict | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.connection_lr_scale = connection_lr_scale
+        self.run_settings = run_settings  # written into every checkpoint (training/resume.py)
         model = self._cc_model()
         if not self.is_deepspeed_enabled:  # DeepSpeed keeps the gradients itself, partitioned
             self.add_callback(_FiniteGradients(model))
@@ -162,6 +165,8 @@ class CCTrainer(Trainer):
                 Path(output_dir) / LAYER_CHOICE_NAME,
                 {"counts": self.layer_counts.tolist(), "steps": self.state.global_step},
             )
+        if self.run_settings is not None:
+            write_json(Path(output_dir) / SETTINGS_NAME, self.run_settings)
         with atomic_path(os.path.join(output_dir, "training_args.bin")) as tmp:
             torch.save(self.args, tmp)
 
@@ -199,6 +204,8 @@ class CCTrainer(Trainer):
                 )
             if hasattr(cc_model.base, "tie_weights"):
                 cc_model.base.tie_weights()
+        if not self.is_fsdp_enabled:
+            check_finite_weights(cc_model.base, ckpt)
         if cc_model.uses_connection and not self.is_fsdp_enabled:
             cc_model.load_decision_maker(ckpt / DECISION_MAKER_NAME)
 
@@ -211,3 +218,23 @@ class CCTrainer(Trainer):
                 counts = json.loads(choice_file.read_text())["counts"]
                 self.layer_counts = torch.tensor(counts, dtype=torch.long)
         return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def _run_epoch(self, *args, **kwargs):
+        """The Trainer's, unless the run has already reached its last step: resumed from the checkpoint
+        that ended a run in the middle of an epoch, the Trainer would otherwise train one step more
+        before it checks the step count (and one more on every further resume)."""
+        if self.state.max_steps > 0 and self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        """The Trainer's; an optimizer or scheduler state that does not fit this run (a file of another
+        run put in its place) is one line offering the previous checkpoint."""
+        try:
+            super()._load_optimizer_and_scheduler(checkpoint)
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            raise CCError(
+                f"{checkpoint}: its optimizer or scheduler state (optimizer.pt, scheduler.pt) does not fit "
+                f"this run ({first_line(err)}); {previous_advice(Path(checkpoint))}"
+            ) from None
