@@ -220,3 +220,140 @@ def test_fit_matrix_warns_when_the_pairs_cannot_determine_the_matrix(
     if expected:
         assert f"{fit_pairs} fit pairs give {rows} activation rows" in found[0]
         assert "--ridge" in found[0] and "--samples" in found[0]
+
+
+# -- the demo's held-out budget --------------------------------------------------------------------
+def short_responses(tokenizer, records, budget: int, fewest: int = 4) -> int:
+    """How many responses a budget of ``budget`` tokens (prompt and response) cuts to fewer than
+    ``fewest`` tokens, counted with the tokenizer's own chat template rather than cctuning's encoder:
+    the prompt as the template renders one user turn, the response as its text and the end of turn."""
+    short = 0
+    for rec in records:
+        messages = [{"role": "user", "content": rec["instruction"]}]
+        prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        whole = tokenizer.apply_chat_template(
+            [*messages, {"role": "assistant", "content": rec["output"]}], tokenize=False
+        )
+        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        response = len(tokenizer(whole, add_special_tokens=False)["input_ids"]) - len(prompt_ids)
+        kept = max(budget - len(prompt_ids), 1)  # what the budget leaves the response, at least a token
+        short += response > kept and kept < fewest
+    return short
+
+
+def test_the_demo_scores_its_held_out_responses_within_a_budget_that_fits_them():
+    """At most 5 % of the demo's held-out responses are cut to fewer than 4 tokens (at the training
+    budget of 128 tokens, which the held-out NLL used before, more than half were)."""
+    from transformers import AutoTokenizer
+
+    from cctuning.data.mix import sample_mix
+    from cctuning.lab.demo import DemoConfig, experiment_config
+    from cctuning.lab.experiment import resolve_cells
+    from cctuning.lab.experiment.config import heldout_budget
+    from cctuning.presets.registry import get_preset, is_converted, preset_dir
+
+    cfg = DemoConfig()
+    folder = preset_dir(cfg.model)
+    if not is_converted(folder, get_preset(cfg.model)):
+        pytest.skip(
+            f"preset {cfg.model} is not converted here: the count needs its own tokenizer (another one "
+            "cuts its own numbers of tokens, which says nothing of the demo's)"
+        )
+    exp = experiment_config(cfg)
+    records = sample_mix("heldout", exp.heldout_per_lang, None, exp.heldout_seed)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    budgets = {heldout_budget(exp, cell) for cell in resolve_cells(exp)}
+    assert budgets == {cfg.nll_max_length}
+    assert short_responses(tokenizer, records, cfg.nll_max_length) <= 0.05 * len(records)
+    assert short_responses(tokenizer, records, exp.train["max_length"]) > 0.05 * len(records)
+    assert exp.train["max_length"] == 128  # the training budget is unchanged
+
+
+def test_the_held_out_budget_reaches_the_nll_stage_and_its_settings(tmp_path, monkeypatch):
+    """The NLL stage scores with ``heldout_max_length`` and records it (a changed budget is never
+    reused); without it, with the cell's training budget as before."""
+    from cctuning.lab.experiment import ExperimentConfig, resolve_cells, stages
+    from cctuning.lab.experiment.reuse import _Evaluation, _stage_settings
+
+    seen = []
+    monkeypatch.setattr(stages, "load_for_inference", lambda *a, **k: (None, None, None))
+    monkeypatch.setattr(stages, "evaluate_nll", lambda *a, **k: seen.append(k["max_length"]))
+    for held, expected in ((None, 96), (300, 300)):
+        cfg = ExperimentConfig(
+            output=str(tmp_path), train={"max_length": 96}, cells=[{"name": "c"}], heldout_max_length=held
+        )
+        cell = resolve_cells(cfg)[0]
+        folder = tmp_path / str(held)
+        ev = _Evaluation("nll", folder, folder / "nll.json")
+        run = stages._SeedRun(
+            tmp_path, "m", 1, tmp_path / "t", tmp_path / "h", stages.StageClock(tmp_path / "s"), False
+        )
+        stages._nll_stage(cfg, cell, tmp_path, ev, run)
+        assert seen.pop() == expected
+        assert _stage_settings(cfg, cell, 1, "nll")["max_length"] == expected
+
+
+# -- the experiment's training stage: checkpoints only while they can serve ------------------------------
+def _experiment(base_dir, output):
+    from cctuning.lab.experiment import ExperimentConfig
+
+    return ExperimentConfig(
+        model=str(base_dir),
+        output=str(output),
+        seeds=[5],
+        train_per_lang=2,
+        heldout_per_lang=1,
+        langs="sw,zh,ar",
+        train={
+            "max_steps": 2,
+            "batch_size": 2,
+            "lr": 1e-3,
+            "max_length": 64,
+            "save_steps": 1,
+            "save_total_limit": 5,
+        },
+        cells=[{"name": "cc", "method": "cc", "connection": "transform"}],
+        matrix_samples=6,
+    )
+
+
+def test_a_finished_experiment_training_keeps_no_checkpoint_and_an_interrupted_one_resumes(
+    base_dir, tmp_path, monkeypatch, caplog
+):
+    import cctuning.training.run as run_module
+    from cctuning.lab.experiment import resolve_cells, run_experiment
+    from cctuning.lab.experiment.config import train_dir
+    from cctuning.lab.experiment.stages import drop_checkpoints
+
+    cfg = _experiment(base_dir, tmp_path / "exp")
+    tdir = train_dir(cfg.output, resolve_cells(cfg)[0], 5)
+    real_train = run_module.train
+
+    def killed(tcfg):
+        """The training, killed right after its first checkpoint (what is left of it then)."""
+        real_train(tcfg)
+        for item in tdir.iterdir():
+            if item.name not in ("checkpoint-1", "experiment_settings.json"):
+                shutil.rmtree(item) if item.is_dir() else item.unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(run_module, "train", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, progress=False)
+    assert sorted(p.name for p in tdir.glob("checkpoint-*")) == ["checkpoint-1"]
+    drop_checkpoints(tdir)  # not finished: nothing to drop
+    assert (tdir / "checkpoint-1").is_dir()
+    monkeypatch.setattr(run_module, "train", real_train)
+    caplog.set_level(logging.INFO)
+    run_experiment(cfg, progress=False)  # resumes from checkpoint-1 and finishes
+    assert json.loads((tdir / "train_results.json").read_text())["global_step"] == 2
+    assert json.loads((tdir / "train_results.json").read_text())["config"]["resume"] == "last"
+    assert list(tdir.glob("checkpoint-*")) == []
+    assert json.loads((tdir / "trainer_state.json").read_text())["global_step"] == 2  # the log is kept
+    freed = [r.getMessage() for r in caplog.records if "checkpoint(s) were removed" in r.getMessage()]
+    assert len(freed) == 1 and "2 checkpoint(s)" in freed[0] and "MB freed" in freed[0]
+    # the report says what the matrix was fitted on: of the 6 records sampled, 10 % (at least one) held out
+    held = max(1, round(0.1 * 6))
+    report = (tmp_path / "exp" / "report.md").read_text()
+    assert f"Transform Matrix fitted on {6 - held} parallel pairs ({held} more held out" in report
+    assert "of up to 6 sampled training records" in report

@@ -280,6 +280,7 @@ RUN_FILES = (
     MATRIX_REPORT_NAME,
     LAYER_CHOICE_NAME,
     TRAIN_RESULTS_NAME,
+    "trainer_state.json",  # the log of a run whose checkpoints the experiment removed once it finished
     INCOMPLETE_MARKER,
 )
 RUN_PATTERNS = ("checkpoint-*", "model-*-of-*.safetensors", ".stage-*", "eval", "runs")
