@@ -48,7 +48,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         "--data-dir", help="benchmark folder <Benchmark>/<lang>.jsonl (default: the bundled split)"
     )
     p.add_argument(
-        "--output", help="run folder (default: MODEL/eval/CONNECTION-SCORING); resumes if it exists"
+        "--output",
+        help="run folder (default: MODEL/eval/CONNECTION-SCORING, with --nll MODEL/eval/nll-CONNECTION, "
+        "named after the connection that runs); resumes if it exists",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

@@ -53,7 +53,9 @@ class DemoConfig:
     lr: float = opt(1e-4, "learning rate")
     max_length: int = opt(128, "training sequence budget in tokens")
     seed: int = opt(42, "seed of sampling, training and evaluation")
-    matrix_samples: int = opt(200, "parallel prompts for the Transform Matrix")
+    matrix_samples: int = opt(
+        200, "training records sampled for the Transform Matrix (at most; a tenth of the pairs is held out)"
+    )
     benchmarks: str = opt("XNLI,XStoryCloze,MMMLU,XQuAD,MKQA,XLSum", "benchmarks to evaluate")
     eval_langs: str = opt("en,sw,zh,ar", "evaluation languages (each benchmark uses those it has), or all")
     eval_limit: int = opt(4, "items per benchmark and language")
