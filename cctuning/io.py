@@ -13,20 +13,46 @@ from pathlib import Path
 
 from cctuning.errors import CCError
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+
+def current_umask() -> int:
+    """The process's umask now, read from ``/proc/self/status`` where there is one; elsewhere by
+    setting and restoring it (which another thread could see for an instant)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def open_modes(path: str | Path) -> None:
+    """Give ``path`` (and, for a folder, everything in it) the permissions that ``open()`` and
+    ``mkdir()`` give under the umask: files 0o666 & ~umask, folders 0o777 & ~umask. mkstemp, mkdtemp
+    and safetensors' writer make 0600 files and 0700 folders, which other users of a shared machine
+    cannot read."""
+    mask = current_umask()
+    path = Path(path)
+    items = [path, *path.rglob("*")] if path.is_dir() and not path.is_symlink() else [path]
+    for item in items:
+        if not item.is_symlink():
+            os.chmod(item, (0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename, with the
+    permissions ``open()`` would have given it (:func:`open_modes`), whatever wrote it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
     try:
         yield Path(tmp)
+        open_modes(tmp)  # after the writer: mkstemp and safetensors both make 0600 files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -76,6 +102,7 @@ def staged_dir(target: str | Path):
     stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=target))
     try:
         yield stage
+        open_modes(stage)  # what the writers made (0600 safetensors files) as open() would have
         write_text(target / INCOMPLETE_MARKER, "an interrupted save left this folder incomplete\n")
         for item in sorted(stage.iterdir()):
             dest = target / item.name
@@ -112,7 +139,7 @@ def folder_lock(folder: str | Path, what: str):
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

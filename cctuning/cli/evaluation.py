@@ -48,7 +48,9 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         "--data-dir", help="benchmark folder <Benchmark>/<lang>.jsonl (default: the bundled split)"
     )
     p.add_argument(
-        "--output", help="run folder (default: MODEL/eval/CONNECTION-SCORING); resumes if it exists"
+        "--output",
+        help="run folder (default: MODEL/eval/CONNECTION-SCORING, with --nll MODEL/eval/nll-CONNECTION, "
+        "named after the connection that runs); resumes if it exists",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -123,6 +125,10 @@ def evaluate(args: argparse.Namespace) -> int:
 def evaluate_nll(args: argparse.Namespace) -> int:
     from cctuning.eval.nll import evaluate_nll as run_nll  # deferred: --help must not import torch
     from cctuning.loading import load_for_inference  # deferred: --help must not import torch
+    from cctuning.model.connection import (  # deferred: imports torch
+        describe_layer_choice,
+        resolve_connection,
+    )
 
     options = data_options(args)  # checked before the model loads
     # a benchmark's name instead of a file: the likelihood of its gold answers
@@ -137,9 +143,10 @@ def evaluate_nll(args: argparse.Namespace) -> int:
     model, tok, path = load_for_inference(
         args.model, args.trust_remote_code, dtype=args.dtype, device=args.device
     )
+    connection = resolve_connection(model, args.connection)  # the default folder names what runs
     sampled = f"-sampled{args.sample_layer}" if args.sample_layer else ""
     source = f"-{benchmark}" if benchmark else ""
-    output = args.output or str(Path(path) / "eval" / f"nll{source}-{args.connection or 'default'}{sampled}")
+    output = args.output or str(Path(path) / "eval" / f"nll{source}-{connection}{sampled}")
     data = args.nll
     if records is not None:
         data = Path(output) / f"{benchmark}_answers.jsonl"
@@ -148,7 +155,7 @@ def evaluate_nll(args: argparse.Namespace) -> int:
         model,
         tok,
         data,
-        args.connection,
+        connection,
         output,
         batch_size=args.batch_size,
         max_length=args.max_length,
@@ -159,6 +166,7 @@ def evaluate_nll(args: argparse.Namespace) -> int:
         data_options=options,
     )
     print(f"held-out NLL of {args.nll} (connection {report['connection']}), saved to {output}")
+    print(describe_layer_choice(report["connection"], report["layer_choice"]))
     print(f"{'lang':6} {'items':>6} {'tokens':>7} {'NLL':>8} {'95% CI':>17} {'PPL':>9}")
     for lang, m in report["nll"].items():
         print(

@@ -155,6 +155,14 @@ def _generation_rows(records: list[dict], outs, connection: str) -> list[str]:
     return rows
 
 
+def what_ran(connection: str, layers) -> str:
+    """The connection a command ran with and how often each layer was chosen (``layers``: one per
+    prompt or item, None where no layer was chosen)."""
+    from cctuning.model.connection import describe_layers, layer_counts  # deferred: imports torch
+
+    return f"connection {connection}: {describe_layers(layer_counts(layers))}"
+
+
 def generate(args: argparse.Namespace) -> int:
     from cctuning.inference.generate import CCGenerator  # deferred: --help must not import torch
     from cctuning.model.connection import resolve_connection  # deferred: imports torch
@@ -174,16 +182,19 @@ def generate(args: argparse.Namespace) -> int:
         english=[r["instruction_en"] for r in records] if connection == "english" else None,
         progress=args.input is not None,
     )
+    ran = what_ran(connection, [o.layer for o in outs])
     if args.prompt is not None and not args.output:
         print(outs[0].text)
+        print(ran, file=sys.stderr)  # stdout holds the answer only
         return 0
     rows = _generation_rows(records, outs, connection)
     text = "\n".join(rows) + "\n"
     if args.output:
         write_text(args.output, text)
-        print(f"wrote {len(rows)} generations to {args.output}")
+        print(f"wrote {len(rows)} generations to {args.output} ({ran})")
     else:
         sys.stdout.write(text)
+        print(ran, file=sys.stderr)  # stdout holds the JSON lines only
     return 0
 
 

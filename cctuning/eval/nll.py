@@ -35,6 +35,7 @@ from cctuning.io import check_output_folder, folder_lock, write_json, write_text
 from cctuning.model.ccmodel import positions_from_mask
 from cctuning.model.connection import (
     injected,
+    layer_counts_by_language,
     layer_sampling,
     prefill_to_connection,
     resolve_connection,
@@ -347,6 +348,7 @@ def _evaluate_nll(
         "sample_layer": sample_layer,
         "truncation": cut_summary,
         "num_layers": model.arch.num_layers,
+        "layer_choice": layer_counts_by_language(items),
         "nll": summarize(items, reps, seed),
         "seconds": round(time.time() - started, 2),
         "versions": versions(),

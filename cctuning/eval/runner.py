@@ -39,7 +39,12 @@ from cctuning.eval.scoring import aggregate, score_choice_logprobs, score_item
 from cctuning.inference.generate import CCGenerator
 from cctuning.io import check_output_folder, folder_fingerprint, folder_lock, write_json, write_text
 from cctuning.loading import load_for_inference
-from cctuning.model.connection import layer_sampling, resolve_connection
+from cctuning.model.connection import (
+    describe_layer_choice,
+    layer_counts_by_language,
+    layer_sampling,
+    resolve_connection,
+)
 from cctuning.versions import versions
 
 logger = logging.getLogger(__name__)
@@ -320,17 +325,6 @@ def _generate(cfg: EvalConfig, generator, todo: list[Item], connection: str, sco
         yield _run_items(generator, todo[start : start + step], connection, scoring, labels)
 
 
-def _layer_counts(results: list[dict]) -> dict[str, dict[str, int]]:
-    """How often each layer was chosen, per language."""
-    counts: dict[str, dict[str, int]] = {}
-    for r in results:
-        for layer in r.get("layers", [r["layer"]]):
-            if layer is not None:
-                per_lang = counts.setdefault(r["lang"], {})
-                per_lang[str(layer)] = per_lang.get(str(layer), 0) + 1
-    return counts
-
-
 def _results_report(
     cfg: EvalConfig, model, connection: str, results: list[dict], missing_langs: dict, seconds: float
 ) -> dict:
@@ -348,7 +342,7 @@ def _results_report(
         "primary_metric": {b: primary_metric(b) for b in summary},
         "benchmarks": summary,
         "missing_languages": missing_langs,
-        "layer_choice": _layer_counts(results),
+        "layer_choice": layer_counts_by_language(results),
         "num_layers": model.arch.num_layers,
         "seconds": round(seconds, 2),
         "versions": versions(),
@@ -399,6 +393,8 @@ def markdown_table(report: dict) -> str:
         f"model: `{report['model']}` · connection: {report['connection']} · scoring: {report['scoring']}"
         f" · limit: {report['limit']}"
         + (" (" + ", ".join(f"{b} {n}" for b, n in overrides.items()) + ")" if overrides else ""),
+        "",
+        describe_layer_choice(report["connection"], report.get("layer_choice") or {}) + " (every benchmark)",
         "",
     ]
     for bench, data in report["benchmarks"].items():

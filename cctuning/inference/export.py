@@ -35,6 +35,7 @@ from cctuning.io import (
     check_output_folder,
     folder_lock,
     is_incomplete,
+    open_modes,
     write_json,
     write_text,
 )
@@ -140,6 +141,7 @@ def _publish(stage: Path, output: Path) -> None:
         if old.name in (LOCK_NAME, INCOMPLETE_MARKER):
             continue
         shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
+    open_modes(stage)  # copied tokenizer files keep their source's modes; give them open()'s
     for item in sorted(stage.iterdir()):
         os.replace(item, output / item.name)
     os.unlink(output / INCOMPLETE_MARKER)

@@ -298,11 +298,33 @@ def fit_transform_matrix(
     return solve_matrix(model, acc, stored, len(fit), len(held), ridge, seed)
 
 
+def warn_underdetermined(acc: NormalEquations, fit_pairs: int) -> None:
+    """Warn when a least-squares fit has fewer activation rows than unknowns per column (the hidden
+    size): the matrix then reproduces the fit pairs exactly, so its fit error (~0) says nothing, and
+    it is one of many that do. Pooled, each pair gives one row per layer; per layer, one row."""
+    rows, d = int(acc.rows.min()), acc.hidden_size
+    if rows >= d:
+        return
+    per_pair = 1 if acc.per_layer else acc.num_layers
+    logger.warning(
+        "the Transform Matrix is underdetermined: %d fit pairs give %d activation rows%s, fewer than the "
+        "hidden size %d, so it fits them exactly (a fit MSE of ~0 says nothing about other prompts); "
+        "use --ridge (e.g. 0.1) or more --samples (at least %d fit pairs)",
+        fit_pairs,
+        rows,
+        " per layer" if acc.per_layer else f" ({per_pair} layers each)",
+        d,
+        -(-d // per_pair),
+    )
+
+
 def solve_matrix(
     model, acc: NormalEquations, stored: dict, fit_pairs: int, heldout_pairs: int, ridge: float, seed: int
 ) -> tuple[TransformMatrix, FitReport]:
     """Solve the accumulated normal equations with ``ridge``; the matrix (stamped with the model's
     Decision Maker) and its report, with the metrics measured on the ``stored`` pairs."""
+    if not ridge:
+        warn_underdetermined(acc, fit_pairs)
     solution = acc.solve(ridge)
     matrix = solution.float()
     report = FitReport(

@@ -20,6 +20,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
+import logging
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -30,6 +31,9 @@ from transformers.cache_utils import DynamicLayer
 from transformers.utils import ModelOutput
 
 from cctuning.errors import CCError
+from cctuning.model.transform import MATRIX_NAME
+
+logger = logging.getLogger(__name__)
 
 CONNECTIONS = ("transform", "none", "english")
 
@@ -41,7 +45,10 @@ def default_connection(model) -> str:
 
 def resolve_connection(model, connection: str | None = None, english: bool | None = None) -> str:
     """The mode to run (``None``: the default), checked against the model; ``english`` says whether
-    English prompts are at hand (``None``: not known yet)."""
+    English prompts are at hand (``None``: not known yet). The default of a CC-Tuning model without a
+    Transform Matrix is ``none``, which is said once per model (:func:`warn_no_matrix`)."""
+    if not connection and model.uses_connection and model.transform is None:
+        warn_no_matrix(model)
     connection = connection or default_connection(model)
     if connection not in CONNECTIONS:
         raise CCError(f"unknown connection '{connection}' (use {', '.join(CONNECTIONS)})")
@@ -57,6 +64,57 @@ def resolve_connection(model, connection: str | None = None, english: bool | Non
     if connection == "english" and english is False:
         raise CCError("connection 'english' needs the English prompt (instruction_en) of every input")
     return connection
+
+
+def warn_no_matrix(model) -> None:
+    """Warn, once per model, that a CC-Tuning model without a Transform Matrix runs with connection
+    ``none`` by default: without the warning it looks like CC-Tuning ran."""
+    if getattr(model, "_warned_no_matrix", False):
+        return
+    model._warned_no_matrix = True
+    logger.warning(
+        "this CC-Tuning model has no Transform Matrix (%s): running with connection 'none', the fine-tuned "
+        "model without its connection; run `cctuning fit-matrix --model MODEL --data TRAIN_DATA` to fit "
+        "one, or pass --connection none to choose this",
+        MATRIX_NAME,
+    )
+
+
+def layer_counts(layers) -> dict[int, int]:
+    """How often each layer was chosen, by layer (``None``, no single layer chosen, is not counted)."""
+    counts: dict[int, int] = {}
+    for layer in layers:
+        if layer is not None:
+            counts[int(layer)] = counts.get(int(layer), 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def describe_layers(counts: dict) -> str:
+    """``counts`` (layer → times chosen) in a few words: ``layer 3 ×5, layer 7 ×2``, or ``no layer
+    chosen`` (connection none)."""
+    if not counts:
+        return "no layer chosen"
+    ordered = sorted(counts.items(), key=lambda kv: int(kv[0]))
+    return ", ".join(f"layer {layer} ×{n}" for layer, n in ordered)
+
+
+def layer_counts_by_language(rows) -> dict[str, dict[str, int]]:
+    """How often each layer was chosen, per language, from result rows (``lang``, and ``layer`` or,
+    with sampled draws, ``layers``), as a results file records it (layer numbers as strings)."""
+    per_lang: dict[str, list] = {}
+    for row in rows:
+        per_lang.setdefault(row.get("lang") or "?", []).extend(row.get("layers", [row["layer"]]))
+    counts = {lang: layer_counts(layers) for lang, layers in per_lang.items()}
+    return {lang: {str(k): v for k, v in c.items()} for lang, c in counts.items() if c}
+
+
+def describe_layer_choice(connection: str, per_lang: dict) -> str:
+    """One line: the connection and, per language, the layers chosen (:func:`describe_layers`)."""
+    if not per_lang:
+        return f"connection {connection}: no layer chosen"
+    return f"connection {connection}, layers chosen: " + "; ".join(
+        f"{lang}: {describe_layers(counts)}" for lang, counts in per_lang.items()
+    )
 
 
 @dataclass

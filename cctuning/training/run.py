@@ -292,6 +292,7 @@ RUN_FILES = (
     LAYER_CHOICE_NAME,
     TRAIN_RESULTS_NAME,
     SETTINGS_NAME,
+    "trainer_state.json",  # the log of a run whose checkpoints the experiment removed once it finished
     INCOMPLETE_MARKER,
 )
 RUN_PATTERNS = ("checkpoint-*", "model-*-of-*.safetensors", ".stage-*", "eval", "runs")

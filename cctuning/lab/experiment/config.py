@@ -29,6 +29,9 @@ class ExperimentConfig:
     train_per_lang: int = 12
     heldout_per_lang: int = 8
     heldout_seed: int = 0  # seed of the held-out sample, the same for every training seed
+    # token budget of a held-out NLL item, prompt and response (None: the cell's training max_length,
+    # else 1024); the training budget may cut too many held-out responses short
+    heldout_max_length: int | None = None
     langs: str = "all"
     train: dict = field(default_factory=dict)  # shared cctuning train options (the budget)
     cells: list = field(default_factory=list)  # [{name, connection, sample_layer, **train options}]
@@ -39,6 +42,8 @@ class ExperimentConfig:
     # seed, with paired differences to the baseline like the held-out NLL: {names, langs, limit, max_length}
     answer_nll: dict = field(default_factory=dict)
     eval_batch_size: int = 8
+    # a finished training's checkpoint-* folders are removed (they only serve to resume it); true keeps them
+    keep_checkpoints: bool = False
     # the user's data instead of samples of the bundled mix (any `cctuning train --data` source,
     # read as data_format, columns and split say); every seed trains on the whole of `data`
     data: str | None = None  # training records (also fit the Transform Matrix)
@@ -183,6 +188,8 @@ def load_config(path: str | Path) -> ExperimentConfig:
     train_hints = typing.get_type_hints(TrainConfig)
     names = _check_cells(cfg, path, train_hints)
     _check_train(cfg, path, train_hints)
+    if cfg.heldout_max_length is not None and cfg.heldout_max_length <= 0:
+        raise CCError(f"{path}: option 'heldout_max_length': expected > 0, got {cfg.heldout_max_length}")
     if cfg.baseline is not None and cfg.baseline not in names:
         raise CCError(f"{path}: baseline '{cfg.baseline}' is not a cell")
     _check_benchmarks(cfg.benchmarks, path)
@@ -251,10 +258,21 @@ def resolve_cells(cfg: ExperimentConfig) -> list[Cell]:
     return cells
 
 
+def heldout_budget(cfg: ExperimentConfig, cell: Cell) -> int | None:
+    """The token budget of a cell's held-out NLL items: ``heldout_max_length``, else the cell's training
+    ``max_length``, else 1024."""
+    return cfg.heldout_max_length or cell.options.get("max_length", 1024)
+
+
 def stage_key(kind: str, folder: str, seed: int) -> str:
     """The name of one stage in ``stages.json``: ``train|matrix/<training folder>/seed<N>`` or
     ``nll|bench/<cell>/seed<N>``."""
     return f"{kind}/{folder}/seed{seed}"
+
+
+def train_dir(root: str | Path, cell: Cell, seed: int) -> Path:
+    """A cell's training folder for one seed (shared by the cells of the same training options)."""
+    return Path(root) / "train" / cell.train_name / f"seed{seed}"
 
 
 def eval_dir(root: str | Path, cell: str, seed: int) -> Path:

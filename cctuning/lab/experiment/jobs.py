@@ -27,7 +27,7 @@ from cctuning.lab.experiment.config import (
     answer_nll_name,
     resolve_cells,
 )
-from cctuning.lab.experiment.reuse import _check_cell, _evaluations
+from cctuning.lab.experiment.reuse import _check_cell, _evaluations, matrix_fit
 
 logger = logging.getLogger(__name__)
 
@@ -215,4 +215,5 @@ def _read_cell_run(cfg: ExperimentConfig, base: Path, cell: Cell, seed: int) -> 
         "bench": bench,
         "nll_dir": evs["nll"].folder,
         "answer_nll": answers,
+        "matrix": matrix_fit(base, cell, seed),
     }

@@ -41,6 +41,16 @@ def _write_report(
         "heldout_seed": cfg.heldout_seed,
         "langs": cfg.langs,
         "matrix_samples": cfg.matrix_samples,
+        # the pairs each fitted matrix was fitted on and held out, over cells and seeds (distinct values)
+        "matrix_pairs": sorted(
+            {
+                (m["fit"], m["heldout"])
+                for runs in cell_runs.values()
+                for r in runs.values()
+                if (m := r.get("matrix"))
+            }
+        ),
+        "heldout_max_length": cfg.heldout_max_length,
         "benchmarks": cfg.benchmarks,
         "answer_nll": cfg.answer_nll,
     }
@@ -253,10 +263,30 @@ def _setup_lines(report: dict) -> list[str]:
     return [
         f"Model `{setup['model']}`; {report.get('date', '')}; training: {setup['train_per_lang']} records per "
         f"language ({setup['langs']} languages of the bundled mix, resampled per seed), {budget}; "
-        f"Transform Matrix on {setup['matrix_samples']} prompts; held-out NLL on {setup['heldout_per_lang']} "
-        "records per language (the same for every seed).",
+        f"{_matrix_words(setup)}; held-out NLL on {setup['heldout_per_lang']} records per language (the same "
+        "for every seed)"
+        + (f", within {setup['heldout_max_length']} tokens" if setup.get("heldout_max_length") else "")
+        + ".",
         "",
     ]
+
+
+def _matrix_words(setup: dict) -> str:
+    """What the Transform Matrices were fitted on: the pairs fitted and held out (a range when cells or
+    seeds differ), and the sample they were drawn as; a report from before the counts were recorded
+    names the sample size only."""
+    pairs = setup.get("matrix_pairs")
+    if not pairs:
+        return f"Transform Matrix on up to {setup['matrix_samples']} records"
+
+    def span(values) -> str:
+        return f"{min(values)}" if min(values) == max(values) else f"{min(values)}–{max(values)}"
+
+    fit, held = span([p[0] for p in pairs]), span([p[1] for p in pairs])
+    return (
+        f"Transform Matrix fitted on {fit} parallel pairs ({held} more held out to measure its error), "
+        f"of up to {setup['matrix_samples']} sampled training records"
+    )
 
 
 def _time_lines(report: dict) -> list[str]:

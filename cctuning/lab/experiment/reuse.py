@@ -21,7 +21,10 @@ from cctuning.lab.experiment.config import (
     answer_benchmarks,
     answer_nll_name,
     eval_dir,
+    heldout_budget,
+    train_dir,
 )
+from cctuning.model.transform import MATRIX_REPORT_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +130,7 @@ def _stage_settings(cfg: ExperimentConfig, cell: Cell, seed: int, kind: str) -> 
         settings["matrix_samples"] = cfg.matrix_samples
     if kind == "nll":
         settings["heldout"] = _heldout_settings(cfg)
-        settings["max_length"] = cell.options.get("max_length", 1024)
+        settings["max_length"] = heldout_budget(cfg, cell)
     elif kind == "bench":
         settings["benchmarks"] = cfg.benchmarks
     else:
@@ -172,3 +175,14 @@ def _check_cell(cfg: ExperimentConfig, root: Path, cell: Cell, seed: int) -> Non
     for ev in _evaluations(cfg, root, cell.name, seed).values():
         if ev.finished:
             check_settings(ev.folder, _stage_settings(cfg, cell, seed, ev.kind), exists=True, record=False)
+
+
+def matrix_fit(root: Path, cell: Cell, seed: int) -> dict | None:
+    """How many pairs a cell's Transform Matrix was fitted on (``fit``) and held out to measure its
+    error (``heldout``), from the report saved beside it; None for a cell evaluated without the
+    transform, or whose matrix is not fitted yet."""
+    report = train_dir(root, cell, seed) / MATRIX_REPORT_NAME
+    if cell.connection != "transform" or not report.is_file():
+        return None
+    meta = json.loads(report.read_text(encoding="utf-8"))
+    return {"fit": meta.get("fit_pairs"), "heldout": meta.get("heldout_pairs")}

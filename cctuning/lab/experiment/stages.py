@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
 import time
 import typing
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from cctuning.eval.benchmarks import answer_records
 from cctuning.eval.nll import evaluate_nll
 from cctuning.eval.runner import evaluate
 from cctuning.inference.matrix import fit_matrix_from_file
-from cctuning.io import write_json, write_jsonl
+from cctuning.io import is_incomplete, write_json, write_jsonl, write_text
+from cctuning.lab.diagnostics import TRAINER_STATE_NAME
 from cctuning.lab.experiment.config import (
     STAGES_NAME,
     Cell,
@@ -29,7 +31,9 @@ from cctuning.lab.experiment.config import (
     answer_nll_name,
     bench_config,
     data_options,
+    heldout_budget,
     stage_key,
+    train_dir,
 )
 from cctuning.lab.experiment.reuse import (
     _answer_settings,
@@ -41,6 +45,7 @@ from cctuning.lab.experiment.reuse import (
     _training_settings,
     check_settings,
     make_once,
+    matrix_fit,
     record_settings,
 )
 from cctuning.loading import load_for_inference
@@ -120,7 +125,7 @@ def _run_seed(cfg: ExperimentConfig, cells: list[Cell], run: _SeedRun) -> dict[s
     NLL; then every cell's answer likelihood; then every cell's benchmarks (generation, the slowest
     and, at small scale, the least informative), so that a run cut short has the cheap evaluations
     of every cell. Each stage is skipped when its result is already on disk."""
-    tdirs = {cell.name: run.root / "train" / cell.train_name / f"seed{run.seed}" for cell in cells}
+    tdirs = {cell.name: train_dir(run.root, cell, run.seed) for cell in cells}
     evs = {cell.name: _evaluations(cfg, run.root, cell.name, run.seed) for cell in cells}
     for cell in cells:
         _train_stage(cfg, cell, tdirs[cell.name], run)
@@ -139,6 +144,7 @@ def _run_seed(cfg: ExperimentConfig, cells: list[Cell], run: _SeedRun) -> dict[s
             "bench": _bench_stage(cfg, cell, tdirs[cell.name], ev["bench"], run) if "bench" in ev else None,
             "nll_dir": ev["nll"].folder,
             "answer_nll": {b: ev[answer_nll_name(b)].folder for b in answer_benchmarks(cfg)},
+            "matrix": matrix_fit(run.root, cell, run.seed),
         }
     return results
 
@@ -150,6 +156,7 @@ def _train_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, run: _SeedRun) -
         tdir, settings, exists=(tdir / TRAIN_RESULTS_NAME).is_file() or bool(last_checkpoint(tdir))
     )
     if (tdir / TRAIN_RESULTS_NAME).is_file():
+        drop_checkpoints(tdir, cfg.keep_checkpoints)  # a training finished before this version kept them
         return
     record_settings(tdir, settings)
     logger.info("training %s seed %d -> %s", cell.name, run.seed, tdir)
@@ -169,6 +176,29 @@ def _train_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, run: _SeedRun) -
     )
     with run.stages(stage_key("train", cell.train_name, run.seed)):
         train_or_reuse(tcfg)  # resumes an interrupted training
+    drop_checkpoints(tdir, cfg.keep_checkpoints)
+
+
+def drop_checkpoints(tdir: Path, keep: bool = False) -> None:
+    """Remove the ``checkpoint-*`` folders of a finished training (unless ``keep``): they serve only to
+    resume it. Finished means its final model is saved: ``train_results.json`` is written after it and
+    no interrupted save left its marker; an interrupted training keeps them. The newest checkpoint's
+    ``trainer_state.json`` (the training's log, which ``cctuning report`` reads) is kept in ``tdir``."""
+    checkpoints = sorted(p for p in tdir.glob("checkpoint-*") if p.is_dir())
+    if keep or not checkpoints or not (tdir / TRAIN_RESULTS_NAME).is_file() or is_incomplete(tdir):
+        return
+    newest = last_checkpoint(tdir)
+    if newest and not (tdir / TRAINER_STATE_NAME).is_file():
+        write_text(tdir / TRAINER_STATE_NAME, (Path(newest) / TRAINER_STATE_NAME).read_text(encoding="utf-8"))
+    freed = sum(f.stat().st_size for c in checkpoints for f in c.rglob("*") if f.is_file())
+    for checkpoint in checkpoints:
+        shutil.rmtree(checkpoint)
+    logger.info(
+        "%s: finished, so its %d checkpoint(s) were removed (%.1f MB freed)",
+        tdir,
+        len(checkpoints),
+        freed / 1e6,
+    )
 
 
 def _matrix_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, run: _SeedRun) -> None:
@@ -231,7 +261,7 @@ def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, ev: _Evaluation, r
             cell.connection,
             ev.folder,
             batch_size=cfg.eval_batch_size,
-            max_length=cell.options.get("max_length", 1024),
+            max_length=heldout_budget(cfg, cell),
             seed=run.seed,
             progress=run.progress,
             model_name=str(tdir),
