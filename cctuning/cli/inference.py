@@ -55,6 +55,12 @@ def _add_fit_matrix(p: argparse.ArgumentParser) -> None:
         "--heldout", type=float, default=0.1, help="fraction of pairs held out to measure the error"
     )
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        help="token budget of a prompt (cut from the start; at most the model's context)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records instead of stopping")
     add_loading_options(p)
@@ -87,6 +93,7 @@ def fit_matrix(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         heldout_fraction=args.heldout,
+        max_length=args.max_length,
         progress=True,
     )
     print(
@@ -100,6 +107,8 @@ def fit_matrix(args: argparse.Namespace) -> int:
                 f"{name:10} {m['before']['mse']:12.6g} {m['after']['mse']:12.6g} "
                 f"{m['before']['cosine']:11.4f} {m['after']['cosine']:10.4f}"
             )
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     return 0
 
 

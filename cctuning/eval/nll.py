@@ -32,6 +32,7 @@ from cctuning.data.formats import DataOptions
 from cctuning.data.records import load_records, system_prompt_of
 from cctuning.errors import CCError
 from cctuning.io import check_output_folder, folder_lock, write_json, write_text
+from cctuning.model.arch import cap_to_context
 from cctuning.model.ccmodel import positions_from_mask
 from cctuning.model.connection import (
     injected,
@@ -311,6 +312,7 @@ def _evaluate_nll(
     min_response_tokens,
     data_options=None,
 ) -> dict:
+    max_length = cap_to_context(max_length, model)  # no item longer than the model's positions
     records, features, cuts = encode_nll_records(model, tokenizer, data, connection, max_length, data_options)
     started = time.time()
     items = score_records(
