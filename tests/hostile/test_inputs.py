@@ -3,7 +3,9 @@ that maps nothing, template tokens inside the data, lm-eval's own errors."""
 
 import json
 import logging
+import shutil
 
+import pytest
 import torch
 
 from cctuning.cli import main
@@ -104,3 +106,51 @@ def test_a_weak_matrix_is_warned_about_and_recorded(tokenizer, tmp_path, caplog,
     saved = json.loads((folder / "transform_matrix.json").read_text())
     assert saved["heldout"]["after"]["cosine"] <= WEAK_COSINE
     assert any("weak transform matrix" in w for w in saved["warnings"])
+
+
+# -- 5. lm-eval's own errors in one line ------------------------------------------------------------
+@pytest.fixture
+def offline(monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err
+    return err.splitlines()[-1]
+
+
+@pytest.mark.slow  # lm-eval indexes its tasks: about 20 s
+def test_lm_eval_unknown_task_is_one_line(offline, base_dir, capsys):
+    argv = [
+        "lm-eval",
+        "--model",
+        "cctuning",
+        "--model_args",
+        f"pretrained={base_dir}",
+        "--tasks",
+        "nosuchtask",
+    ]
+    assert main(argv) == 2
+    line = _one_line_error(capsys)
+    assert line.startswith("cctuning: error:") and "nosuchtask" in line and "ls tasks" in line
+
+
+@pytest.mark.slow  # lm-eval indexes its tasks: about 20 s
+def test_lm_eval_hf_on_remote_code_is_one_line_and_runs_nothing(offline, base_dir, tmp_path, capsys):
+    folder = tmp_path / "remote"
+    shutil.copytree(base_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["model_type"] = "evil"  # a type transformers does not know: only the folder's code loads it
+    config["auto_map"] = {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.EvilModel"}
+    (folder / "config.json").write_text(json.dumps(config))
+    marker = tmp_path / "the_code_ran"
+    (folder / "evil.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    argv = ["lm-eval", "--model", "hf", "--model_args", f"pretrained={folder}", "--tasks", "cctuning_xnli_sw",
+            "--limit", "1", "--device", "cpu"]  # fmt: skip
+    assert main(argv) == 2
+    line = _one_line_error(capsys)
+    assert str(folder) in line and "trust_remote_code=True" in line
+    assert not marker.exists()
