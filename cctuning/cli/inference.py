@@ -12,6 +12,7 @@ from cctuning.cli.common import (
     add_data_options,
     add_generation_options,
     add_loading_options,
+    add_special_tokens_option,
     add_yaml_config,
     data_options,
 )
@@ -63,6 +64,7 @@ def _add_fit_matrix(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records instead of stopping")
+    add_special_tokens_option(p)
     add_loading_options(p)
     add_yaml_config(p)
     p.set_defaults(func=fit_matrix)
@@ -94,6 +96,7 @@ def fit_matrix(args: argparse.Namespace) -> int:
         seed=args.seed,
         heldout_fraction=args.heldout,
         max_length=args.max_length,
+        allow_special_tokens=args.allow_special_tokens,
         progress=True,
     )
     print(
@@ -127,6 +130,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
         help="sample the layer with Gumbel noise (the official code) instead of argmax",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --sample-layer")
+    add_special_tokens_option(p, "prompts")
     add_loading_options(p)
     add_yaml_config(p)
     p.set_defaults(func=generate)
@@ -173,7 +177,13 @@ def generate(args: argparse.Namespace) -> int:
     model, tok, _ = load(
         args.model, args.trust_remote_code, args.seed, args.sample_layer, device=args.device, dtype=args.dtype
     )
-    gen = CCGenerator(model, tok, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    gen = CCGenerator(
+        model,
+        tok,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        allow_special_tokens=args.allow_special_tokens,
+    )
     records = _generate_records(args)
     _check_system_turn(records, model)
     connection = resolve_connection(model, args.connection)

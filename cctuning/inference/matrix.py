@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cctuning.data.collator import pad_rows, pad_token_id
-from cctuning.data.encoding import PromptEncoder
+from cctuning.data.encoding import PromptEncoder, warn_special_records
 from cctuning.data.formats import DataOptions
 from cctuning.data.records import load_records, system_prompt_of
 from cctuning.errors import CCError
@@ -289,6 +289,7 @@ def fit_transform_matrix(
     progress: bool = False,
     max_batch_tokens: int | None = 8192,
     window: int = 256,
+    allow_special_tokens: bool = False,
 ) -> tuple[TransformMatrix, FitReport]:
     """Fit M on up to ``samples`` records (seeded sample; each record pairs its own instruction and
     instruction_en). ``heldout_fraction`` of the pairs are kept out of the fit to measure the error
@@ -303,7 +304,8 @@ def fit_transform_matrix(
     ``max_length`` is each prompt's token budget (as ``eval --nll``'s), lowered to the model's context:
     a longer instruction loses tokens from its start, and a huge one is cut at the character level
     before it is tokenised (:func:`~cctuning.data.encoding.precut`), so no record is tokenised whole.
-    None: the model's context alone."""
+    None: the model's context alone. Special-token strings in the prompts are plain text unless
+    ``allow_special_tokens`` (:class:`~cctuning.data.encoding.PromptEncoder`)."""
     check_fit_options(samples, ridge, heldout_fraction, batch_size, max_length)
     max_length = cap_to_context(max_length, model)
     pairs = [r for r in records if r.instruction_en]
@@ -313,7 +315,7 @@ def fit_transform_matrix(
     acc = NormalEquations(model.arch.hidden_size, model.arch.num_layers, per_layer)
     stored = accumulate_pairs(
         model,
-        PromptEncoder(tokenizer, model.cc_config.prompt_format),
+        PromptEncoder(tokenizer, model.cc_config.prompt_format, allow_special_tokens=allow_special_tokens),
         pairs,
         fit,
         held,
@@ -392,6 +394,9 @@ def fit_matrix_from_file(
     with folder_lock(check_output_folder(folder, "model folder"), "cctuning fit-matrix"):
         records = load_records(data, require_english=True, skip_invalid=skip_invalid, options=data_options)
         system_prompt_of(records, model.cc_config.prompt_format.system_prompt, model=True)
+        allow = options.get("allow_special_tokens", False)
+        encoder = PromptEncoder(tokenizer, model.cc_config.prompt_format, allow_special_tokens=allow)
+        warn_special_records(encoder, records, data, fields=("instruction", "instruction_en"))
         matrix, report = fit_transform_matrix(model, tokenizer, records, **options)
         matrix.meta["data"] = str(data)
         if data_options is not None and data_options.describe():
