@@ -60,6 +60,15 @@ def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=8)
 
 
+def add_special_tokens_option(p: argparse.ArgumentParser, what: str = "records") -> None:
+    p.add_argument(
+        "--allow-special-tokens",
+        action="store_true",
+        help=f"let special-token strings inside the {what} (e.g. <|im_start|>, </s>) become control "
+        "tokens (default: encoded as plain text)",
+    )
+
+
 def add_yaml_config(p: argparse.ArgumentParser) -> None:
     """``--config FILE.yaml`` for a command built with plain add_argument calls: the file's options
     become the command's defaults (:func:`cctuning.cli.apply_config_file`), so flags override them."""

@@ -12,6 +12,7 @@ from cctuning.cli.common import (
     add_data_options,
     add_generation_options,
     add_loading_options,
+    add_special_tokens_option,
     add_yaml_config,
     data_options,
 )
@@ -61,6 +62,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
         "the likelihood of its gold answers, with --langs, --limit and --data-dir",
     )
     add_data_options(p, "--nll")
+    add_special_tokens_option(p, "--nll records")
     _add_eval_tail(p)
     add_loading_options(p)
     add_yaml_config(p)
@@ -97,6 +99,8 @@ def evaluate(args: argparse.Namespace) -> int:
         return evaluate_nll(args)
     if args.data_format != "auto" or args.columns or args.split:
         raise CCError("--format, --columns and --split say how to read the --nll data; give --nll")
+    if args.allow_special_tokens:
+        raise CCError("--allow-special-tokens applies to the --nll records; give --nll")
     cfg = EvalConfig(
         model=args.model,
         benchmarks=split_list(args.benchmarks) or list(BENCHMARKS),
@@ -164,6 +168,7 @@ def evaluate_nll(args: argparse.Namespace) -> int:
         sample_layer=args.sample_layer,
         min_response_tokens=args.min_response_tokens,
         data_options=options,
+        allow_special_tokens=args.allow_special_tokens,
     )
     print(f"held-out NLL of {args.nll} (connection {report['connection']}), saved to {output}")
     print(describe_layer_choice(report["connection"], report["layer_choice"]))

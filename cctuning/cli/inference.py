@@ -12,6 +12,7 @@ from cctuning.cli.common import (
     add_data_options,
     add_generation_options,
     add_loading_options,
+    add_special_tokens_option,
     add_yaml_config,
     data_options,
 )
@@ -55,8 +56,15 @@ def _add_fit_matrix(p: argparse.ArgumentParser) -> None:
         "--heldout", type=float, default=0.1, help="fraction of pairs held out to measure the error"
     )
     p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=1024,
+        help="token budget of a prompt (cut from the start; at most the model's context)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--skip-invalid", action="store_true", help="skip invalid records instead of stopping")
+    add_special_tokens_option(p)
     add_loading_options(p)
     add_yaml_config(p)
     p.set_defaults(func=fit_matrix)
@@ -87,6 +95,8 @@ def fit_matrix(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         heldout_fraction=args.heldout,
+        max_length=args.max_length,
+        allow_special_tokens=args.allow_special_tokens,
         progress=True,
     )
     print(
@@ -100,6 +110,8 @@ def fit_matrix(args: argparse.Namespace) -> int:
                 f"{name:10} {m['before']['mse']:12.6g} {m['after']['mse']:12.6g} "
                 f"{m['before']['cosine']:11.4f} {m['after']['cosine']:10.4f}"
             )
+    for warning in report.warnings:
+        print(f"warning: {warning}")
     return 0
 
 
@@ -118,6 +130,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
         help="sample the layer with Gumbel noise (the official code) instead of argmax",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --sample-layer")
+    add_special_tokens_option(p, "prompts")
     add_loading_options(p)
     add_yaml_config(p)
     p.set_defaults(func=generate)
@@ -172,7 +185,13 @@ def generate(args: argparse.Namespace) -> int:
     model, tok, _ = load(
         args.model, args.trust_remote_code, args.seed, args.sample_layer, device=args.device, dtype=args.dtype
     )
-    gen = CCGenerator(model, tok, max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    gen = CCGenerator(
+        model,
+        tok,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+        allow_special_tokens=args.allow_special_tokens,
+    )
     records = _generate_records(args)
     _check_system_turn(records, model)
     connection = resolve_connection(model, args.connection)

@@ -14,6 +14,7 @@ import argparse
 import sys
 import textwrap
 
+from cctuning.errors import CCError
 from cctuning.eval.benchmarks import BENCHMARKS
 from cctuning.eval.lmeval_tasks import TASKS_DIR
 
@@ -122,5 +123,32 @@ def run_cli(argv: list[str]) -> int:
     if hasattr(args, "include_path"):
         given = args.include_path
         args.include_path = [str(TASKS_DIR)] + ([given] if given else [])
-    cli.execute(args)
+    try:
+        cli.execute(args)
+    except ValueError as err:
+        message = user_error(args, err)
+        if message is None:  # not one of the user's mistakes that lm-eval reports so: a bug, traced
+            raise
+        raise CCError(message) from None
     return 0
+
+
+def user_error(args: argparse.Namespace, err: ValueError) -> str | None:
+    """The one-line error for what lm-eval (or transformers under it) raises as a ValueError about the
+    command line: an unknown task, or a model folder whose own code (``auto_map`` in config.json) would
+    have to run without ``trust_remote_code`` (it is refused unread, never run); None for others."""
+    text = str(err)
+    if text.startswith("Tasks not found"):
+        return (
+            f"lm-eval: {text.splitlines()[0]} (`cctuning lm-eval ls tasks` lists them; ours are "
+            "cctuning_<benchmark> and cctuning_<benchmark>_<lang>)"
+        )
+    if "custom code" in text and "trust_remote_code" in text:
+        model_args = getattr(args, "model_args", None)
+        folder = model_args.get("pretrained") if isinstance(model_args, dict) else None
+        return (
+            f"lm-eval: {folder or 'the model'} ships its own model code (auto_map in config.json), which "
+            "runs only with trust_remote_code: add trust_remote_code=True to --model_args (or give "
+            "--trust_remote_code) if you trust it"
+        )
+    return None

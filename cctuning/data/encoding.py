@@ -23,6 +23,9 @@ Rules (docs/method.md §2.2-2.3, with the official code's bugs fixed):
   so that the ragged edge of the character cut is among the tokens dropped anyway; otherwise the
   cut is redone with more characters. The ids are those of the uncut text; the token counts of such
   cuts are lower bounds, and the characters cut first are counted apart (``precut_chars``).
+* The record's texts never become control tokens: a special-token string of the tokenizer inside an
+  instruction or an output is tokenised as plain text, the template's own special tokens stay special
+  (:mod:`cctuning.data.special`); ``allow_special_tokens`` keeps the tokenizer's own behaviour.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from cctuning.data.special import SpecialText, warn_special_text
 from cctuning.errors import CCError, DataError
 
 logger = logging.getLogger(__name__)
@@ -153,10 +157,18 @@ class TruncationStats:
 class PromptEncoder:
     """Turns instructions (and responses) into token ids with the connection position."""
 
-    def __init__(self, tokenizer, fmt: PromptFormat | None = None, max_length: int | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        fmt: PromptFormat | None = None,
+        max_length: int | None = None,
+        allow_special_tokens: bool = False,
+    ):
         self.tokenizer = tokenizer
         self.format = fmt or PromptFormat()
         self.max_length = max_length
+        self.allow_special_tokens = allow_special_tokens
+        self.special = SpecialText(tokenizer)
         has_template = bool(getattr(tokenizer, "chat_template", None))
         mode = self.format.mode
         if mode == "auto":
@@ -227,8 +239,30 @@ class PromptEncoder:
         return output + eos
 
     # -- tokenising --------------------------------------------------------------------------
-    def _tokenize(self, text: str, offsets: bool = False):
+    def _tokenize(self, text: str, offsets: bool = False, spans: list[tuple[int, int]] | None = None):
+        """Token ids (and offsets) of a rendered ``text``; ``spans``: the characters of the record's
+        texts that hold special-token strings, tokenised as plain text (:meth:`_data_spans`)."""
+        if spans:
+            return self.special.tokenize(text, spans, offsets)
         return self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=offsets)
+
+    def _data_spans(
+        self, text: str, field: str, span: tuple[int, int] | None = None, last: bool = True
+    ) -> list[tuple[int, int]]:
+        """``[span]`` of the record's text ``field`` inside the rendered ``text`` when ``field`` holds a
+        special-token string (found, when ``span`` is None, as the ``last`` or the first occurrence);
+        none when it holds none or special tokens are allowed."""
+        if self.allow_special_tokens or self.special.find(field) is None:
+            return []
+        if span is None:
+            start = text.rfind(field) if last else text.find(field)
+            if start < 0:
+                raise CCError(
+                    "the chat template changes the text, so its special-token strings cannot be kept as "
+                    "plain text; remove them, or pass --allow-special-tokens to encode them as control tokens"
+                )
+            span = (start, start + len(field))
+        return [span]
 
     def encode_prompt(self, instruction: str, max_length: int | None = None) -> EncodedPrompt:
         """Tokenise a prompt; cut tokens from the start of the instruction to fit ``max_length``
@@ -244,7 +278,8 @@ class PromptEncoder:
 
     def _encode_prompt(self, instruction: str, max_length: int | None) -> EncodedPrompt:
         text, span = self.render_prompt(instruction)
-        enc = self._tokenize(text, offsets=span is not None and max_length is not None)
+        spans = self._data_spans(text, instruction, span)
+        enc = self._tokenize(text, offsets=span is not None and max_length is not None, spans=spans)
         ids = list(enc["input_ids"])
         cut = 0
         if max_length is not None and len(ids) > max_length:
@@ -269,6 +304,21 @@ class PromptEncoder:
             )
         return EncodedPrompt(ids=ids, position=position, instruction_cut=cut)
 
+    def _completion_ids(
+        self, instruction: str, output: str, text: str, spans: list[tuple[int, int]], full_prompt: list[int]
+    ) -> list[int]:
+        """The response's ids after the prompt ``text`` (tokenised as ``full_prompt``, the record's
+        special-token strings in ``spans``): the continuation of the prompt's ids in the tokenisation of
+        prompt + response, or the response tokenised alone where the two merge across the boundary."""
+        completion_text = self.render_completion(instruction, output, text)
+        output_spans = self._data_spans(completion_text, output, last=False)
+        shifted = [(s + len(text), e + len(text)) for s, e in output_spans]
+        joint = list(self._tokenize(text + completion_text, spans=spans + shifted)["input_ids"])
+        if joint[: len(full_prompt)] == full_prompt:
+            return joint[len(full_prompt) :]
+        self.stats.boundary_merges += 1
+        return list(self._tokenize(completion_text, spans=output_spans)["input_ids"])
+
     def encode_example(
         self, instruction: str, output: str, instruction_en: str | None = None
     ) -> EncodedExample:
@@ -288,17 +338,12 @@ class PromptEncoder:
         whole_instruction = instruction
         instruction, instruction_chars = precut(instruction, limit, scale, keep="tail")
         output, output_chars = precut(output, limit, scale, keep="head")
-        text, _ = self.render_prompt(instruction)
-        full_prompt = list(self._tokenize(text)["input_ids"])
+        text, span = self.render_prompt(instruction)
+        spans = self._data_spans(text, instruction, span)
+        full_prompt = list(self._tokenize(text, spans=spans)["input_ids"])
         if instruction_chars and len(full_prompt) < limit + PRECUT_MARGIN:
             return None
-        completion_text = self.render_completion(instruction, output, text)
-        joint = list(self._tokenize(text + completion_text)["input_ids"])
-        if joint[: len(full_prompt)] == full_prompt:
-            completion = joint[len(full_prompt) :]
-        else:
-            self.stats.boundary_merges += 1
-            completion = list(self._tokenize(completion_text)["input_ids"])
+        completion = self._completion_ids(instruction, output, text, spans, full_prompt)
         if not completion:
             raise EncodingError("output", "the response tokenises to nothing")
         if output_chars and len(completion) < limit + PRECUT_MARGIN:
@@ -356,3 +401,17 @@ def _record_error(rec, field: str, reason: str) -> DataError:
 def encode_records(records, encoder: PromptEncoder, with_english: bool) -> list[dict]:
     """Tokenise every record (:func:`encode_example`) into training features."""
     return [encode_example(encoder, rec, with_english).features() for rec in records]
+
+
+def warn_special_records(
+    encoder: PromptEncoder,
+    records,
+    where,
+    fields: tuple[str, ...] = ("instruction", "output", "instruction_en"),
+) -> int:
+    """One warning for the records of file ``where`` whose ``fields`` hold special-token strings of the
+    encoder's tokenizer (encoded as plain text); their count (0 with ``allow_special_tokens``)."""
+    if encoder.allow_special_tokens:
+        return 0
+    rows = ([getattr(rec, f, None) for f in fields] for rec in records)
+    return warn_special_text(encoder.special, rows, str(where))

@@ -27,11 +27,12 @@ import torch
 from tqdm.auto import tqdm
 
 from cctuning.data.collator import CCCollator, pad_token_id
-from cctuning.data.encoding import PromptEncoder, encode_example
+from cctuning.data.encoding import PromptEncoder, encode_example, warn_special_records
 from cctuning.data.formats import DataOptions
 from cctuning.data.records import load_records, system_prompt_of
 from cctuning.errors import CCError
 from cctuning.io import check_output_folder, folder_lock, write_json, write_text
+from cctuning.model.arch import cap_to_context
 from cctuning.model.ccmodel import positions_from_mask
 from cctuning.model.connection import (
     injected,
@@ -157,13 +158,17 @@ def encode_nll_records(
     connection: str,
     max_length: int,
     data_options: DataOptions | None = None,
+    allow_special_tokens: bool = False,
 ):
     """The records of ``data`` (read as ``data_options`` say), their features (with the English
     prompts for ``english``) and how much of each the token budget cut (``response_cut``,
-    ``instruction_cut`` in tokens)."""
+    ``instruction_cut`` in tokens). Special-token strings in the records are plain text unless
+    ``allow_special_tokens``."""
     records = load_records(data, require_english=connection == "english", options=data_options)
     system_prompt_of(records, model.cc_config.prompt_format.system_prompt, model=True)
-    encoder = PromptEncoder(tokenizer, model.cc_config.prompt_format, max_length)
+    encoder = PromptEncoder(tokenizer, model.cc_config.prompt_format, max_length, allow_special_tokens)
+    english = ("instruction_en",) if connection == "english" else ()
+    warn_special_records(encoder, records, data, ("instruction", "output", *english))
     features, cuts = [], []
     for rec in records:
         ex = encode_example(encoder, rec, with_english=connection == "english")
@@ -273,6 +278,7 @@ def evaluate_nll(
     sample_layer: int = 0,
     min_response_tokens: int = 4,
     data_options: DataOptions | None = None,
+    allow_special_tokens: bool = False,
 ) -> dict:
     """Score the gold responses of ``data`` (training records, in any format and source
     :func:`~cctuning.data.records.load_records` reads as ``data_options`` say) and write
@@ -281,7 +287,8 @@ def evaluate_nll(
     ``sample_layer`` = K > 0: the official stochastic layer choice, K seeded draws per item, averaged.
     Every cut the token budget made is recorded per item and counted in the report; an item whose
     response was cut to fewer than ``min_response_tokens`` tokens is flagged (``short``) and counted,
-    and a warning names how many there are (its NLL rests on few tokens)."""
+    and a warning names how many there are (its NLL rests on few tokens). Special-token strings in the
+    records are plain text unless ``allow_special_tokens``."""
     if batch_size <= 0:
         raise CCError(f"batch size must be > 0, got {batch_size}")
     if sample_layer < 0:
@@ -292,27 +299,18 @@ def evaluate_nll(
     with folder_lock(output, "cctuning eval --nll") if output is not None else contextlib.nullcontext():
         return _evaluate_nll(
             model, tokenizer, data, connection, output, batch_size, max_length, seed, reps, progress,
-            model_name, sample_layer, min_response_tokens, data_options,
+            model_name, sample_layer, min_response_tokens, data_options, allow_special_tokens,
         )  # fmt: skip
 
 
 def _evaluate_nll(
-    model,
-    tokenizer,
-    data,
-    connection,
-    output,
-    batch_size,
-    max_length,
-    seed,
-    reps,
-    progress,
-    model_name,
-    sample_layer,
-    min_response_tokens,
-    data_options=None,
-) -> dict:
-    records, features, cuts = encode_nll_records(model, tokenizer, data, connection, max_length, data_options)
+    model, tokenizer, data, connection, output, batch_size, max_length, seed, reps, progress,
+    model_name, sample_layer, min_response_tokens, data_options=None, allow_special_tokens=False,
+) -> dict:  # fmt: skip
+    max_length = cap_to_context(max_length, model)  # no item longer than the model's positions
+    records, features, cuts = encode_nll_records(
+        model, tokenizer, data, connection, max_length, data_options, allow_special_tokens
+    )
     started = time.time()
     items = score_records(
         model,

@@ -41,6 +41,7 @@ from transformers.generation import StoppingCriteria, StoppingCriteriaList, Stop
 
 from cctuning.data.collator import pad_rows, pad_token_id
 from cctuning.data.encoding import EncodedPrompt, PromptEncoder
+from cctuning.data.special import warn_special_text
 from cctuning.errors import CCError
 from cctuning.model.ccmodel import CCModel, positions_from_mask
 from cctuning.model.connection import (
@@ -141,6 +142,7 @@ class CCGenerator:
         max_new_tokens: int = 40,
         batch_size: int = 8,
         max_length: int | None = None,
+        allow_special_tokens: bool = False,
     ):
         for name, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
             if value <= 0:
@@ -149,7 +151,9 @@ class CCGenerator:
         self.tokenizer = tokenizer
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.encoder = PromptEncoder(tokenizer, model.cc_config.prompt_format)
+        self.encoder = PromptEncoder(
+            tokenizer, model.cc_config.prompt_format, allow_special_tokens=allow_special_tokens
+        )
         self.max_length = max_length
         self.stop_ids = stop_token_ids(tokenizer, model, self.encoder)
         self.pad_id = pad_token_id(tokenizer)
@@ -182,6 +186,9 @@ class CCGenerator:
         )
         new_tokens = self._new_tokens(max_new_tokens)
         budget = self._prompt_budget(new_tokens)
+        if not self.encoder.allow_special_tokens:  # encoded as plain text: say so, once a call
+            rows = zip(prompts, english or [None] * len(prompts))
+            warn_special_text(self.encoder.special, rows, "generate", "prompts")
         encoded = [self.encoder.encode_prompt(p, budget) for p in prompts]
         en_encoded = [self.encoder.encode_prompt(e, budget) for e in english] if english else None
         return self.generate_encoded(

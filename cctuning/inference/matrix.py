@@ -16,21 +16,26 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from cctuning.data.collator import pad_rows, pad_token_id
-from cctuning.data.encoding import PromptEncoder
+from cctuning.data.encoding import PromptEncoder, warn_special_records
 from cctuning.data.formats import DataOptions
 from cctuning.data.records import load_records, system_prompt_of
 from cctuning.errors import CCError
 from cctuning.io import check_output_folder, folder_lock
+from cctuning.model.arch import cap_to_context
 from cctuning.model.transform import DECISION_MAKER_STAMP, TransformMatrix, apply_matrix
 
 logger = logging.getLogger(__name__)
+
+#: a matrix whose transformed activations have at most this mean cosine with the English ones (on the
+#: held-out pairs, else the fit pairs) maps nothing: warned about and recorded in its report
+WEAK_COSINE = 0.05
 
 
 class NormalEquations:
@@ -110,9 +115,25 @@ class FitReport:
     heldout: dict
     seed: int
     data: str | None = None
+    max_length: int | None = None
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def weak_matrix_warning(report: FitReport) -> str | None:
+    """The warning about a matrix that maps nothing: its mean cosine after the transform (held-out
+    pairs, else fit pairs) at most :data:`WEAK_COSINE` (or not a number); None for a working one."""
+    part, metrics = ("held-out", report.heldout) if report.heldout else ("fit", report.fit)
+    cosine = metrics["after"]["cosine"]
+    if cosine > WEAK_COSINE:
+        return None
+    return (
+        f"weak transform matrix: its {part} cosine is {cosine:.4f} (≤ {WEAK_COSINE}), it maps the "
+        "activations to nothing like the English ones; check that the model is trained and sound "
+        "(finite weights, outputs that vary with the input)"
+    )
 
 
 def length_batches(
@@ -237,7 +258,9 @@ def accumulate_pairs(
     return stored
 
 
-def check_fit_options(samples: int, ridge: float, heldout_fraction: float, batch_size: int) -> None:
+def check_fit_options(
+    samples: int, ridge: float, heldout_fraction: float, batch_size: int, max_length: int | None = None
+) -> None:
     """Values that would fit nothing, or a wrong matrix that looks like a result: refused."""
     if not ridge >= 0:
         raise CCError(f"--ridge must be ≥ 0, got {ridge} (a negative ridge fits a wrong matrix)")
@@ -247,6 +270,8 @@ def check_fit_options(samples: int, ridge: float, heldout_fraction: float, batch
         raise CCError(f"--samples must be ≥ 2, got {samples}")
     if batch_size <= 0:
         raise CCError(f"--batch-size must be > 0, got {batch_size}")
+    if max_length is not None and max_length <= 0:
+        raise CCError(f"--max-length must be > 0, got {max_length}")
 
 
 def fit_transform_matrix(
@@ -259,11 +284,12 @@ def fit_transform_matrix(
     batch_size: int = 16,
     seed: int = 0,
     heldout_fraction: float = 0.1,
-    max_length: int | None = None,
+    max_length: int | None = 1024,
     max_stored_pairs: int = 500,
     progress: bool = False,
     max_batch_tokens: int | None = 8192,
     window: int = 256,
+    allow_special_tokens: bool = False,
 ) -> tuple[TransformMatrix, FitReport]:
     """Fit M on up to ``samples`` records (seeded sample; each record pairs its own instruction and
     instruction_en). ``heldout_fraction`` of the pairs are kept out of the fit to measure the error
@@ -273,8 +299,15 @@ def fit_transform_matrix(
     Pairs are processed ``window`` at a time; within a window each side's prompts are batched by
     length (at most ``batch_size`` prompts and ``max_batch_tokens`` padded tokens a batch), so that
     time is not spent on padding and memory does not grow with the longest prompt seen. Memory is
-    bounded by the window and the batch budget, whatever the number of pairs."""
-    check_fit_options(samples, ridge, heldout_fraction, batch_size)
+    bounded by the window and the batch budget, whatever the number of pairs.
+
+    ``max_length`` is each prompt's token budget (as ``eval --nll``'s), lowered to the model's context:
+    a longer instruction loses tokens from its start, and a huge one is cut at the character level
+    before it is tokenised (:func:`~cctuning.data.encoding.precut`), so no record is tokenised whole.
+    None: the model's context alone. Special-token strings in the prompts are plain text unless
+    ``allow_special_tokens`` (:class:`~cctuning.data.encoding.PromptEncoder`)."""
+    check_fit_options(samples, ridge, heldout_fraction, batch_size, max_length)
+    max_length = cap_to_context(max_length, model)
     pairs = [r for r in records if r.instruction_en]
     if len(pairs) < 2:
         raise CCError("fitting a transform matrix needs at least 2 records with instruction_en")
@@ -282,7 +315,7 @@ def fit_transform_matrix(
     acc = NormalEquations(model.arch.hidden_size, model.arch.num_layers, per_layer)
     stored = accumulate_pairs(
         model,
-        PromptEncoder(tokenizer, model.cc_config.prompt_format),
+        PromptEncoder(tokenizer, model.cc_config.prompt_format, allow_special_tokens=allow_special_tokens),
         pairs,
         fit,
         held,
@@ -295,7 +328,7 @@ def fit_transform_matrix(
         max_length=max_length,
         max_batch_tokens=max_batch_tokens,
     )
-    return solve_matrix(model, acc, stored, len(fit), len(held), ridge, seed)
+    return solve_matrix(model, acc, stored, len(fit), len(held), ridge, seed, max_length)
 
 
 def warn_underdetermined(acc: NormalEquations, fit_pairs: int) -> None:
@@ -319,10 +352,18 @@ def warn_underdetermined(acc: NormalEquations, fit_pairs: int) -> None:
 
 
 def solve_matrix(
-    model, acc: NormalEquations, stored: dict, fit_pairs: int, heldout_pairs: int, ridge: float, seed: int
+    model,
+    acc: NormalEquations,
+    stored: dict,
+    fit_pairs: int,
+    heldout_pairs: int,
+    ridge: float,
+    seed: int,
+    max_length: int | None = None,
 ) -> tuple[TransformMatrix, FitReport]:
     """Solve the accumulated normal equations with ``ridge``; the matrix (stamped with the model's
-    Decision Maker) and its report, with the metrics measured on the ``stored`` pairs."""
+    Decision Maker) and its report, with the metrics measured on the ``stored`` pairs (a weak matrix,
+    :func:`weak_matrix_warning`, is logged and its warning kept in the report)."""
     if not ridge:
         warn_underdetermined(acc, fit_pairs)
     solution = acc.solve(ridge)
@@ -338,7 +379,12 @@ def solve_matrix(
         fit={**stored["fit"].before_after(matrix), "mse_all_pairs": acc.mse(solution)},
         heldout=stored["held"].before_after(matrix) if heldout_pairs else {},
         seed=seed,
+        max_length=max_length,
     )
+    warning = weak_matrix_warning(report)
+    if warning:
+        logger.warning("%s", warning)
+        report.warnings.append(warning)
     meta = report.to_dict()
     stamp = getattr(model, "decision_maker_sha256", None)
     if stamp:  # ties the matrix to this Decision Maker: another model's matrix is refused on load
@@ -365,10 +411,14 @@ def fit_matrix_from_file(
         options.get("ridge", 0.0),
         options.get("heldout_fraction", 0.1),
         options.get("batch_size", 16),
+        options.get("max_length", 1024),
     )
     with folder_lock(check_output_folder(folder, "model folder"), "cctuning fit-matrix"):
         records = load_records(data, require_english=True, skip_invalid=skip_invalid, options=data_options)
         system_prompt_of(records, model.cc_config.prompt_format.system_prompt, model=True)
+        allow = options.get("allow_special_tokens", False)
+        encoder = PromptEncoder(tokenizer, model.cc_config.prompt_format, allow_special_tokens=allow)
+        warn_special_records(encoder, records, data, fields=("instruction", "instruction_en"))
         matrix, report = fit_transform_matrix(model, tokenizer, records, **options)
         matrix.meta["data"] = str(data)
         if data_options is not None and data_options.describe():

@@ -13,6 +13,7 @@ layer's whole update (docs/method.md §2.1.1). Architectures with no FFN at all 
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 from torch import nn
@@ -34,6 +35,8 @@ UNSUPPORTED_MODEL_TYPES: dict[str, str] = {
     for model_type in ("mamba", "mamba2", "falcon_mamba")
 }
 LAYER_LIST_NAMES = ("layers", "h", "blocks")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -63,6 +66,26 @@ def _get(root: nn.Module, dotted: str) -> nn.Module | None:
 def _text_config(model: nn.Module):
     config = model.config
     return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The positions ``model`` (a :class:`~cctuning.model.CCModel` or a transformers model) can attend
+    over: its text config's ``max_position_embeddings`` (``n_positions`` for GPT-2), None if unknown."""
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if isinstance(value, int) and value > 0 else None
+
+
+def cap_to_context(max_length: int | None, model: nn.Module, what: str = "--max-length") -> int | None:
+    """``max_length`` lowered to the model's context (logged when it is), or the context when
+    ``max_length`` is None: no sequence longer than the positions the model has reaches it."""
+    context = context_length(model)
+    if context is None or (max_length is not None and max_length <= context):
+        return max_length
+    if max_length is not None:
+        logger.info("%s %d capped to the model's context of %d tokens", what, max_length, context)
+    return context
 
 
 def locate(model: nn.Module, layers_path: str | None = None, ffn_name: str | None = None) -> Architecture:

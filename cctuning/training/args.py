@@ -99,6 +99,11 @@ class TrainConfig:
         choices=["auto", "chat", "plain"],
     )
     system_prompt: str | None = opt(None, "system message added to every prompt (chat templates)")
+    allow_special_tokens: bool = opt(
+        False,
+        "let special-token strings inside the records (e.g. <|im_start|>, </s>) become control tokens "
+        "(default: encoded as plain text)",
+    )
     padding_side: str = opt("right", "padding side of training batches", choices=["left", "right"])
     skip_invalid: bool = opt(False, "skip invalid records (counted and reported) instead of stopping")
     # engine
@@ -148,6 +153,7 @@ OPTION_GROUPS = {
     ),
     "data and prompts": (
         "data_format", "columns", "split", "skip_invalid", "template", "system_prompt", "padding_side",
+        "allow_special_tokens",
     ),
     "schedule and logging": ("scheduler", "warmup_ratio", "weight_decay", "max_grad_norm", "logging_steps"),
 }  # fmt: skip

@@ -16,7 +16,13 @@ from torch.utils.data import Dataset
 from transformers import TrainingArguments, integrations, set_seed
 
 from cctuning.data.collator import CCCollator
-from cctuning.data.encoding import IGNORE_INDEX, PromptEncoder, PromptFormat, encode_records
+from cctuning.data.encoding import (
+    IGNORE_INDEX,
+    PromptEncoder,
+    PromptFormat,
+    encode_records,
+    warn_special_records,
+)
 from cctuning.data.formats import DataOptions
 from cctuning.data.records import LoadReport, load_records, system_prompt_of
 from cctuning.errors import CCError, first_line
@@ -190,7 +196,8 @@ def prepare(cfg: TrainConfig):
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     # a conversation's system turn (one per file) is the run's system prompt, saved with the model
     fmt = PromptFormat(cfg.template, system_prompt_of(records, cfg.system_prompt), cfg.position_offset)
-    encoder = PromptEncoder(tokenizer, fmt, cfg.max_length)
+    encoder = PromptEncoder(tokenizer, fmt, cfg.max_length, cfg.allow_special_tokens)
+    warn_special_records(encoder, records, cfg.data)
     features = encode_records(records, encoder, with_english=cfg.method == "cc")
     logger.info(
         "data: %d %s records (%d skipped); %s",
