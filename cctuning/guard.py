@@ -62,11 +62,10 @@ def _same_file(a: Path, b: Path) -> bool:
 
 def _check_against(output, out: Path, label: str, path: Path, option: str, places: Iterable[str]) -> None:
     if out == path or _same_file(out, path):
-        raise CCError(f"{option} {output}: is the input {label} {path}; choose another {option}")
+        raise CCError(f"{option} {output}: is the input {label} {path}, which writing there would destroy")
     if _is_within(path, out):
         raise CCError(
-            f"{option} {output}: contains the input {label} {path}, which writing there could "
-            f"destroy; choose another {option}"
+            f"{option} {output}: contains the input {label} {path}, which writing there could destroy"
         )
     if _is_within(out, path) and not _inside_allowed(out, path, places):
         raise CCError(f"{option} {output}: lies inside the input {label} {path}; choose a place outside it")

@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 from cctuning.errors import CCError
+
+logger = logging.getLogger(__name__)
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -21,15 +27,21 @@ os.umask(_UMASK)
 def atomic_path(path: str | Path):
     """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename not in (None, tmp, str(path.parent)):
+            raise
+        # a full disk or a read-only folder while writing the temporary file: name the file asked for
+        raise OSError(err.errno, err.strerror, str(path)) from err
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
 
 
@@ -98,48 +110,142 @@ def sha256_file(path: str | Path) -> str:
 
 
 LOCK_NAME = ".cctuning.lock"
+# how long a lock that is busy is tried again before giving up: another holder that is just releasing
+# it holds it exclusively for a moment (see :func:`_release`)
+LOCK_RETRY_SECONDS = 0.2
 
 
-@contextmanager
-def folder_lock(folder: str | Path, what: str):
-    """Hold an exclusive lock on ``folder`` for the block (``what`` names the job, for the error a
-    second process gets). The lock is an ``flock`` on ``folder/.cctuning.lock``, which the kernel
-    releases when its process dies however it dies, so a killed run never blocks the next one; the
-    file records the holder's pid and job for that error message and is removed on release. A folder
-    that the lock itself created is removed again when the block fails and left it empty."""
-    folder = Path(folder)
-    created = [p for p in (folder, *folder.parents) if not p.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
+def _holders(fd: int) -> str:
+    """The live holders a lock file records (``pid N (job)``, one a line), for the error message."""
+    lines = os.pread(fd, 4096, 0).decode("utf-8", "replace").splitlines()
+    alive = []
+    for line in dict.fromkeys(line.strip() for line in lines if line.strip()):
+        words = line.split()
+        if len(words) > 1 and words[0] == "pid" and words[1].isdigit():
+            try:
+                os.kill(int(words[1]), 0)
+            except ProcessLookupError:
+                continue  # a reader that released while another still held the lock
+            except PermissionError:
+                pass
+        alive.append(line)
+    return ", ".join(alive) or "another process"
+
+
+def _flock(fd: int, mode: int) -> bool:
+    """Take ``mode`` on ``fd`` without waiting, retrying for :data:`LOCK_RETRY_SECONDS`."""
+    deadline = time.monotonic() + LOCK_RETRY_SECONDS
+    while True:
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.02)
+
+
+def _open_lock_file(path: Path, shared: bool) -> int | None:
+    """The lock file, opened (and created) for writing; a reader of a folder it may not write into
+    opens an existing lock file read-only, or gets None (no lock file can be made there)."""
+    flags = os.O_RDWR | os.O_CREAT | (os.O_APPEND if shared else 0)
+    try:
+        return os.open(path, flags, 0o666 & ~_UMASK)
+    except OSError as err:
+        if not shared or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+
+
+def _acquire(folder: Path, shared: bool) -> int | None:
+    """An open file description of ``folder``'s lock file holding the lock (see :func:`folder_lock`)."""
     path = folder / LOCK_NAME
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        fd = _open_lock_file(path, shared)
+        if fd is None:
+            return None
+        if not _flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX):
+            holder = _holders(fd)
             os.close(fd)
-            raise CCError(
-                f"{folder}: in use by {holder}; wait for it to finish or choose another folder"
-            ) from None
+            raise CCError(f"{folder}: in use by {holder}; wait for it to finish or choose another folder")
         try:  # the holder before us may have removed the file between our open and our lock: retry
             if os.stat(path).st_ino == os.fstat(fd).st_ino:
-                break
+                return fd
         except FileNotFoundError:
             pass
         os.close(fd)
+
+
+def _release(fd: int, path: Path, shared: bool) -> None:
+    """Remove the lock file when no other process holds it, then unlock. A reader finds out by
+    asking for the lock exclusively: granted, it was the last holder; refused, others still read."""
+    try:
+        last = not shared or _flock_now(fd, fcntl.LOCK_EX)
+        if last:
+            with contextlib.suppress(OSError):  # still locked: whoever opened it meanwhile retries
+                os.unlink(path)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _flock_now(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+@contextmanager
+def folder_lock(folder: str | Path, what: str, shared: bool = False):
+    """Hold a lock on ``folder`` for the block (``what`` names the job, for the error another process
+    gets). Exclusive (the default) for a command that writes the folder; ``shared`` for one that
+    reads it: any number of readers hold it together, and a writer and a reader refuse each other,
+    so that ``train --overwrite`` cannot delete a model that ``eval`` is reading, nor ``eval`` read one
+    that ``train`` is writing.
+
+    The lock is an ``flock`` on ``folder/.cctuning.lock``, which the kernel releases when its process
+    dies however it dies, so a killed run never blocks the next one; the file records its holders
+    (``pid N (job)``) for that error message and is removed when the last holder releases it. A
+    writer creates ``folder`` when missing, and removes what it created again when the block fails
+    and left it empty; a reader of a missing folder, or of one it may not write into where no lock
+    file exists, reads unlocked (nobody can write there through cctuning either)."""
+    folder = Path(folder)
+    if shared and not folder.is_dir():
+        yield
+        return
+    created = [] if shared else [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    fd = _acquire(folder, shared)
+    if fd is None:
+        logger.debug("%s: cannot make a lock file there, read without a lock", folder)
     ok = False
     try:
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} ({what})\n".encode(), 0)
+        if fd is not None:
+            _record(fd, what, shared)
         yield
         ok = True
     finally:
-        os.unlink(path)  # still locked: whoever opened it meanwhile retries on a new file
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        if fd is not None:
+            _release(fd, folder / LOCK_NAME, shared)
         for made in created if not ok else ():
             if made.is_dir() and not any(made.iterdir()):
                 made.rmdir()
+
+
+def _record(fd: int, what: str, shared: bool) -> None:
+    """Write this holder into the lock file: a writer alone, a reader beside the other readers."""
+    line = f"pid {os.getpid()} ({what})\n".encode()
+    with contextlib.suppress(OSError):  # a read-only lock file (a reader of a read-only folder)
+        if shared:
+            os.write(fd, line)  # O_APPEND: beside the other readers
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, line, 0)
 
 
 def check_output_folder(path: str | Path, option: str = "--output") -> Path:
@@ -166,13 +272,79 @@ def check_output_folder(path: str | Path, option: str = "--output") -> Path:
     return path
 
 
+def check_output_file(path: str | Path, option: str = "--output") -> Path:
+    """Make sure a file can be written at ``path`` before anything slow runs: not a folder, and its
+    folder (or the first of its parents that exists) writable; a one-line error otherwise. Creates
+    nothing."""
+    path = Path(path)
+    if path.is_dir():
+        raise CCError(f"{option} {path}: is a folder; give the path of a file")
+    parent = next((p for p in path.absolute().parents if p.exists()), Path("/"))
+    if not parent.is_dir():
+        raise CCError(f"{option} {path}: {parent} is not a folder")
+    try:  # the parent's permissions alone can lie (root, read-only mounts, ACLs): try it
+        fd, probe = tempfile.mkstemp(prefix=".cctuning-write-test-", dir=parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise CCError(f"{option} {path}: cannot write into {parent} ({err.strerror})") from None
+    return path
+
+
+#: the memo of :func:`folder_fingerprint` in the cache folder
+FINGERPRINT_INDEX = "fingerprints.json"
+# a file changed this close (ns) to the moment it was hashed may change again within the same tick of
+# the file system's clock, unseen by its times: its memo entry is not trusted (git's "racy clean")
+RACY_NS = 2_000_000_000
+
+
+def cache_dir() -> Path:
+    """cctuning's cache folder: ``$CCTUNING_CACHE``, else ``~/.cache/cctuning``."""
+    return Path(os.environ.get("CCTUNING_CACHE") or Path.home() / ".cache" / "cctuning").expanduser()
+
+
+def _file_key(stat: os.stat_result) -> list[int]:
+    # the change time cannot be set back by a user: a rewrite always changes the key
+    return [stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino, stat.st_dev]
+
+
+def _read_index(path: Path) -> dict:
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _content_hash(path: Path, index: dict) -> str:
+    """sha256 of the file at ``path``, from ``index`` when the file's key (size, times, inode) is the
+    one it was hashed with and it was not changed just before; else read (and ``index`` updated)."""
+    key = str(path.resolve())
+    stat = path.stat()
+    entry = index.get(key)
+    if isinstance(entry, dict) and entry.get("key") == _file_key(stat):
+        if stat.st_ctime_ns < entry.get("hashed_at", 0) - RACY_NS:
+            return entry["sha256"]
+    hashed_at = time.time_ns()
+    digest = sha256_file(path)
+    index[key] = {"key": _file_key(stat), "hashed_at": hashed_at, "sha256": digest}
+    return digest
+
+
 def folder_fingerprint(folder: str | Path) -> str:
     """A fingerprint of the files directly in a model folder (weights, Decision Maker, matrix,
-    configs): name, size and modification time of each, hashed. Any save, retraining or refit
-    rewrites a file and so changes it; reading the files is not needed."""
+    configs): the name and the content (sha256) of each, hashed. The hashes are memoized in the cache
+    folder (:data:`FINGERPRINT_INDEX`) by each file's size, modification and change times and inode,
+    so an unchanged folder is not read again; a rewritten file is, whatever times it was given."""
+    index_path = cache_dir() / FINGERPRINT_INDEX
+    index = _read_index(index_path)
+    before = json.dumps(index, sort_keys=True)
     digest = hashlib.sha256()
     for path in sorted(Path(folder).iterdir()):
         if path.is_file() and not path.name.startswith("."):
-            stat = path.stat()
-            digest.update(f"{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+            digest.update(f"{path.name}\0{_content_hash(path, index)}\n".encode())
+    if json.dumps(index, sort_keys=True) != before:
+        index = {k: v for k, v in index.items() if os.path.isfile(k)}  # forget files that are gone
+        with contextlib.suppress(OSError):  # a read-only cache only costs the next run a re-read
+            write_json(index_path, index)
     return digest.hexdigest()[:16]

@@ -20,8 +20,9 @@ from cctuning.data.encoding import IGNORE_INDEX, PromptEncoder, PromptFormat, en
 from cctuning.data.formats import DataOptions
 from cctuning.data.records import LoadReport, load_records, system_prompt_of
 from cctuning.errors import CCError, first_line
+from cctuning.guard import check_output as check_output_guard
 from cctuning.io import INCOMPLETE_MARKER, check_output_folder, folder_lock, is_incomplete, write_json
-from cctuning.loading import TOKENIZER_FILES, load_tokenizer, resolve_model_path
+from cctuning.loading import TOKENIZER_FILES, load_tokenizer, model_inputs, resolve_model_path
 from cctuning.model.ccmodel import CONFIG_NAME, DECISION_MAKER_NAME, CCConfig, CCModel
 from cctuning.model.lora import add_lora
 from cctuning.model.transform import MATRIX_NAME, MATRIX_REPORT_NAME
@@ -296,16 +297,18 @@ def run_entries(folder: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def check_output_target(cfg: TrainConfig) -> Path:
-    """``--output`` is never the base model's folder (or inside it), never a file, and writable;
-    checked before anything is created there."""
-    out = Path(cfg.output).resolve()
-    base = Path(cfg.model)
-    if base.is_dir() and (out == base.resolve() or base.resolve() in out.parents):
+def check_output_target(cfg: TrainConfig, config_file: str | None = None) -> Path:
+    """``--output`` is never an input or inside one (the model, the base it records when it is a run,
+    the data, the config file ``config_file``) and never holds one, never a file, and writable;
+    checked before anything is created there. A ``--model`` folder left incomplete by an interrupted
+    save is refused too, as every loader refuses it."""
+    if Path(cfg.model).is_dir() and is_incomplete(cfg.model):
         raise CCError(
-            f"--output {cfg.output} is the base model's folder or inside it: training would replace its "
-            "weights; choose another --output"
+            f"--model {cfg.model}: an interrupted save left this folder incomplete ({INCOMPLETE_MARKER} is "
+            "present); save it again or resume it from a checkpoint"
         )
+    inputs = {**model_inputs(cfg.model), "--data": cfg.data, "--config": config_file}
+    check_output_guard(cfg.output, inputs, folder=True)
     return check_output_folder(cfg.output)
 
 
@@ -347,13 +350,16 @@ def resume_checkpoint(cfg: TrainConfig) -> str | None:
     return str(folder)
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, config_file: str | None = None) -> Path:
     """Train and save; returns the output folder. The output folder is locked for the run (a second
-    process gets a one-line error naming the holder) and checked first (:func:`check_output`)."""
+    process, or a reader of the folder such as ``eval``, gets a one-line error naming the holder) and
+    checked first (:func:`check_output_target`, :func:`check_output`); a ``--model`` folder is read
+    under a shared lock (``config_file``: the YAML the options came from, never written over)."""
     cfg = resolve_trainer_options(cfg)
     check_required(cfg)
     if _is_main_process():
-        with folder_lock(check_output_target(cfg), "cctuning train"):
+        target = check_output_target(cfg, config_file)
+        with folder_lock(cfg.model, "cctuning train", shared=True), folder_lock(target, "cctuning train"):
             check_output(cfg)
             return _train(cfg)
     return _train(cfg)
