@@ -253,14 +253,10 @@ COMMAND_CASES = [
         "--output", p], "contains the input"),
     ("eval-over-its-config", lambda p, t: ["eval", "--config", p / "conf.yaml", "--model", p / "run",
         "--output", p / "conf.yaml"], "is the input --config"),
-    ("export-inside-the-run", lambda p, t: ["export", "--model", p / "run", "--output", p / "run" / "x"],
-        "is the model folder or inside it"),
-    ("export-around-the-run", lambda p, t: ["export", "--model", p / "run", "--output", p, "--overwrite"],
-        "holds the model folder"),
-    ("experiment-around-its-data", lambda p, t: ["experiment", "--config", _experiment_config(p, t)],
-        "contains the input"),
+    ("experiment-around-its-data", lambda p, t: ["experiment", "--config", _experiment_config(p, t),
+        "--report-only"], "contains the input"),
     ("lm-eval-inside-the-model", lambda p, t: ["lm-eval", "--model", "cctuning", "--model_args",
-        f"pretrained={p / 'run'}", "--tasks", "cctuning_xnli", "--output_path", p / "run" / "res"],
+        f"pretrained={p / 'run'}", "--tasks", "cctuning_xnli", "--limit", "1", "--output_path", p / "run" / "res"],
         "lies inside the input pretrained"),
 ]  # fmt: skip
 
@@ -276,12 +272,12 @@ def test_no_command_writes_over_or_into_what_it_reads(project, tmp_path, capsys,
     assert {name: snapshot(project / name) for name in ("base", "run")} == before
 
 
-def test_an_experiment_cell_cannot_climb_out_of_the_experiment(tmp_path, capsys):
+def test_an_experiment_cell_cannot_climb_out_of_the_experiment(base_dir, tmp_path, capsys):
     from cctuning.lab.experiment import load_config, resolve_cells
 
     path = tmp_path / "exp.yaml"
-    path.write_text("cells: [{name: ../../../escape}]\n")
-    assert main(["experiment", "--config", str(path)]) == 2
+    path.write_text(f"model: {base_dir}\noutput: {tmp_path / 'exp'}\ncells: [{{name: ../../../escape}}]\n")
+    assert main(["experiment", "--config", str(path), "--report-only"]) == 2  # nothing to run if accepted
     line = one_error(capsys)
     assert str(path) in line and "../../../escape" in line
     path.write_text("cells: [{name: ok, method: ../../x}]\n")
@@ -401,7 +397,6 @@ READERS = {
     "eval": lambda run, data: ["eval", "--model", run, "--benchmarks", "XNLI", "--limit", "1"],
     "eval --nll": lambda run, data: ["eval", "--model", run, "--nll", data],
     "generate": lambda run, data: ["generate", "--model", run, "--prompt", "hi"],
-    "export": lambda run, data: ["export", "--model", run, "--output", run.parent / "exported"],
     "lm-eval": lambda run, data: ["lm-eval", "--model", "cctuning", "--model_args", f"pretrained={run}",
         "--tasks", "cctuning_xnli", "--limit", "1"],
 }  # fmt: skip
@@ -584,3 +579,16 @@ def test_a_parquet_file_without_rows_says_it_has_no_records(tmp_path):
     with pytest.raises(CCError) as err:
         load_records(path)
     assert str(err.value) == f"{path}: no records"
+
+
+def test_export_reads_a_run_beside_other_readers_but_not_while_it_is_written(project, tmp_path, capsys):
+    """export read the run under an exclusive lock, refused while anything else read it; now a shared one."""
+    run = tmp_path / "run"
+    shutil.copytree(project / "run", run)
+    argv = ["export", "--model", str(run), "--output", str(tmp_path / "exported")]
+    with folder_lock(run, "cctuning eval", shared=True):
+        assert main(argv) == 0
+    with folder_lock(run, "cctuning train"):
+        assert main([*argv[:-1], str(tmp_path / "again")]) == 2
+        assert f"in use by pid {os.getpid()} (cctuning train)" in one_error(capsys)
+    assert not (tmp_path / "again").exists() and not (run / LOCK_NAME).exists()
