@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import json
@@ -151,12 +150,12 @@ def _open_lock_file(path: Path, shared: bool) -> int | None:
     flags = os.O_RDWR | os.O_CREAT | (os.O_APPEND if shared else 0)
     try:
         return os.open(path, flags, 0o666 & ~_UMASK)
-    except OSError as err:
-        if not shared or err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+    except OSError:
+        if not shared:
             raise
-    try:
+    try:  # read-only, a read-only mount, a file system that takes no new files (/proc)
         return os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
+    except OSError:
         return None
 
 

@@ -321,6 +321,12 @@ def test_a_reader_of_a_missing_folder_creates_nothing(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+def test_a_reader_of_a_folder_that_takes_no_lock_file_reads_unlocked():
+    # /proc refuses new entries even to root: a model folder on a read-only mount is in the same case
+    with folder_lock("/proc/self", "cctuning eval", shared=True):
+        pass
+
+
 def _holder(folder: Path, what: str, shared: bool) -> subprocess.Popen:
     code = (
         "import sys; from cctuning.io import folder_lock\n"
