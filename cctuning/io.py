@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -22,11 +23,38 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+_OS_ERROR = re.compile(r"os error (\d+)")  # how safetensors' Rust writer reports the OS's error
+
+
+def _write_error(err: Exception, rename) -> Exception:
+    """``err``, a failed write, as an :class:`OSError` naming the file the user asked for:
+    ``rename(file name the error carries, or None)`` gives that file, or None when the error is not
+    about our scratch files (it then stays as it is). A safetensors error that wraps an OS error
+    (``os error 28``: a full disk) counts as one."""
+    if isinstance(err, OSError):
+        code, name = err.errno, err.filename
+    elif type(err).__name__ == "SafetensorError" and _OS_ERROR.search(str(err)):
+        code, name = int(_OS_ERROR.search(str(err)).group(1)), None
+    else:
+        return err
+    target = rename(None if name is None else str(name))
+    if code is None or target is None:
+        return err
+    return OSError(code, os.strerror(code), str(target))
+
+
 @contextmanager
 def atomic_path(path: str | Path):
-    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename."""
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` in one rename. A
+    write that fails (a full disk, a read-only folder) leaves no temporary file and raises an
+    :class:`OSError` naming ``path``."""
     path = Path(path)
     tmp = None
+
+    def ours(name: str | None) -> Path | None:
+        scratch = name is None or name == str(path.parent) or Path(name).name.startswith(f".{path.name}.")
+        return path if scratch else None
+
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -34,11 +62,11 @@ def atomic_path(path: str | Path):
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the permissions open() would
         yield Path(tmp)
         os.replace(tmp, path)
-    except OSError as err:
-        if err.filename not in (None, tmp, str(path.parent)):
+    except Exception as err:
+        named = _write_error(err, ours)
+        if named is err:
             raise
-        # a full disk or a read-only folder while writing the temporary file: name the file asked for
-        raise OSError(err.errno, err.strerror, str(path)) from err
+        raise named from err
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
@@ -85,6 +113,12 @@ def staged_dir(target: str | Path):
     target = Path(target)
     target.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".stage-", dir=target))
+
+    def ours(name: str | None) -> Path | None:  # a file of the stage is named as the one it becomes
+        if name is None:
+            return target
+        return target / Path(name).relative_to(stage) if stage in Path(name).parents else None
+
     try:
         yield stage
         write_text(target / INCOMPLETE_MARKER, "an interrupted save left this folder incomplete\n")
@@ -95,6 +129,11 @@ def staged_dir(target: str | Path):
                     shutil.rmtree(dest)
             os.replace(item, dest)
         os.unlink(target / INCOMPLETE_MARKER)
+    except Exception as err:  # a full disk, a read-only folder: named as the files asked for
+        named = _write_error(err, ours)
+        if named is err:
+            raise
+        raise named from err
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -177,6 +177,11 @@ def export_model(
         try:
             kind, method, merge_ignored = _build(source, stage, base, merge_lora, trust_remote_code)
             _publish(stage, output)
+        except OSError as err:  # a full disk while building: named as the output, not the hidden stage
+            name = Path(err.filename) if err.filename else None
+            if name is None or not (name == stage or stage in name.parents):
+                raise
+            raise OSError(err.errno, err.strerror, str(output / name.relative_to(stage))) from err
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     logger.info("exported %s (%s) to %s", source, kind, output)

@@ -17,7 +17,14 @@ import pytest
 from cctuning.cli import main
 from cctuning.errors import CCError
 from cctuning.guard import check_output, safe_name, within
-from cctuning.io import FINGERPRINT_INDEX, INCOMPLETE_MARKER, LOCK_NAME, folder_fingerprint, folder_lock
+from cctuning.io import (
+    FINGERPRINT_INDEX,
+    INCOMPLETE_MARKER,
+    LOCK_NAME,
+    folder_fingerprint,
+    folder_lock,
+    save_safetensors,
+)
 from tests.conftest import make_records, write_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -515,6 +522,53 @@ def test_a_full_disk_while_eval_nll_writes_leaves_no_partial_result(project, tmp
     line = one_error(capsys)
     assert line.endswith(os.strerror(errno.ENOSPC)) and str(out) in line
     assert not [p for p in out.rglob("*") if p.name != LOCK_NAME and p.is_file()]
+
+
+def test_a_full_disk_under_safetensors_names_the_file_and_leaves_nothing(tmp_path, monkeypatch):
+    import safetensors.torch
+    import torch
+    from safetensors import SafetensorError
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    path = tmp_path / "m.safetensors"
+    with pytest.raises(OSError) as err:
+        save_safetensors(path, {"w": torch.zeros(2)})
+    assert (err.value.errno, err.value.filename) == (errno.ENOSPC, str(path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def _full_disk_while_saving(monkeypatch) -> None:
+    """The Decision Maker's file is written inside CCModel.save_pretrained's staging folder: the disk
+    is full there (an OSError without a file name, as a failed close gives)."""
+
+    def full(path, tensors, metadata=None):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("cctuning.model.ccmodel.save_safetensors", full)
+
+
+def test_a_full_disk_while_export_writes_names_the_output_and_leaves_nothing(
+    project, tmp_path, monkeypatch, capsys
+):
+    _full_disk_while_saving(monkeypatch)
+    out = tmp_path / "exported"
+    assert main(["export", "--model", str(project / "run"), "--output", str(out)]) == 2
+    assert one_error(capsys) == f"cctuning: error: {out}: {os.strerror(errno.ENOSPC)}"
+    assert list(tmp_path.iterdir()) == []  # no output folder, no hidden stage beside it
+
+
+def test_a_full_disk_while_train_saves_names_the_folder(project, tmp_path, monkeypatch, capsys):
+    _full_disk_while_saving(monkeypatch)
+    out = tmp_path / "run"
+    argv = ["train", "--model", project / "base", "--data", project / "data.jsonl", "--output", out,
+            "--max-steps", "1", "--batch-size", "4", "--no-checkpoints"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 2
+    assert one_error(capsys) == f"cctuning: error: {out}: {os.strerror(errno.ENOSPC)}"
+    assert not (out / "model.safetensors").exists() and not list(out.glob(".stage-*"))
 
 
 # -- hostile configs, half-written runs, misleading messages ------------------------------------------------
