@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -70,6 +71,18 @@ def atomic_path(path: str | Path):
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+@contextmanager
+def writes_into(where: str | Path):
+    """A write error that names no file (a full disk, a quota or a read-only file system, met by a
+    library's own writer when it closes a file) raised again naming ``where``, what the block writes."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None or err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise OSError(err.errno, err.strerror, str(where)) from err
 
 
 def write_text(path: str | Path, text: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +22,14 @@ from cctuning.data.formats import DataOptions
 from cctuning.data.records import LoadReport, load_records, system_prompt_of
 from cctuning.errors import CCError, first_line
 from cctuning.guard import check_output as check_output_guard
-from cctuning.io import INCOMPLETE_MARKER, check_output_folder, folder_lock, is_incomplete, write_json
+from cctuning.io import (
+    INCOMPLETE_MARKER,
+    check_output_folder,
+    folder_lock,
+    is_incomplete,
+    write_json,
+    writes_into,
+)
 from cctuning.loading import TOKENIZER_FILES, load_tokenizer, model_inputs, resolve_model_path
 from cctuning.model.ccmodel import CONFIG_NAME, DECISION_MAKER_NAME, CCConfig, CCModel
 from cctuning.model.lora import add_lora
@@ -361,8 +369,24 @@ def train(cfg: TrainConfig, config_file: str | None = None) -> Path:
         target = check_output_target(cfg, config_file)
         with folder_lock(cfg.model, "cctuning train", shared=True), folder_lock(target, "cctuning train"):
             check_output(cfg)
-            return _train(cfg)
+            with writes_into(target), _torch_write_errors(target):  # the Trainer's own writes name no file
+                return _train(cfg)
     return _train(cfg)
+
+
+@contextlib.contextmanager
+def _torch_write_errors(target: Path):
+    """torch.save on a full disk fails with a RuntimeError of its archive writer, not an OSError: one
+    line naming the folder instead of a traceback (the checkpoint it cut holds no trainer_state.json,
+    so it is never resumed)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not any(mark in str(err) for mark in ("PytorchStreamWriter", "inline_container")):
+            raise
+        raise CCError(
+            f"{target}: a checkpoint could not be written ({first_line(err)}); is the disk full?"
+        ) from None
 
 
 def _is_main_process() -> bool:

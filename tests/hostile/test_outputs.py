@@ -24,6 +24,7 @@ from cctuning.io import (
     folder_fingerprint,
     folder_lock,
     save_safetensors,
+    writes_into,
 )
 from tests.conftest import make_records, write_jsonl
 
@@ -569,6 +570,33 @@ def test_a_full_disk_while_train_saves_names_the_folder(project, tmp_path, monke
     assert main([str(a) for a in argv]) == 2
     assert one_error(capsys) == f"cctuning: error: {out}: {os.strerror(errno.ENOSPC)}"
     assert not (out / "model.safetensors").exists() and not list(out.glob(".stage-*"))
+
+
+def test_a_full_disk_while_the_trainer_writes_a_checkpoint_is_one_line(
+    project, tmp_path, monkeypatch, capsys
+):
+    import torch
+
+    def full(*args, **kwargs):  # what torch.save raises when the disk fills under its archive writer
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 73216 vs 73104")
+
+    monkeypatch.setattr(torch, "save", full)
+    out = tmp_path / "run"
+    argv = ["train", "--model", project / "base", "--data", project / "data.jsonl", "--output", out,
+            "--max-steps", "1", "--batch-size", "4", "--save-steps", "1"]  # fmt: skip
+    assert main([str(a) for a in argv]) == 2
+    line = one_error(capsys)
+    assert f"{out}: a checkpoint could not be written" in line and "disk full" in line
+    assert not (out / "checkpoint-1" / "trainer_state.json").exists()  # never taken for a finished one
+
+
+def test_a_write_that_names_no_file_is_named_by_where_it_writes(tmp_path):
+    with pytest.raises(OSError) as err, writes_into(tmp_path / "cache.jsonl"):
+        raise OSError(errno.EDQUOT, os.strerror(errno.EDQUOT))  # a library's close() on a full quota
+    assert (err.value.errno, err.value.filename) == (errno.EDQUOT, str(tmp_path / "cache.jsonl"))
+    with pytest.raises(OSError) as err, writes_into(tmp_path / "cache.jsonl"):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))  # not a refused write: left as it is
+    assert err.value.filename is None
 
 
 # -- hostile configs, half-written runs, misleading messages ------------------------------------------------
