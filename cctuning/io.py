@@ -1,4 +1,7 @@
-"""Atomic file writes: a crash never leaves a half-written file that later loads silently."""
+"""Files and folders, safely: atomic writes (a crash never leaves a half-written file that later loads
+silently; a full disk is an :class:`OSError` naming the file asked for), the reader/writer lock of a
+folder (:func:`folder_lock`), the checks of an output before anything slow runs, and the content
+fingerprint of a model folder (:func:`folder_fingerprint`), memoized in the cache folder."""
 
 from __future__ import annotations
 
@@ -183,9 +186,9 @@ def _holders(fd: int) -> str:
     return ", ".join(alive) or "another process"
 
 
-def _flock(fd: int, mode: int) -> bool:
-    """Take ``mode`` on ``fd`` without waiting, retrying for :data:`LOCK_RETRY_SECONDS`."""
-    deadline = time.monotonic() + LOCK_RETRY_SECONDS
+def _flock(fd: int, mode: int, retry: float = LOCK_RETRY_SECONDS) -> bool:
+    """Take ``mode`` on ``fd`` without blocking, trying again for ``retry`` seconds."""
+    deadline = time.monotonic() + retry
     while True:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
@@ -234,21 +237,13 @@ def _release(fd: int, path: Path, shared: bool) -> None:
     """Remove the lock file when no other process holds it, then unlock. A reader finds out by
     asking for the lock exclusively: granted, it was the last holder; refused, others still read."""
     try:
-        last = not shared or _flock_now(fd, fcntl.LOCK_EX)
+        last = not shared or _flock(fd, fcntl.LOCK_EX, retry=0)
         if last:
             with contextlib.suppress(OSError):  # still locked: whoever opened it meanwhile retries
                 os.unlink(path)
     finally:
         fcntl.flock(fd, fcntl.LOCK_UN)
         os.close(fd)
-
-
-def _flock_now(fd: int, mode: int) -> bool:
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-        return True
-    except BlockingIOError:
-        return False
 
 
 @contextmanager
