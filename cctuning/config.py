@@ -305,6 +305,8 @@ def read_yaml(path: str | Path) -> dict:
         raise CCError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:  # unreadable (permissions), a folder
+        raise CCError(f"{path}: cannot read the config file ({err.strerror})") from None
     except UnicodeDecodeError as err:
         line = path.read_bytes()[: err.start].count(b"\n") + 1
         raise CCError(
