@@ -305,6 +305,13 @@ def read_yaml(path: str | Path) -> dict:
         raise CCError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as err:  # unreadable (permissions), a folder
+        raise CCError(f"{path}: cannot read the config file ({err.strerror})") from None
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise CCError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save the file as UTF-8"
+        ) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""

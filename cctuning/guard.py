@@ -17,6 +17,7 @@ the input.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -51,6 +52,25 @@ def _existing_inputs(inputs: Mapping[str, str | Path | None]) -> list[tuple[str,
     return found
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file (a hard link is another name of it)."""
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _check_against(output, out: Path, label: str, path: Path, option: str, places: Iterable[str]) -> None:
+    if out == path or _same_file(out, path):
+        raise CCError(f"{option} {output}: is the input {label} {path}, which writing there would destroy")
+    if _is_within(path, out):
+        raise CCError(
+            f"{option} {output}: contains the input {label} {path}, which writing there could destroy"
+        )
+    if _is_within(out, path) and not _inside_allowed(out, path, places):
+        raise CCError(f"{option} {output}: lies inside the input {label} {path}; choose a place outside it")
+
+
 def check_output(
     output: str | Path,
     inputs: Mapping[str, str | Path | None],
@@ -58,29 +78,26 @@ def check_output(
     option: str = "--output",
     own: Callable[[Path], bool] | None = None,
     inside: Mapping[str, Iterable[str]] | None = None,
+    folder: bool = False,
 ) -> Path:
     """Refuse ``output`` where writing it could destroy an input (see the module's docstring).
 
     ``inputs`` maps an option (``--model``, ``--data``, ``base model``) to its path; values that are
-    not paths on disk are skipped. ``own(path)`` says whether an existing file at ``output`` is this
-    command's own result (then it may be replaced); without it any existing file is refused.
-    ``inside`` maps an input's option to the places inside it (relative paths) where the command
-    keeps its own results. Returns ``output`` as given, as a :class:`Path`."""
+    not paths on disk are skipped. ``folder``: the output is a folder (an existing file there is
+    refused), else a file (an existing folder is refused, and an existing file unless ``own(path)``
+    says it is this command's own result, which may be replaced). ``inside`` maps an input's option
+    to the places inside it (relative paths) where the command keeps its own results. Returns
+    ``output`` as given, as a :class:`Path`."""
     out = _resolved(output)
     inside = inside or {}
     for label, path in _existing_inputs(inputs):
-        if out == path:
-            raise CCError(f"{option} {output}: is the input {label} {path}; choose another {option}")
-        if _is_within(path, out):
-            raise CCError(
-                f"{option} {output}: contains the input {label} {path}, which writing there could "
-                f"destroy; choose another {option}"
-            )
-        if _is_within(out, path) and not _inside_allowed(out, path, inside.get(label, ())):
-            raise CCError(
-                f"{option} {output}: lies inside the input {label} {path}; choose a folder outside it"
-            )
-    if out.is_file() and not (own and own(out)):
+        _check_against(output, out, label, path, option, inside.get(label, ()))
+    if folder:
+        if out.exists() and not out.is_dir():
+            raise CCError(f"{option} {output}: exists and is not a folder")
+    elif out.is_dir():
+        raise CCError(f"{option} {output}: is a folder; give the path of a file")
+    elif out.is_file() and not (own and own(out)):
         raise CCError(
             f"{option} {output}: exists and is not a result of this command; remove it or choose another {option}"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from cctuning.errors import CCError, first_line
 from cctuning.model.baseref import find_base
 from cctuning.model.ccmodel import CONFIG_NAME, CCConfig, CCModel
 from cctuning.model.lora import ADAPTER_CONFIG_NAME
-from cctuning.presets import resolve_model
+from cctuning.presets import PRESETS, preset_dir, resolve_model
 
 #: the files of a tokenizer (those present are saved with a run, and copied byte for byte by export)
 TOKENIZER_FILES = (
@@ -61,6 +62,45 @@ def lora_base_path(folder: str | Path, base_model: str | None = None) -> str | N
     )
     given = resolve_model_path(base_model) if base_model else None
     return find_base(folder, config, given=given, resolve_name=resolve_model_path)
+
+
+def recorded_bases(folder: str | Path) -> list[str]:
+    """The base model folders a run records, those on disk: a LoRA run's base (as it loads) and the
+    base a run with full weights was trained from (``base_model`` of its ``cctuning_config.json``:
+    absolute, relative to the run, or a preset's folder in the cache). For the output guard
+    (:func:`cctuning.guard.check_output`): a command may never write over them."""
+    folder = Path(folder)
+    try:
+        config = CCConfig.load(folder / CONFIG_NAME) if (folder / CONFIG_NAME).is_file() else None
+    except (CCError, OSError, ValueError):
+        config = None
+    found: list[str] = []
+    if (folder / ADAPTER_CONFIG_NAME).is_file():
+        with contextlib.suppress(CCError):  # a base not found: loading names it later, in one line
+            found.append(str(lora_base_path(folder)))
+    if config is not None:
+        ref, relative = config.base_model, config.base_model_relative
+        if ref and os.path.isabs(ref):
+            found.append(ref)
+        elif ref and ref in PRESETS:
+            found.append(str(preset_dir(ref)))
+        if relative:
+            found.append(os.path.normpath(folder / relative))
+    return [b for b in dict.fromkeys(found) if Path(b).is_dir()]
+
+
+def model_inputs(model: str, option: str = "--model") -> dict[str, str]:
+    """``{option: model, "--model's base": ...}``: the model folder and the bases it records
+    (:func:`recorded_bases`), as the inputs of :func:`cctuning.guard.check_output`. A preset name
+    is its folder in the cache; a name that is no folder is left to the loader to report."""
+    path = model if Path(model).is_dir() else None
+    if path is None and model in PRESETS:
+        path = str(preset_dir(model))
+    if path is None:
+        return {option: model}
+    bases = recorded_bases(path)
+    labels = [f"{option}'s base"] + [f"{option}'s base ({i})" for i in range(2, len(bases) + 1)]
+    return {option: path, **dict(zip(labels, bases))}
 
 
 #: environment variable naming the inference device when ``--device`` is not given

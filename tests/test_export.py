@@ -274,7 +274,7 @@ def test_export_refusals_leave_nothing_behind(project, tmp_path, monkeypatch):
             export_model(run, inside, overwrite=True)
     with pytest.raises(CCError, match="holds the model folder"):
         export_model(run, tmp_path / "project", overwrite=True)
-    with pytest.raises(CCError, match="holds its base model"):
+    with pytest.raises(CCError, match="is the input --model's base"):
         export_model(run, base, overwrite=True)
     with folder_lock(tmp_path / "locked", "a test"), pytest.raises(CCError, match="in use by"):
         export_model(run, tmp_path / "locked")

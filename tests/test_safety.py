@@ -41,9 +41,9 @@ def one_error(capsys) -> str:
 # -- output folders ------------------------------------------------------------------------------------
 def test_output_equal_to_or_inside_the_base_model_is_refused(base_dir, data_file, tmp_path, capsys):
     before = (base_dir / "model.safetensors").read_bytes()
-    for out in (base_dir, base_dir / "cc"):
+    for out, where in ((base_dir, "is"), (base_dir / "cc", "lies inside")):
         assert train(base_dir, data_file, out) == 2
-        assert "is the base model's folder or inside it" in one_error(capsys)
+        assert f"{where} the input --model" in one_error(capsys)
     assert (base_dir / "model.safetensors").read_bytes() == before
     assert not (base_dir / "cc").exists()
 
@@ -246,7 +246,8 @@ def test_damaged_and_hostile_model_folders_are_one_line_errors(base_dir, data_fi
 
 
 def test_data_that_is_a_directory_or_a_fifo_says_what_it_is(base_dir, tmp_path, capsys):
-    assert train(base_dir, tmp_path, tmp_path / "o") == 2
+    (tmp_path / "d").mkdir()
+    assert train(base_dir, tmp_path / "d", tmp_path / "o") == 2  # the output outside the data folder
     assert "is a directory, not a data file" in one_error(capsys)
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)

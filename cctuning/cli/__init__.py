@@ -14,6 +14,7 @@ parser (for tests and the docs).
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -42,6 +43,8 @@ COMMANDS = {
         "lm-evaluation-harness with the model 'cctuning' and our tasks (all lm-eval arguments pass through)",
     ),
 }
+# what the file system answers a write it refuses: one line naming the path, not a traceback
+WRITE_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 # the options of ``cctuning`` itself (before the command), none of which takes a value
 GLOBAL_OPTIONS = ("-h", "--help", "-v", "--verbose", "--version")
 
@@ -116,6 +119,13 @@ def main(argv: list[str] | None = None) -> int:
             return args.func(args)
     except CCError as err:
         print(f"cctuning: error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in WRITE_ERRORS:
+            raise
+        # a full disk, a quota, a read-only or forbidden folder: the writers leave no partial file
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"cctuning: error: {where}{err.strerror or err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("cctuning: interrupted", file=sys.stderr)

@@ -19,7 +19,8 @@ from cctuning.cli.common import (
 from cctuning.config import split_list
 from cctuning.errors import CCError
 from cctuning.eval.benchmarks import BENCHMARKS, answer_records, is_benchmark_name, resolve_name
-from cctuning.io import write_jsonl
+from cctuning.guard import check_output
+from cctuning.io import folder_lock, write_jsonl
 
 
 def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -90,6 +91,24 @@ def _add_eval_tail(p: argparse.ArgumentParser) -> None:
     )
 
 
+def checked_model(args: argparse.Namespace) -> str:
+    """The --model folder, and an explicit --output checked against every input (the model, where
+    only its ``eval/`` may hold results, its base, --data-dir, the --nll data, --config) before
+    anything loads."""
+    from cctuning.loading import model_inputs, resolve_model_path  # deferred: imports torch
+
+    path = resolve_model_path(args.model)
+    if args.output:
+        inputs = {
+            **model_inputs(path),
+            "--data-dir": args.data_dir,
+            "--nll": args.nll,
+            "--config": args.config,
+        }
+        check_output(args.output, inputs, inside={"--model": ["eval"]}, folder=True)
+    return path
+
+
 def evaluate(args: argparse.Namespace) -> int:
     from cctuning.eval.runner import EvalConfig, markdown_table  # deferred: --help must not import torch
     from cctuning.eval.runner import evaluate as run_evaluation  # deferred: --help must not import torch
@@ -118,8 +137,10 @@ def evaluate(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     cfg.check()  # before the model loads
-    model, tok, _ = load_for_inference(cfg.model, cfg.trust_remote_code, dtype=args.dtype, device=args.device)
-    report = run_evaluation(cfg, model, tok)
+    path = checked_model(args)
+    with folder_lock(path, "cctuning eval", shared=True):  # no train --overwrite while it reads
+        model, tok, _ = load_for_inference(path, cfg.trust_remote_code, dtype=args.dtype, device=args.device)
+        report = run_evaluation(cfg, model, tok)
     print(markdown_table(report))
     for bench, langs in report["missing_languages"].items():
         print(f"note: {bench} has no data for {', '.join(langs)}")
@@ -127,14 +148,11 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def evaluate_nll(args: argparse.Namespace) -> int:
-    from cctuning.eval.nll import evaluate_nll as run_nll  # deferred: --help must not import torch
     from cctuning.loading import load_for_inference  # deferred: --help must not import torch
-    from cctuning.model.connection import (  # deferred: imports torch
-        describe_layer_choice,
-        resolve_connection,
-    )
 
     options = data_options(args)  # checked before the model loads
+    if args.max_length <= 0:
+        raise CCError(f"--max-length must be > 0 tokens, got {args.max_length}")
     # a benchmark's name instead of a file: the likelihood of its gold answers
     benchmark = (
         resolve_name(args.nll) if not Path(args.nll).exists() and is_benchmark_name(args.nll) else None
@@ -144,9 +162,21 @@ def evaluate_nll(args: argparse.Namespace) -> int:
         if benchmark
         else None
     )
-    model, tok, path = load_for_inference(
-        args.model, args.trust_remote_code, dtype=args.dtype, device=args.device
+    path = checked_model(args)
+    with folder_lock(path, "cctuning eval --nll", shared=True):  # no train --overwrite while it reads
+        model, tok, path = load_for_inference(
+            path, args.trust_remote_code, dtype=args.dtype, device=args.device
+        )
+        return _run_nll(args, model, tok, path, benchmark, records, options)
+
+
+def _run_nll(args: argparse.Namespace, model, tok, path: str, benchmark, records, options) -> int:
+    from cctuning.eval.nll import evaluate_nll as run_nll  # deferred: --help must not import torch
+    from cctuning.model.connection import (  # deferred: imports torch
+        describe_layer_choice,
+        resolve_connection,
     )
+
     connection = resolve_connection(model, args.connection)  # the default folder names what runs
     sampled = f"-sampled{args.sample_layer}" if args.sample_layer else ""
     source = f"-{benchmark}" if benchmark else ""

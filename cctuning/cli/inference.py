@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from cctuning.cli.common import (
     MODEL_HELP,
@@ -17,7 +18,8 @@ from cctuning.cli.common import (
     data_options,
 )
 from cctuning.errors import CCError
-from cctuning.io import write_text
+from cctuning.guard import check_output
+from cctuning.io import check_output_file, check_output_folder, folder_lock, write_text
 
 
 def add_command(sub, name: str, help: str) -> argparse.ArgumentParser:
@@ -72,33 +74,42 @@ def _add_fit_matrix(p: argparse.ArgumentParser) -> None:
 
 def fit_matrix(args: argparse.Namespace) -> int:
     from cctuning.inference.matrix import fit_matrix_from_file  # deferred: --help must not import torch
+    from cctuning.loading import resolve_model_path  # deferred: imports torch
+    from cctuning.model.transform import MATRIX_NAME, MATRIX_REPORT_NAME  # deferred: imports torch
 
     options = data_options(args)  # checked before the model loads
-    # without the matrix already there: refitting replaces it (it may be a retrained model's stale one)
-    model, tok, path = load(
-        args.model, args.trust_remote_code, load_transform=False, device=args.device, dtype=args.dtype
-    )
-    if not model.uses_connection:
-        raise CCError(
-            f"'{args.model}' is not a CC-Tuning model (method '{model.cc_config.method}'): it has no connection"
+    path = resolve_model_path(args.model)
+    inputs = {"--data": args.data, "--config": args.config}
+    for name in (MATRIX_NAME, MATRIX_REPORT_NAME):  # its own results: replaced, never an input
+        check_output(Path(path) / name, inputs, option="the Transform Matrix", own=lambda _: True)
+    # the model folder is written: held exclusively from before the model loads until the matrix is saved
+    with folder_lock(check_output_folder(path, "model folder"), "cctuning fit-matrix"):
+        # without the matrix already there: refitting replaces it (it may be a retrained model's stale one)
+        model, tok, path = load(
+            path, args.trust_remote_code, load_transform=False, device=args.device, dtype=args.dtype
         )
-    report = fit_matrix_from_file(
-        model,
-        tok,
-        args.data,
-        path,
-        skip_invalid=args.skip_invalid,
-        data_options=options,
-        samples=args.samples,
-        ridge=args.ridge,
-        per_layer=args.per_layer,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        heldout_fraction=args.heldout,
-        max_length=args.max_length,
-        allow_special_tokens=args.allow_special_tokens,
-        progress=True,
-    )
+        if not model.uses_connection:
+            raise CCError(
+                f"'{args.model}' is not a CC-Tuning model (method '{model.cc_config.method}'): it has no connection"
+            )
+        report = fit_matrix_from_file(
+            model,
+            tok,
+            args.data,
+            path,
+            skip_invalid=args.skip_invalid,
+            data_options=options,
+            samples=args.samples,
+            ridge=args.ridge,
+            per_layer=args.per_layer,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            heldout_fraction=args.heldout,
+            max_length=args.max_length,
+            allow_special_tokens=args.allow_special_tokens,
+            progress=True,
+            lock=False,
+        )
     print(
         f"transform matrix ({'per layer' if report.per_layer else 'pooled'}, ridge {report.ridge}) "
         f"fitted on {report.fit_pairs} pairs, {report.heldout_pairs} held out; saved to {path}"
@@ -176,31 +187,64 @@ def what_ran(connection: str, layers) -> str:
     return f"connection {connection}: {describe_layers(layer_counts(layers))}"
 
 
+# the keys of every row generate writes (_generation_rows): a file of such rows is its own result
+GENERATION_KEYS = frozenset({"instruction", "generation", "layer", "connection"})
+
+
+def is_generation_file(path: Path) -> bool:
+    """Whether ``path`` holds only rows that ``generate`` wrote (it may replace them), or nothing."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    row = json.loads(line)
+                    if not isinstance(row, dict) or not GENERATION_KEYS <= row.keys():
+                        return False
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return False
+    return True
+
+
+def _check_generate_output(args: argparse.Namespace, model_path: str) -> None:
+    """--output is no input (the model folder, its base, --input, --config) nor inside one, no folder,
+    no file of other content than generate's, and writable: checked before the model loads."""
+    from cctuning.loading import model_inputs  # deferred: imports torch
+
+    inputs = {**model_inputs(model_path), "--input": args.input, "--config": args.config}
+    check_output(args.output, inputs, own=is_generation_file)
+    check_output_file(args.output)
+
+
 def generate(args: argparse.Namespace) -> int:
     from cctuning.inference.generate import CCGenerator  # deferred: --help must not import torch
+    from cctuning.loading import resolve_model_path  # deferred: imports torch
     from cctuning.model.connection import resolve_connection  # deferred: imports torch
 
     if (args.prompt is None) == (args.input is None):
         raise CCError("give exactly one of --prompt TEXT or --input FILE.jsonl")
-    model, tok, _ = load(
-        args.model, args.trust_remote_code, args.seed, args.sample_layer, device=args.device, dtype=args.dtype
-    )
-    gen = CCGenerator(
-        model,
-        tok,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        allow_special_tokens=args.allow_special_tokens,
-    )
-    records = _generate_records(args)
-    _check_system_turn(records, model)
-    connection = resolve_connection(model, args.connection)
-    outs = gen.generate(
-        [r["instruction"] for r in records],
-        connection,
-        english=[r["instruction_en"] for r in records] if connection == "english" else None,
-        progress=args.input is not None,
-    )
+    path = resolve_model_path(args.model)
+    if args.output:
+        _check_generate_output(args, path)
+    with folder_lock(path, "cctuning generate", shared=True):  # no train --overwrite while it reads
+        model, tok, _ = load(
+            path, args.trust_remote_code, args.seed, args.sample_layer, device=args.device, dtype=args.dtype
+        )
+        gen = CCGenerator(
+            model,
+            tok,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            allow_special_tokens=args.allow_special_tokens,
+        )
+        records = _generate_records(args)
+        _check_system_turn(records, model)
+        connection = resolve_connection(model, args.connection)
+        outs = gen.generate(
+            [r["instruction"] for r in records],
+            connection,
+            english=[r["instruction_en"] for r in records] if connection == "english" else None,
+            progress=args.input is not None,
+        )
     ran = what_ran(connection, [o.layer for o in outs])
     if args.prompt is not None and not args.output:
         print(outs[0].text)

@@ -11,12 +11,16 @@ device the model uses, so that its header and its results name them: a ``batch_s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import textwrap
+from pathlib import Path
 
 from cctuning.errors import CCError
 from cctuning.eval.benchmarks import BENCHMARKS
 from cctuning.eval.lmeval_tasks import TASKS_DIR
+from cctuning.guard import check_output
+from cctuning.io import folder_lock
 
 MODEL = "cctuning"  # cctuning.eval.lmeval.MODEL_NAME
 # every model_arg of cctuning.eval.lmeval.CCLM that text can give (tests/test_lmeval.py checks the list)
@@ -109,6 +113,26 @@ def settle_model_options(args: argparse.Namespace) -> None:
         args.device = str(resolve_device("auto"))
 
 
+def guard_run(args: argparse.Namespace) -> str | None:
+    """For a run of ``--model cctuning``: ``--output_path`` checked against the model folder of
+    ``pretrained`` and its base (never over or inside them); returns that folder (None when
+    ``pretrained`` names no folder), which the run then reads under a shared lock."""
+    if getattr(args, "command", None) != "run" or getattr(args, "model", None) != MODEL:
+        return None
+    model_args = args.model_args if isinstance(args.model_args, dict) else {}
+    pretrained = model_args.get("pretrained")
+    if not isinstance(pretrained, str) or not pretrained:
+        return None
+    from cctuning.loading import model_inputs  # deferred: imports torch
+
+    inputs = model_inputs(pretrained, "pretrained")
+    output = getattr(args, "output_path", None)
+    if output:
+        folder = not str(output).endswith(".json")  # lm-eval: a folder, or the .json file of the results
+        check_output(output, inputs, option="--output_path", own=lambda _: True, folder=folder)
+    return inputs["pretrained"] if Path(inputs["pretrained"]).is_dir() else None
+
+
 def run_cli(argv: list[str]) -> int:
     """lm-eval's command line (``lm-eval ARGS``) with the model ``cctuning`` registered and our task
     folder added to ``--include_path`` (before any folder given there)."""
@@ -123,13 +147,16 @@ def run_cli(argv: list[str]) -> int:
     if hasattr(args, "include_path"):
         given = args.include_path
         args.include_path = [str(TASKS_DIR)] + ([given] if given else [])
-    try:
-        cli.execute(args)
-    except ValueError as err:
-        message = user_error(args, err)
-        if message is None:  # not one of the user's mistakes that lm-eval reports so: a bug, traced
-            raise
-        raise CCError(message) from None
+    model = guard_run(args)
+    # no train --overwrite of the model while lm-eval reads it
+    with folder_lock(model, "cctuning lm-eval", shared=True) if model else contextlib.nullcontext():
+        try:
+            cli.execute(args)
+        except ValueError as err:
+            message = user_error(args, err)
+            if message is None:  # not one of the user's mistakes that lm-eval reports so: a bug, traced
+                raise
+            raise CCError(message) from None
     return 0
 
 

@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     from cctuning.training import train  # deferred: --help must not import torch and the Trainer
 
     cfg = build_train_config(args.config, given_flags(args))
-    out = train(cfg)
+    out = train(cfg, config_file=args.config)
     close_process_group()
     if int(os.environ.get("RANK", "0") or 0) == 0:  # one line per run, not per process
         results = out / "train_results.json"

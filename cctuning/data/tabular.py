@@ -179,6 +179,8 @@ def _iter_file(path: Path, kind: str, columns: list[str] | None) -> Iterator[tup
             "keep_default_na": False,
             "na_filter": False,
         }
+    if kind == "parquet" and _parquet_rows(path) == 0:  # datasets' streaming reader fails on it
+        raise DataError(str(path), None, None, "no records")
     with _quiet(datasets), tempfile.TemporaryDirectory(prefix="cctuning-datasets-") as cache:
         try:
             dataset = datasets.load_dataset(
@@ -189,3 +191,14 @@ def _iter_file(path: Path, kind: str, columns: list[str] | None) -> Iterator[tup
             raise
         except Exception as err:  # not a parquet/arrow/csv file, truncated, unreadable
             raise DataError(str(path), None, None, f"cannot read as {kind}: {first_line(err)}") from None
+
+
+def _parquet_rows(path: Path) -> int | None:
+    """The number of rows a parquet file's footer records (None when it cannot be read: the reader
+    reports that)."""
+    try:
+        import pyarrow.parquet  # deferred: optional (extra data), as the datasets reader it comes with
+
+        return pyarrow.parquet.ParquetFile(path).metadata.num_rows
+    except Exception:  # noqa: BLE001 - not a parquet file, truncated, pyarrow missing
+        return None

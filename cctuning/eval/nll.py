@@ -291,6 +291,8 @@ def evaluate_nll(
     records are plain text unless ``allow_special_tokens``."""
     if batch_size <= 0:
         raise CCError(f"batch size must be > 0, got {batch_size}")
+    if max_length <= 0:
+        raise CCError(f"--max-length must be > 0 tokens, got {max_length}")
     if sample_layer < 0:
         raise CCError(f"--sample-layer takes the number of draws (≥ 0), got {sample_layer}")
     connection = resolve_connection(model, connection)

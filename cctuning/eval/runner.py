@@ -37,7 +37,14 @@ from cctuning.eval.benchmarks import (
 )
 from cctuning.eval.scoring import aggregate, score_choice_logprobs, score_item
 from cctuning.inference.generate import CCGenerator
-from cctuning.io import check_output_folder, folder_fingerprint, folder_lock, write_json, write_text
+from cctuning.io import (
+    check_output_folder,
+    folder_fingerprint,
+    folder_lock,
+    write_json,
+    write_text,
+    writes_into,
+)
 from cctuning.loading import load_for_inference
 from cctuning.model.connection import (
     describe_layer_choice,
@@ -136,7 +143,8 @@ class GenerationCache:
     def append(self, benchmark: str, lang: str, rows: list[dict]) -> None:
         path = self.path(benchmark, lang)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as fh:
+        # a full disk cuts the last line at worst, which load() skips: that item is generated again
+        with writes_into(path), open(path, "a", encoding="utf-8") as fh:
             for row in rows:
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
             fh.flush()

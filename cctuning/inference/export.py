@@ -12,12 +12,13 @@ model, which it records (absolute and relative to the export, preset name, finge
 
 The export is built in a hidden sibling of the output folder and moved in by rename once complete;
 while the files move the folder holds the incomplete-save marker, which loaders refuse. The run is
-locked while it is read and the output folder while it is written, as ``train`` and ``fit-matrix`` do.
+read under a shared lock (``train`` and ``fit-matrix``, which write it, are refused meanwhile) and the
+output folder written under an exclusive one. The output is never the run, its base (LoRA or the base
+a run with full weights was trained from) or inside them (:func:`cctuning.guard.check_output`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import json
 import logging
@@ -29,6 +30,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from cctuning.errors import CCError
+from cctuning.guard import check_output
 from cctuning.io import (
     INCOMPLETE_MARKER,
     LOCK_NAME,
@@ -39,7 +41,7 @@ from cctuning.io import (
     write_json,
     write_text,
 )
-from cctuning.loading import TOKENIZER_FILES, lora_base_path, resolve_model_path
+from cctuning.loading import TOKENIZER_FILES, lora_base_path, model_inputs, resolve_model_path
 from cctuning.model.ccmodel import CONFIG_NAME, CCConfig, CCModel
 from cctuning.model.lora import ADAPTER_CONFIG_NAME
 
@@ -95,18 +97,6 @@ def check_export_paths(source: Path, output: Path, overwrite: bool, base: str | 
             f"--output {output} holds files that are not a model folder ({listed}); --overwrite replaces "
             "only an earlier export, choose a new or empty folder"
         )
-
-
-@contextlib.contextmanager
-def _read_lock(folder: Path):
-    """Lock the run while it is read (train and fit-matrix write it under the same lock); a folder we
-    may not write into cannot be locked, and nobody writes it through us: read it unlocked."""
-    with contextlib.ExitStack() as stack:
-        try:
-            stack.enter_context(folder_lock(folder, "cctuning export"))
-        except PermissionError:
-            logger.debug("%s: not writable, read without a lock", folder)
-        yield
 
 
 def _merged(cc: CCModel) -> CCModel:
@@ -177,8 +167,11 @@ def export_model(
     if is_incomplete(source):
         raise CCError(f"{source}: an interrupted save left this folder incomplete; save it again first")
     check_export_paths(source, output, overwrite)
+    # never over the run's base either (a run with full weights records the base it was trained from)
+    check_output(output, {**model_inputs(str(source)), "--base-model": base_model}, folder=True)
     check_output_folder(output)
-    with _read_lock(source), folder_lock(output, "cctuning export"):
+    # the run read under a shared lock (train and fit-matrix write it under an exclusive one)
+    with folder_lock(source, "cctuning export", shared=True), folder_lock(output, "cctuning export"):
         base = lora_base_path(source, base_model)
         check_export_paths(source, output, overwrite, base)  # again, under the lock and with the base
         _remove_abandoned_stages(output)
@@ -186,6 +179,11 @@ def export_model(
         try:
             kind, method, merge_ignored = _build(source, stage, base, merge_lora, trust_remote_code)
             _publish(stage, output)
+        except OSError as err:  # a full disk while building: named as the output, not the hidden stage
+            name = Path(err.filename) if err.filename else None
+            if name is None or not (name == stage or stage in name.parents):
+                raise
+            raise OSError(err.errno, err.strerror, str(output / name.relative_to(stage))) from err
         finally:
             shutil.rmtree(stage, ignore_errors=True)
     logger.info("exported %s (%s) to %s", source, kind, output)

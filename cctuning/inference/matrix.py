@@ -13,6 +13,7 @@ does not grow with the number of pairs, and solved once (with optional ridge ``Î
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Iterator
@@ -399,13 +400,15 @@ def fit_matrix_from_file(
     folder: str | Path,
     skip_invalid: bool = False,
     data_options: DataOptions | None = None,
+    lock: bool = True,
     **options,
 ) -> FitReport:
     """Fit the Transform Matrix on the records of ``data`` (CC-Tuning records with English
     counterparts, in any format :func:`~cctuning.data.records.load_records` reads as
     ``data_options`` say), record that data in its metadata and save it into ``folder`` beside the
-    model. ``options`` are :func:`fit_transform_matrix`'s. The folder is locked while fitting; a
-    matrix already there (a stale one, after retraining) is replaced."""
+    model. ``options`` are :func:`fit_transform_matrix`'s. The folder is locked while fitting (``lock``
+    False: the caller holds its lock already); a matrix already there (a stale one, after retraining)
+    is replaced."""
     check_fit_options(
         options.get("samples", 1000),
         options.get("ridge", 0.0),
@@ -413,7 +416,12 @@ def fit_matrix_from_file(
         options.get("batch_size", 16),
         options.get("max_length", 1024),
     )
-    with folder_lock(check_output_folder(folder, "model folder"), "cctuning fit-matrix"):
+    held = (
+        contextlib.nullcontext()
+        if not lock
+        else folder_lock(check_output_folder(folder, "model folder"), "cctuning fit-matrix")
+    )
+    with held:
         records = load_records(data, require_english=True, skip_invalid=skip_invalid, options=data_options)
         system_prompt_of(records, model.cc_config.prompt_format.system_prompt, model=True)
         allow = options.get("allow_special_tokens", False)

@@ -87,6 +87,23 @@ def _adapter_weight(name: str) -> bool:
     return "lora_" in name or "modules_to_save" in name
 
 
+def check_has_model(path: Path) -> None:
+    """A folder without ``config.json`` (nor a LoRA adapter) holds no model: a run whose training did
+    not finish (only its checkpoints, or only our files), or no model folder at all. One line saying
+    so, not transformers' "Unrecognized model"."""
+    if (path / "config.json").is_file() or (path / ADAPTER_CONFIG_NAME).is_file():
+        return
+    checkpoints = [p for p in path.glob("checkpoint-*") if p.is_dir()]
+    if checkpoints or (path / CONFIG_NAME).is_file():
+        hint = (
+            f"resume it from its last checkpoint (cctuning train ... --output {path} --resume last)"
+            if checkpoints
+            else "train it again"
+        )
+        raise CCError(f"{path}: an incomplete run, without its model weights (no config.json); {hint}")
+    raise CCError(f"{path}: not a model folder (no config.json)")
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids that ignore padding, so left- and right-padded rows compute the same thing."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -198,6 +215,7 @@ class CCModel(nn.Module):
                 f"{path}: an interrupted save left this folder incomplete ({INCOMPLETE_MARKER} is present); "
                 "save it again or resume from a checkpoint"
             )
+        check_has_model(path)
         config_file = path / CONFIG_NAME
         ours = config_file.is_file()
         cc_config = CCConfig.load(config_file) if ours else CCConfig(method="none")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -26,8 +27,16 @@ from cctuning.data.encoding import (
 from cctuning.data.formats import DataOptions
 from cctuning.data.records import LoadReport, load_records, system_prompt_of
 from cctuning.errors import CCError, first_line
-from cctuning.io import INCOMPLETE_MARKER, check_output_folder, folder_lock, write_json
-from cctuning.loading import TOKENIZER_FILES, load_tokenizer, resolve_model_path
+from cctuning.guard import check_output as check_output_guard
+from cctuning.io import (
+    INCOMPLETE_MARKER,
+    check_output_folder,
+    folder_lock,
+    is_incomplete,
+    write_json,
+    writes_into,
+)
+from cctuning.loading import TOKENIZER_FILES, load_tokenizer, model_inputs, resolve_model_path
 from cctuning.model.ccmodel import CONFIG_NAME, DECISION_MAKER_NAME, CCConfig, CCModel
 from cctuning.model.health import constant_logits
 from cctuning.model.lora import add_lora
@@ -316,16 +325,18 @@ def run_entries(folder: str | Path) -> list[Path]:
     return sorted(found)
 
 
-def check_output_target(cfg: TrainConfig) -> Path:
-    """``--output`` is never the base model's folder (or inside it), never a file, and writable;
-    checked before anything is created there."""
-    out = Path(cfg.output).resolve()
-    base = Path(cfg.model)
-    if base.is_dir() and (out == base.resolve() or base.resolve() in out.parents):
+def check_output_target(cfg: TrainConfig, config_file: str | None = None) -> Path:
+    """``--output`` is never an input or inside one (the model, the base it records when it is a run,
+    the data, the config file ``config_file``) and never holds one, never a file, and writable;
+    checked before anything is created there. A ``--model`` folder left incomplete by an interrupted
+    save is refused too, as every loader refuses it."""
+    if Path(cfg.model).is_dir() and is_incomplete(cfg.model):
         raise CCError(
-            f"--output {cfg.output} is the base model's folder or inside it: training would replace its "
-            "weights; choose another --output"
+            f"--model {cfg.model}: an interrupted save left this folder incomplete ({INCOMPLETE_MARKER} is "
+            "present); save it again or resume it from a checkpoint"
         )
+    inputs = {**model_inputs(cfg.model), "--data": cfg.data, "--config": config_file}
+    check_output_guard(cfg.output, inputs, folder=True)
     return check_output_folder(cfg.output)
 
 
@@ -349,16 +360,35 @@ def check_output(cfg: TrainConfig) -> None:
             entry.unlink()
 
 
-def train(cfg: TrainConfig) -> Path:
+def train(cfg: TrainConfig, config_file: str | None = None) -> Path:
     """Train and save; returns the output folder. The output folder is locked for the run (a second
-    process gets a one-line error naming the holder) and checked first (:func:`check_output`)."""
+    process, or a reader of the folder such as ``eval``, gets a one-line error naming the holder) and
+    checked first (:func:`check_output_target`, :func:`check_output`); a ``--model`` folder is read
+    under a shared lock (``config_file``: the YAML the options came from, never written over)."""
     cfg = resolve_trainer_options(cfg)
     check_required(cfg)
     if _is_main_process():
-        with folder_lock(check_output_target(cfg), "cctuning train"):
+        target = check_output_target(cfg, config_file)
+        with folder_lock(cfg.model, "cctuning train", shared=True), folder_lock(target, "cctuning train"):
             check_output(cfg)
-            return _train(cfg)
+            with writes_into(target), _torch_write_errors(target):  # the Trainer's own writes name no file
+                return _train(cfg)
     return _train(cfg)
+
+
+@contextlib.contextmanager
+def _torch_write_errors(target: Path):
+    """torch.save on a full disk fails with a RuntimeError of its archive writer, not an OSError: one
+    line naming the folder instead of a traceback (the checkpoint it cut holds no trainer_state.json,
+    so it is never resumed)."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not any(mark in str(err) for mark in ("PytorchStreamWriter", "inline_container")):
+            raise
+        raise CCError(
+            f"{target}: a checkpoint could not be written ({first_line(err)}); is the disk full?"
+        ) from None
 
 
 def _is_main_process() -> bool:

@@ -15,6 +15,7 @@ from cctuning.data.formats import DataOptions
 from cctuning.errors import CCError
 from cctuning.eval.benchmarks import get_spec, resolve_name
 from cctuning.eval.runner import EvalConfig
+from cctuning.guard import safe_name
 from cctuning.model.connection import CONNECTIONS
 from cctuning.training import TrainConfig
 
@@ -149,6 +150,9 @@ def _check_cells(cfg: ExperimentConfig, path, train_hints: dict) -> set[str]:
     for i, cell in enumerate(cfg.cells):
         if not isinstance(cell, dict) or "name" not in cell:
             raise CCError(f"{path}: cell {i + 1} needs a name")
+        if isinstance(cell["name"], int) and not isinstance(cell["name"], bool):
+            cell["name"] = str(cell["name"])  # `name: 2024` in YAML
+        safe_name(cell["name"], f"{path}: cell")  # it names the cell's folders
         if cell["name"] in names:
             raise CCError(f"{path}: two cells are named '{cell['name']}'")
         names.add(cell["name"])
@@ -255,6 +259,7 @@ def resolve_cells(cfg: ExperimentConfig) -> list[Cell]:
             "transform" if options.get("method", "cc") == "cc" else "none"
         )
         cells.append(Cell(cell["name"], options, connection, int(cell.get("sample_layer", 0))))
+        safe_name(cells[-1].train_name, f"cell '{cell['name']}': training folder")  # a method like ../x
     return cells
 
 

@@ -7,12 +7,13 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
+from cctuning.guard import check_output
 from cctuning.io import folder_lock, write_json
 from cctuning.lab.experiment.config import ExperimentConfig, resolve_cells
 from cctuning.lab.experiment.jobs import _check_finished, _collect_runs, _run_jobs
 from cctuning.lab.experiment.report import _write_report
 from cctuning.lab.experiment.stages import _run_seeds
-from cctuning.loading import resolve_model_path
+from cctuning.loading import model_inputs, resolve_model_path
 from cctuning.versions import versions
 
 
@@ -37,6 +38,7 @@ def run_experiment(
     of a parallel run).
     """
     root = Path(cfg.output)
+    check_experiment_output(cfg, config_path)
     with folder_lock(root, "cctuning experiment"):  # a second runner on the same folder is refused
         started = time.time()
         model_path = cfg.model if report_only else resolve_model_path(cfg.model)
@@ -58,6 +60,18 @@ def run_experiment(
         return _write_report(
             cfg, root, cell_runs, seconds, time.time() - started, model_path, parallel_jobs=parallel
         )
+
+
+def check_experiment_output(cfg: ExperimentConfig, config_path: str | Path | None) -> None:
+    """The experiment's folder is none of its inputs (its config file, ``data``, ``heldout_data``,
+    the model folder and the base it records) and neither holds one nor lies inside one."""
+    inputs = {
+        "config": config_path,
+        "data": cfg.data,
+        "heldout_data": cfg.heldout_data,
+        **model_inputs(cfg.model, "model"),
+    }
+    check_output(cfg.output, inputs, option="output", folder=True)
 
 
 def _record_config(cfg: ExperimentConfig, root: Path) -> None:
