@@ -30,6 +30,7 @@ from cctuning.data.records import load_records, system_prompt_of
 from cctuning.errors import CCError
 from cctuning.io import check_output_folder, folder_lock
 from cctuning.model.arch import cap_to_context
+from cctuning.model.health import constant_logits
 from cctuning.model.transform import DECISION_MAKER_STAMP, TransformMatrix, apply_matrix
 
 logger = logging.getLogger(__name__)
@@ -393,6 +394,21 @@ def solve_matrix(
     return TransformMatrix(matrix=matrix, meta=meta), report
 
 
+DEAD_MODEL_WARNING = (
+    "the model gives every token the same logit on a probe prompt (a dead model: its training diverged; "
+    "retrain with a lower --lr): its activations, and so this matrix, carry nothing"
+)
+
+
+def warn_dead_model(model, tokenizer, report: FitReport, matrix: TransformMatrix) -> None:
+    """Log, and keep in the report and the matrix's metadata, that ``model`` is dead
+    (:func:`~cctuning.model.health.constant_logits`): one forward of a short probe prompt."""
+    if constant_logits(model, tokenizer):
+        logger.warning("%s", DEAD_MODEL_WARNING)
+        report.warnings.append(DEAD_MODEL_WARNING)
+        matrix.meta["warnings"] = list(report.warnings)
+
+
 def fit_matrix_from_file(
     model,
     tokenizer,
@@ -428,6 +444,7 @@ def fit_matrix_from_file(
         encoder = PromptEncoder(tokenizer, model.cc_config.prompt_format, allow_special_tokens=allow)
         warn_special_records(encoder, records, data, fields=("instruction", "instruction_en"))
         matrix, report = fit_transform_matrix(model, tokenizer, records, **options)
+        warn_dead_model(model, tokenizer, report, matrix)
         matrix.meta["data"] = str(data)
         if data_options is not None and data_options.describe():
             matrix.meta["data_options"] = data_options.describe()

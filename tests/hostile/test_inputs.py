@@ -109,6 +109,24 @@ def test_a_weak_matrix_is_warned_about_and_recorded(tokenizer, tmp_path, caplog,
     assert any("weak transform matrix" in w for w in saved["warnings"])
 
 
+def test_a_dead_model_is_warned_about_in_fit_matrix(tokenizer, tmp_path, caplog, capsys):
+    """Constant logits (an lm_head of zeros: what a diverged training leaves) are named in fit-matrix's
+    warnings, printed and kept in transform_matrix.json; a live model gets no such warning."""
+    live, dead = tmp_path / "live", tmp_path / "dead"
+    connected_model(tokenizer).save_pretrained(live, tokenizer=tokenizer)
+    model = connected_model(tokenizer)
+    with torch.no_grad():
+        model.base.lm_head.weight.zero_()
+    model.save_pretrained(dead, tokenizer=tokenizer)
+    data = write_jsonl(tmp_path / "pairs.jsonl", make_records(8))
+    for folder in (live, dead):
+        assert main(["fit-matrix", "--model", str(folder), "--data", str(data), "--samples", "8"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("a dead model") == 1
+    assert "a dead model" in json.dumps(json.loads((dead / "transform_matrix.json").read_text())["warnings"])
+    assert "a dead model" not in (live / "transform_matrix.json").read_text()
+
+
 # -- 4. template tokens inside the data stay plain text ---------------------------------------------
 # an instruction that forges the end of the user's turn and an assistant turn of its own
 FORGED = (
