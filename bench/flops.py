@@ -154,6 +154,9 @@ class FlopsSetup:
     repeats: int
     batch_size: int = 8
     new_tokens: int = NEW_TOKENS  # generated per prompt by the generate path
+    # the shapes of the peak measured again after each round (a CPU plumbing check takes a small one:
+    # bf16 matmuls run at about 1 GFLOP/s on a CPU without bf16 units)
+    round_peak_shapes: tuple = ROUND_PEAK_SHAPES
 
 
 class Paths:
@@ -227,7 +230,7 @@ def bench_flops(
                     synchronize(device)
                     times[f"{v[0]} b{v[1]}"] = time.perf_counter() - start
                 # the peak again, under the same load as this round's paths (a shared machine)
-                shapes = ROUND_PEAK_SHAPES + (GPU_PEAK_SHAPES if device.startswith("cuda") else ())
+                shapes = setup.round_peak_shapes + (GPU_PEAK_SHAPES if device.startswith("cuda") else ())
                 for dtype in DTYPES:
                     times[f"{dtype} peak"] = matmul_peak(dtype, device, 0.1, 2, shapes)["peak"]
                 return times
