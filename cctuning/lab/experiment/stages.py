@@ -247,7 +247,18 @@ def _evaluation_stage(
     make_once(ev.folder, _stage_settings(cfg, cell, run.seed, ev.kind), exists=ev.finished, make=make)
 
 
-def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, ev: _Evaluation, run: _SeedRun) -> None:
+def _nll_evaluation(
+    cfg: ExperimentConfig,
+    cell: Cell,
+    tdir: Path,
+    ev: _Evaluation,
+    run: _SeedRun,
+    data,
+    max_length: int,
+    **options,
+) -> None:
+    """The held-out NLL or a benchmark's answer likelihood of one cell: ``evaluate_nll`` of ``data``
+    within ``max_length`` tokens, as one evaluation stage (``options``: e.g. ``data_options``)."""
     _evaluation_stage(
         cfg,
         cell,
@@ -257,18 +268,23 @@ def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, ev: _Evaluation, r
         lambda model, tok: evaluate_nll(
             model,
             tok,
-            run.held_file,
+            data,
             cell.connection,
             ev.folder,
             batch_size=cfg.eval_batch_size,
-            max_length=heldout_budget(cfg, cell),
+            max_length=max_length,
             seed=run.seed,
             progress=run.progress,
             model_name=str(tdir),
             sample_layer=cell.sample_layer,
-            data_options=run.held_options,
+            **options,
         ),
     )
+
+
+def _nll_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, ev: _Evaluation, run: _SeedRun) -> None:
+    budget = heldout_budget(cfg, cell)
+    _nll_evaluation(cfg, cell, tdir, ev, run, run.held_file, budget, data_options=run.held_options)
 
 
 def _answer_records_file(cfg: ExperimentConfig, root: Path, benchmark: str) -> Path:
@@ -290,27 +306,8 @@ def _answer_nll_stage(
     cfg: ExperimentConfig, cell: Cell, benchmark: str, tdir: Path, ev: _Evaluation, run: _SeedRun
 ) -> None:
     records = _answer_records_file(cfg, run.root, benchmark)
-    _evaluation_stage(
-        cfg,
-        cell,
-        tdir,
-        ev,
-        run,
-        lambda model, tok: evaluate_nll(
-            model,
-            tok,
-            records,
-            cell.connection,
-            ev.folder,
-            batch_size=cfg.eval_batch_size,
-            # the benchmark's prompts (a context and a question) are longer than training records
-            max_length=int(cfg.answer_nll.get("max_length", 1024)),
-            seed=run.seed,
-            progress=run.progress,
-            model_name=str(tdir),
-            sample_layer=cell.sample_layer,
-        ),
-    )
+    # the benchmark's prompts (a context and a question) are longer than training records
+    _nll_evaluation(cfg, cell, tdir, ev, run, records, int(cfg.answer_nll.get("max_length", 1024)))
 
 
 def _bench_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, ev: _Evaluation, run: _SeedRun) -> dict:
