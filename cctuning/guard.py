@@ -113,10 +113,3 @@ def safe_name(name: str, what: str) -> str:
             "(it names a folder and may not climb out of its parent)"
         )
     return name
-
-
-def within(root: str | Path, path: str | Path, what: str) -> Path:
-    """``path`` if it lies inside ``root`` once resolved; else a one-line error naming ``what``."""
-    if not _is_within(_resolved(path), _resolved(root)):
-        raise CCError(f"{what} {path}: lies outside {root}")
-    return Path(path)
