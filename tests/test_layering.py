@@ -19,7 +19,8 @@ LAYERS = [
     {"model"},
     {"loading", "presets"},
     {"training", "inference"},
-    {"eval"},
+    # `cctuning serve` (the HTTP server over generation) sits beside eval: nothing below it imports it
+    {"eval", "serve"},
     # orchestration over the library (the experiment runner, the demo, `cctuning report`, diagnostics)
     {"lab"},
     {"cli"},

@@ -1,7 +1,7 @@
 """The ``cctuning`` command line. Only this package prints; the library logs.
 
 One module per group of commands (:mod:`.train`; :mod:`.inference`: fit-matrix, generate, export;
-:mod:`.evaluation`: eval; :mod:`.lm_eval`; :mod:`.lab`: experiment, demo, report), the options they share in
+:mod:`.evaluation`: eval; :mod:`.lm_eval`; :mod:`.serve`; :mod:`.lab`: experiment, demo, report), the options they share in
 :mod:`.common`, what ``-v`` shows in :mod:`.quiet` and ``--version`` in :mod:`.about`.
 
 Start-up is kept short (``make bench``, section ``startup``): :func:`main` reads the command's name
@@ -38,6 +38,7 @@ COMMANDS = {
         "inference",
         "write a trained run as a self-contained folder (LoRA merged with --merge-lora)",
     ),
+    "serve": ("serve", "an OpenAI-compatible server with the connection, and a chat page"),
     "lm-eval": (
         "lm_eval",
         "lm-evaluation-harness with the model 'cctuning' and our tasks (all lm-eval arguments pass through)",

@@ -72,6 +72,18 @@ _OWN = (
 
 
 @dataclass
+class PreparedBatch:
+    """Prompts left-padded (``ids``, ``mask``) and run up to the connection: the decoding continues
+    from ``prefill.cache`` over the columns from ``prefill.start``, its first forward carrying
+    ``injection`` (None for connection none; :func:`injected_once`)."""
+
+    ids: torch.Tensor
+    mask: torch.Tensor
+    prefill: Prefill
+    injection: Injection | None
+
+
+@dataclass
 class Generation:
     text: str
     token_ids: list[int]
@@ -115,7 +127,7 @@ class _StopStrings(StoppingCriteria):
 
 
 @contextlib.contextmanager
-def _injected_once(model: CCModel, inj):
+def injected_once(model: CCModel, inj):
     """The injection applies to the next forward through layer k only (the prefill of ``generate``);
     the decoding steps after it run without fusion."""
     if inj is None:
@@ -275,10 +287,16 @@ class CCGenerator:
                 )
         return options
 
+    @property
+    def context_length(self) -> int | None:
+        """Tokens of prompt and generation together: ``max_length``, else the model's
+        ``max_position_embeddings`` (None when neither is known)."""
+        return self.max_length or getattr(self.model.config, "max_position_embeddings", None)
+
     def _prompt_budget(self, new_tokens: int | None = None) -> int | None:
         """Tokens a prompt may keep so that it and ``new_tokens`` fit the context."""
         new_tokens = self.max_new_tokens if new_tokens is None else new_tokens
-        limit = self.max_length or getattr(self.model.config, "max_position_embeddings", None)
+        limit = self.context_length
         return None if limit is None else max(1, limit - new_tokens)
 
     def _english(self, en_batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -305,15 +323,25 @@ class CCGenerator:
         return prefill, prefill.injection(self.model, connection, ids, column)
 
     @torch.no_grad()
-    def _generate_batch(
-        self, batch, en_batch, connection, naive, return_first_logits, new_tokens, options, stop_strings
-    ) -> list[Generation]:
+    def prepare(
+        self, batch: list[EncodedPrompt], en_batch, connection: str, naive: bool = False
+    ) -> PreparedBatch:
+        """A batch of prompts left-padded and prefilled up to the connection (:meth:`_prefill`): what
+        the decoding continues from, here with ``transformers``' ``generate`` and in ``cctuning serve``."""
         ids, mask, shift = pad_rows([e.ids for e in batch], self.pad_id, "left")
         ids, mask = ids.to(self.device), mask.to(self.device)
-        width = ids.shape[1]
         # left padding: each row's p is its own position shifted by its padding
         column = (torch.tensor([e.position for e in batch]) + shift).to(self.device)
         prefill, inj = self._prefill(connection, naive, ids, mask, column, en_batch)
+        return PreparedBatch(ids, mask, prefill, inj)
+
+    @torch.no_grad()
+    def _generate_batch(
+        self, batch, en_batch, connection, naive, return_first_logits, new_tokens, options, stop_strings
+    ) -> list[Generation]:
+        prepared = self.prepare(batch, en_batch, connection, naive)
+        ids, mask, prefill, inj = prepared.ids, prepared.mask, prepared.prefill, prepared.injection
+        width = ids.shape[1]
         criteria = (
             _StopStrings(self.tokenizer, list(stop_strings), width, len(batch), self.device)
             if stop_strings
@@ -327,7 +355,7 @@ class CCGenerator:
             output_logits=return_first_logits,
             **options,
         )
-        with _injected_once(self.model, inj):
+        with injected_once(self.model, inj):
             out = self.model.base.generate(
                 input_ids=ids,
                 attention_mask=mask,
