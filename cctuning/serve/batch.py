@@ -47,6 +47,7 @@ class Batch:
         self.mask: torch.Tensor | None = None  # (rows, cached columns + 1): the last token's column too
         self.positions: torch.Tensor | None = None  # (rows,): the position id of each row's last token
         self.last: torch.Tensor | None = None  # (rows,): the token each row feeds next
+        self.cancelled = 0  # sequences that left unfinished because their client went away
         forward = inspect.signature(self.model.base.forward).parameters
         self.keep_logits = {"logits_to_keep": 1} if "logits_to_keep" in forward else {}
 
@@ -59,12 +60,17 @@ class Batch:
         return self.gen.tokenizer.decode(tokens, skip_special_tokens=True)
 
     # -- joining -------------------------------------------------------------------------------
-    def admit(self, sequences: list[Sequence]) -> None:
+    def admit(self, sequences: list[Sequence]) -> list[Sequence]:
         """Prefill ``sequences`` (one group per connection), give each its first token and add the
-        unfinished ones to the batch."""
+        unfinished ones to the batch; those that cannot join now (after a group whose cache cannot be
+        padded) are returned, to wait."""
         ordered = sorted(sequences, key=lambda s: s.connection)
-        for connection, group in groupby(ordered, key=lambda s: s.connection):
-            self._admit_group(connection, list(group))
+        groups = [list(g) for _, g in groupby(ordered, key=lambda s: s.connection)]
+        for i, group in enumerate(groups):
+            if not self.joinable:
+                return [s for g in groups[i:] for s in g]
+            self._admit_group(group[0].connection, group)
+        return []
 
     def _admit_group(self, connection: str, group: list[Sequence]) -> None:
         english = [s.english for s in group] if connection == "english" else None
@@ -86,7 +92,7 @@ class Batch:
         tokens = self._pick(out.logits[:, -1], group)
         ones = mask.new_ones(len(group), 1)
         self._merge(group, cache, torch.cat([mask, ones], 1), positions[:, -1] + 1, tokens)
-        self._take(tokens, len(self.rows) - len(group))
+        self._take(group, tokens)
 
     def _merge(self, group, cache, mask, positions, tokens) -> None:
         if not self.rows:
@@ -117,12 +123,12 @@ class Batch:
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], 1)
         self.positions = self.positions + 1
         self.last = tokens
-        self._take(tokens, 0)
+        self._take(self.rows, tokens)
 
-    def _take(self, tokens: torch.Tensor, first: int) -> None:
-        """Give rows ``first..`` their tokens, then drop the rows that are done."""
+    def _take(self, rows: list[Sequence], tokens: torch.Tensor) -> None:
+        """Give ``rows`` their ``tokens``, then drop the rows of the batch that are done."""
         stop_ids = self.gen.stop_ids
-        for seq, token in zip(self.rows[first:], tokens[first:].tolist()):
+        for seq, token in zip(rows, tokens.tolist()):
             if not seq.cancelled:
                 seq.add(token, stop_ids, self.decode)
         self.drop_done()
@@ -132,6 +138,7 @@ class Batch:
         keep = [i for i, seq in enumerate(self.rows) if not seq.done]
         if len(keep) == len(self.rows):
             return
+        self.cancelled += sum(seq.cancelled and seq.finish_reason is None for seq in self.rows)
         if not keep:
             self.clear()
             return

@@ -158,8 +158,10 @@ class Engine:
                 self._score(job)
         sequences = [j for j in jobs if isinstance(j, Sequence)]
         if sequences:
-            self.stats.admitted += len(sequences)
-            self.batch.admit(sequences)
+            waiting = self.batch.admit(sequences)
+            self.stats.admitted += len(sequences) - len(waiting)
+            with self._lock:  # back to the front of the queue, in their order
+                self.pending.extendleft(reversed(waiting))
         self.batch.drop_done()  # cancelled while waiting for this step
         if self.batch.rows:
             self.stats.steps += 1

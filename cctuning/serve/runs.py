@@ -98,6 +98,7 @@ class Execution:
 
     def __init__(self, engine: Engine, run: Run, request):
         self.run, self.request = run, request
+        self.checked = time.monotonic()
         self.events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
 
@@ -120,14 +121,18 @@ class Execution:
             seq.cancelled = True
 
     async def next_event(self) -> tuple[int, Event] | None:
-        """The next event; None when the client has gone (the sequences are then cancelled)."""
+        """The next event; None when the client has gone (the sequences are then cancelled). Whether
+        it has gone is asked at least every ``DISCONNECT_POLL_S`` seconds, also while events flow."""
         while True:
-            try:
-                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
+            if time.monotonic() - self.checked > DISCONNECT_POLL_S:
+                self.checked = time.monotonic()
                 if await self.request.is_disconnected():
                     self.cancel()
                     return None
+            try:
+                return await asyncio.wait_for(self.events.get(), DISCONNECT_POLL_S)
+            except asyncio.TimeoutError:
+                continue
 
     async def answer(self) -> dict | None:
         """The whole answer (None: the client went away)."""
