@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install -c $(CONSTRAINTS) torch==2.13.0
 	# deepspeed: a pure-Python wheel built from its sdist in seconds (no CUDA toolkit; its C++ ops are
 	# compiled only when used, and tests/test_sharded.py, whose ZeRO-3 runs need it, uses none)
-	$(BIN)/pip install -c $(CONSTRAINTS) -e '.[dev,eval,data,tensorboard,deepspeed]'
+	$(BIN)/pip install -c $(CONSTRAINTS) -e '.[dev,eval,data,tensorboard,deepspeed,serve]'
 	touch $(STAMP)
 
 install: $(STAMP)

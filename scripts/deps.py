@@ -10,7 +10,7 @@ package at a lower version than the first: installing cctuning beside TRL would 
 needs the package index (PyPI) and takes one to three minutes.
 
 ``lock`` rewrites requirements/constraints.txt with the exact versions that the Makefile's install
-(the package and its extras dev, eval, data, tensorboard, deepspeed) resolves to, given the versions installed in
+(the package and its extras dev, eval, data, tensorboard, deepspeed, serve) resolves to, given the versions installed in
 the .venv that runs it (so: after `make install`, and after upgrading something there on purpose).
 """
 
@@ -30,12 +30,12 @@ from packaging.version import Version
 ROOT = Path(__file__).resolve().parents[1]
 CONSTRAINTS = ROOT / "requirements" / "constraints.txt"
 PRESETS = ROOT / "requirements" / "presets.txt"
-LOCK_EXTRAS = "dev,eval,data,tensorboard,deepspeed"
+LOCK_EXTRAS = "dev,eval,data,tensorboard,deepspeed,serve"
 TORCH = "torch==2.13.0"  # what the Makefile installs first (the CPU wheel)
 
 LOCK_HEADER = """\
 # Exact versions of everything `make` installs for cctuning (pyproject.toml's dependencies and the
-# extras dev, eval, data, tensorboard, deepspeed), used as `pip install -c requirements/constraints.txt` by the
+# extras dev, eval, data, tensorboard, deepspeed, serve), used as `pip install -c requirements/constraints.txt` by the
 # Makefile so that CI and every developer's .venv get the same packages. pyproject.toml declares
 # ranges instead; this file is what those ranges were tested with.
 #

@@ -23,7 +23,7 @@ def load_deps():
 def project_requirements() -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     reqs = list(project["dependencies"])
-    for extra in ("dev", "eval", "data", "tensorboard", "deepspeed"):
+    for extra in ("dev", "eval", "data", "tensorboard", "deepspeed", "serve"):
         reqs += project["optional-dependencies"][extra]
     return [Requirement(r) for r in reqs]
 
