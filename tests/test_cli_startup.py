@@ -59,6 +59,7 @@ def heavy_imports(*argv: str) -> list[str]:
         (["eval", "--help"], []),
         (["fit-matrix", "--help"], []),
         (["export", "--help"], []),
+        (["serve", "--help"], []),
         (["lm-eval", "--help"], ["lm_eval"]),  # lm-eval's own help follows ours
     ],
 )

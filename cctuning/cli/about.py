@@ -11,7 +11,7 @@ import cctuning
 
 # the packages every run uses, then the optional ones (extras eval and deepspeed)
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "datasets")
-OPTIONAL = ("lm-eval", "deepspeed")
+OPTIONAL = ("lm-eval", "deepspeed", "fastapi", "uvicorn")
 
 
 def package_version(name: str) -> str | None:

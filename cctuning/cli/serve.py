@@ -52,12 +52,13 @@ def serve(args: argparse.Namespace) -> int:
         raise CCError(f"cctuning serve needs {' and '.join(missing)}: pip install 'cctuning[serve]'")
     from cctuning.inference.generate import CCGenerator  # deferred: imports torch
     from cctuning.loading import load_for_inference, resolve_model_path  # deferred: imports torch
-    from cctuning.serve.server import Server, bind, build  # deferred: imports torch and FastAPI
+    from cctuning.serve.server import Server, bind, build, check_options  # deferred: imports torch, FastAPI
 
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
+    check_options(name, args.max_batch_size, args.queue_size, args.max_tokens)
     sock = bind(args.host, args.port)  # a port in use fails before the model loads
     path = resolve_model_path(args.model)
-    name = args.served_model_name or (Path(args.model).name if Path(args.model).is_dir() else args.model)
     with folder_lock(path, "cctuning serve", shared=True):  # no train --overwrite while it is served
         model, tok, _ = load_for_inference(path, args.trust_remote_code, device=args.device, dtype=args.dtype)
         generator = CCGenerator(
@@ -88,6 +89,8 @@ def serve(args: argparse.Namespace) -> int:
             print(f"warning: listening on {args.host} without an API key: anyone who reaches it can use it")
         try:
             server.run()
+        except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down and re-raises the signal to say so
+            pass
         finally:
             built.engine.stop()
     print("cctuning serve: stopped")

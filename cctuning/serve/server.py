@@ -43,18 +43,20 @@ def build(
 ) -> Built:
     """The app serving ``generator``'s model as ``name``, its engine started (``connection``: the
     default of requests that name none; None: transform when the model has a matrix, else none)."""
-    for option, value in (
-        ("--max-batch-size", max_batch_size),
-        ("--queue-size", queue_size),
-        ("--max-tokens", max_tokens),
-    ):
+    check_options(name, max_batch_size, queue_size, max_tokens)
+    served = Served(name, generator, resolve_connection(generator.model, connection), max_tokens, queue_size)
+    engine = Engine(generator, max_batch_size, queue_size, precision).start()
+    return Built(served, engine, create_app(served, engine, api_key, max_body))
+
+
+def check_options(name: str, max_batch_size: int, queue_size: int, max_tokens: int) -> None:
+    """One-line errors for the served name and the limits (before anything loads)."""
+    limits = {"--max-batch-size": max_batch_size, "--queue-size": queue_size, "--max-tokens": max_tokens}
+    for option, value in limits.items():
         if value <= 0:
             raise CCError(f"{option} must be > 0, got {value}")
     if not name or "@" in name:
         raise CCError(f"the served model name must be non-empty and without '@', got '{name}'")
-    served = Served(name, generator, resolve_connection(generator.model, connection), max_tokens, queue_size)
-    engine = Engine(generator, max_batch_size, queue_size, precision).start()
-    return Built(served, engine, create_app(served, engine, api_key, max_body))
 
 
 def bind(host: str, port: int) -> socket.socket:
