@@ -233,6 +233,32 @@ def startup_rows(results: dict) -> list[str]:
     return rows
 
 
+def serve_rows(results: dict) -> list[str]:
+    """The Markdown table of the ``serve`` section (empty when it did not run)."""
+    rows = []
+    for model, res in results.get("serve", {}).items():
+        if "error" in res:
+            rows.append(f"serve {model}: {res['error']}")
+            continue
+        for key, r in res.items():
+            if not key.startswith("c"):
+                continue
+            target = "target ≥ 0.8" if key == "c16" else ""
+            rows.append(
+                f"| {model} | {key[1:]} | {fmt(r['serve_tokens_per_s'], 1)} | {fmt(r['offline_tokens_per_s'], 1)} | "
+                f"{fmt(r['ratio'])}{mark(r.get('contention'))} | {r['latency_p50_s']:.2f} / {r['latency_p95_s']:.2f} | "
+                f"{r['largest_batch']} | {target} |"
+            )
+    if not rows:
+        return []
+    head = [
+        "| model | clients | served tokens/s | offline tokens/s (same batch size) | served / offline | "
+        "latency p50 / p95, s | largest batch | |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    return head + rows
+
+
 def markdown(results: dict) -> str:
     m = results["machine"]
     load = results.get("load_average", {})
@@ -278,6 +304,12 @@ def markdown(results: dict) -> str:
         'against `python -c "import torch"` in the same rounds.',
         "",
         *startup_rows(results),
+        "",
+        "**Serving** (serve): N concurrent clients against `cctuning serve` (connection transform, "
+        "`--max-batch-size N`, greedy, stop tokens off), against offline `CCGenerator.generate` on the same "
+        "prompts in batches of N, in the same rounds.",
+        "",
+        *serve_rows(results),
         "",
         "**Absolute figures** (they depend on the machine; for context only).",
         "",

@@ -5,7 +5,8 @@ Sections: ``train`` (optimizer step, CC-Tuning / SFT), ``generate`` (connection 
 of a step, CC-Tuning / SFT), ``precision`` (bf16 / fp32 train step, held-out NLL of bf16 weights),
 ``flops`` (achieved FLOP/s of the evaluation and generation paths against the matmul peak, fp32 and
 bf16, batch 1 and batched), ``startup`` (``cctuning --help``, ``--version`` and ``train --help``
-against ``import torch``, fresh processes; no model). Models: ``tiny`` and ``medium`` (random Llama models, always there)
+against ``import torch``, fresh processes; no model), ``serve`` (1, 4, 16 concurrent clients against
+``cctuning serve``, tokens/s and latency, over offline generation at the same batch size). Models: ``tiny`` and ``medium`` (random Llama models, always there)
 and ``smollm2-135m`` (a real model, when its preset is installed; skipped with the reason if not).
 """
 
@@ -44,12 +45,20 @@ from bench.generation import GenerateSetup, bench_generate
 from bench.matrix_fit import summarise_fits
 from bench.precision import PrecisionSetup, bench_precision
 from bench.report import update_readme, write_markdown
+from bench.serving import ServeSetup, bench_serve
 from bench.startup import StartupSetup, bench_startup
 from bench.train import VARIANTS, TrainSetup, bench_train_time
 from cctuning.config import split_list
 
-SECTIONS = ("train", "generate", "matrix", "eval", "memory", "precision", "flops", "startup")
-MODEL_SECTIONS = ("train", "generate", "eval", "precision", "flops")  # sections that run on a loaded model
+SECTIONS = ("train", "generate", "matrix", "eval", "memory", "precision", "flops", "startup", "serve")
+MODEL_SECTIONS = (
+    "train",
+    "generate",
+    "eval",
+    "precision",
+    "flops",
+    "serve",
+)  # sections that run on a loaded model
 BENCH_DIR = Path(__file__).resolve().parent
 MEMORY_BATCH = {"tiny": (8, 256), "medium": (8, 256), SMOLLM2: (4, 256)}  # (batch, max_length)
 
@@ -77,6 +86,10 @@ def profile(quick: bool) -> dict[str, Any]:
             },
             "flops": {"tiny": FlopsSetup(8, repeats=1), SMOLLM2: FlopsSetup(8, repeats=1)},
             "startup": StartupSetup(repeats=5),
+            "serve": {
+                "tiny": ServeSetup(clients=(1, 4), requests=1, new_tokens=8, repeats=1),
+                SMOLLM2: ServeSetup(clients=(1, 4), requests=1, new_tokens=8, repeats=1),
+            },
         }
     return {
         "train": {
@@ -101,6 +114,7 @@ def profile(quick: bool) -> dict[str, Any]:
             SMOLLM2: FlopsSetup(8, repeats=3),
         },
         "startup": StartupSetup(repeats=15),
+        "serve": {"tiny": ServeSetup(), SMOLLM2: ServeSetup()},
     }
 
 
@@ -141,6 +155,10 @@ class Bench:
     def eval(self, loaded: Loaded) -> None:
         res = bench_eval(loaded, self.plan["eval"][loaded.name], self.contention)
         self.results["eval_items_per_s"][loaded.name] = res
+
+    def serve(self, loaded: Loaded) -> None:
+        res = bench_serve(loaded, self.plan["serve"][loaded.name], self.contention)
+        self.results["serve"][loaded.name] = res
 
     def precision(self, loaded: Loaded) -> None:
         res = bench_precision(loaded, self.plan["precision"][loaded.name], self.contention)
@@ -253,7 +271,7 @@ def empty_results(args: argparse.Namespace) -> dict[str, Any]:
             "train_step_floor_english_grad", "train_step", "generate_ratio_b1", "generate_ratio_b8",
             "naive_generate_ratio_b1", "naive_generate_ratio_b8", "generate", "eval_items_per_s",
             "peak_memory_ratio", "peak_memory_ratio_english_grad", "peak_memory_mb", "precision", "flops",
-            "matmul_peak_gflops")  # fmt: skip
+            "matmul_peak_gflops", "serve")  # fmt: skip
     results: dict[str, Any] = {k: {} for k in keys}
     results.update({
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),

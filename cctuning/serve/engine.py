@@ -4,6 +4,8 @@ Requests hand it sequences (:class:`~cctuning.serve.sequence.Sequence`, one per 
 jobs; it admits waiting sequences into the running :class:`~cctuning.serve.batch.Batch` between two
 decoding steps, up to ``max_batch_size`` rows, and reports through each sequence's ``sink``.
 
+* An idle engine that gets a request waits ``gather_s`` (5 ms) for the others of a burst, so that
+  requests arriving together are prefilled as one batch; later ones join the running batch.
 * At most ``queue_size`` sequences wait to be admitted: :meth:`Engine.submit` refuses more at once
   (:class:`QueueFull`, answered 503 with ``Retry-After``), so a burst never makes a request hang.
 * A cancelled sequence (its client went away) is skipped while it waits, and leaves the batch at
@@ -20,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -33,6 +36,9 @@ from cctuning.serve.batch import Batch
 from cctuning.serve.sequence import Event, Sequence
 
 logger = logging.getLogger(__name__)
+
+#: seconds an idle engine waits after a request for others arriving with it (one prefill for all)
+GATHER_S = 0.005
 
 
 class QueueFull(Exception):
@@ -71,8 +77,10 @@ class Engine:
         max_batch_size: int = 8,
         queue_size: int = 64,
         precision: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+        gather_s: float = GATHER_S,
     ):
         self.gen = generator
+        self.gather_s = gather_s
         self.max_batch_size = max_batch_size
         self.queue_size = queue_size
         self.precision = precision
@@ -134,6 +142,7 @@ class Engine:
         with self._lock:
             while not self._stopping and not self.pending and not self.batch.rows:
                 self._lock.wait()
+            self._gather()
             if self._stopping:
                 for job in self.pending:
                     _fail_job(job, "the server is shutting down")
@@ -151,6 +160,18 @@ class Engine:
                     taken.append(job)
                     room -= isinstance(job, Sequence)
             return taken
+
+    def _gather(self) -> None:
+        """On an idle engine, wait up to ``gather_s`` for the requests arriving together with the first
+        one, so that they are prefilled as one batch (the lock is held)."""
+        if self.batch.rows:
+            return
+        deadline = time.monotonic() + self.gather_s
+        while not self._stopping and len(self.pending) < self.max_batch_size:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._lock.wait(left)
 
     def _work(self, jobs: list) -> None:
         for job in jobs:
