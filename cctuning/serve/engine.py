@@ -113,7 +113,7 @@ class Engine:
     def submit(self, jobs: list) -> None:
         """Queue sequences and scoring jobs, all or none (:class:`QueueFull` when they do not fit)."""
         with self._lock:
-            if self._stopping:
+            if self._stopping or (self._thread.ident is not None and not self._thread.is_alive()):
                 raise QueueFull("the server is shutting down")
             if len(self.pending) + len(jobs) > self.queue_size:
                 self.stats.refused += len(jobs)
