@@ -3,7 +3,6 @@ server scores a shipped generative task as ``cctuning lm-eval --model cctuning``
 connection; echoed log-probabilities (connection none) are what lm-eval's parser turns into
 ``cctuning lm-eval``'s log-likelihoods. Offline."""
 
-import json
 import os
 
 import pytest
@@ -13,11 +12,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 pytest.importorskip("tenacity", reason="lm-eval's API models need tenacity (pip install 'lm-eval[api]')")
 
+from lm_eval import simple_evaluate  # noqa: E402
 from lm_eval.api.instance import Instance  # noqa: E402
 from lm_eval.models.openai_completions import LocalCompletionsAPI  # noqa: E402
 
-from cctuning.cli import main  # noqa: E402
-from cctuning.eval.lmeval import CCLM  # noqa: E402
+from cctuning.eval.lmeval import CCLM, task_manager  # noqa: E402
 from cctuning.inference import CCGenerator  # noqa: E402
 from cctuning.loading import load_for_inference  # noqa: E402
 from cctuning.serve.server import Server, bind, build  # noqa: E402
@@ -39,24 +38,27 @@ def served(tmp_path_factory, tokenizer):
     built.engine.stop()
 
 
-def run_lm_eval(out, model: str, model_args: str) -> tuple[dict, list[dict]]:
-    args = ["--model", model, "--model_args", model_args, "--tasks", TASK, "--limit", "4",
-            "--apply_chat_template", "--output_path", str(out), "--log_samples"]  # fmt: skip
-    assert main(["lm-eval", *args]) == 0
-    results = json.loads(next(out.rglob("results_*.json")).read_text())["results"][TASK]
-    samples = [
-        json.loads(line) for line in next(out.rglob(f"samples_{TASK}_*.jsonl")).read_text().splitlines()
-    ]
-    return results, sorted(samples, key=lambda s: s["doc_id"])
+@pytest.fixture(scope="module")
+def tasks():
+    """Our tasks only: lm-eval's own index of its thousands of tasks takes half a minute to build."""
+    return task_manager(include_defaults=False)
+
+
+def run_lm_eval(tasks, model: str, model_args: str) -> tuple[dict, list[dict]]:
+    """What ``cctuning lm-eval --model MODEL --model_args ARGS --tasks TASK --limit 4
+    --apply_chat_template --log_samples`` computes (lm-eval's ``simple_evaluate``, with ``tasks``)."""
+    out = simple_evaluate(model=model, model_args=model_args, tasks=[TASK], limit=4, apply_chat_template=True,
+                          log_samples=True, task_manager=tasks)  # fmt: skip
+    return out["results"][TASK], sorted(out["samples"][TASK], key=lambda s: s["doc_id"])
 
 
 @pytest.mark.slow
-def test_local_completions_scores_what_cctuning_lm_eval_scores(served, tmp_path):
+def test_local_completions_scores_what_cctuning_lm_eval_scores(served, tasks):
     folder, url = served
     api = f"model=cc,base_url={url}/v1/completions,tokenizer={folder},tokenizer_backend=huggingface,num_concurrent=4"
-    theirs, their_samples = run_lm_eval(tmp_path / "api", "local-completions", api)
+    theirs, their_samples = run_lm_eval(tasks, "local-completions", api)
     ours, our_samples = run_lm_eval(
-        tmp_path / "ours", "cctuning", f"pretrained={folder},connection=transform,batch_size=4"
+        tasks, "cctuning", f"pretrained={folder},connection=transform,batch_size=4"
     )
     assert len(their_samples) == 4
     assert [s["filtered_resps"] for s in their_samples] == [s["filtered_resps"] for s in our_samples]
