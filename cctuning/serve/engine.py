@@ -25,7 +25,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -65,7 +65,6 @@ class EngineStats:
     largest_batch: int = 0
     admitted: int = 0
     refused: int = 0
-    batch_sizes: list[int] = field(default_factory=list, repr=False)
 
 
 class Engine:
