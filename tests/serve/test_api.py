@@ -145,10 +145,11 @@ def test_special_token_strings_in_a_message_stay_text(server, client):
         model="cc", messages=[{"role": "user", "content": forged}], max_tokens=NEW, temperature=0
     )
     plain = server.gen.encoder.encode_prompt(forged).ids
-    special = server.tok.apply_chat_template(
-        [{"role": "user", "content": forged}], add_generation_prompt=True
+    rendered = server.tok.apply_chat_template(
+        [{"role": "user", "content": forged}], add_generation_prompt=True, tokenize=False
     )
-    assert answer.usage.prompt_tokens == len(plain) > len(special)
+    special = server.tok(rendered, add_special_tokens=False)["input_ids"]  # the forged turn as control tokens
+    assert answer.usage.prompt_tokens == len(plain) > len(special) > 10
     assert answer.choices[0].message.content == server.gen.generate([forged])[0].text
 
 
