@@ -5,6 +5,7 @@ inference with an ``augment none`` model of the same weights given hand-written 
 
 import json
 import logging
+import shutil
 
 import pytest
 
@@ -253,14 +254,27 @@ def _sums(report_dir) -> list[float]:
     return [round(i["nll_sum"], 5) for i in load_items(report_dir)]
 
 
-def test_a_saved_model_carries_the_mode_and_the_nll_prompts_with_the_english(tmp_path, base_dir, caplog):
+@pytest.fixture(scope="module")
+def bilingual_run(tmp_path_factory, base_dir):
+    """A tiny SFT run trained with --augment bilingual-prompt (one step), and a copy of it that says it
+    was trained without --augment: the same weights, prompted with the instruction as it is."""
+    tmp = tmp_path_factory.mktemp("bilingual")
+    data = write_jsonl(tmp / "train.jsonl", ROWS)
+    out = tmp / "run"
+    options = dict(model=base_dir, data=data, output=out, method="sft", augment="bilingual-prompt")
+    assert main(["train", *flags(**options, max_steps=1, batch_size=2)]) == 0
+    plain = tmp / "plain"
+    shutil.copytree(out, plain)
+    config = json.loads((plain / "cctuning_config.json").read_text())
+    (plain / "cctuning_config.json").write_text(json.dumps({**config, "augment": "none"}))
+    return out, plain
+
+
+def test_a_saved_model_carries_the_mode_and_the_nll_prompts_with_the_english(tmp_path, bilingual_run, caplog):
     from cctuning.eval.nll import evaluate_nll
     from cctuning.loading import load_for_inference
 
-    data = write_jsonl(tmp_path / "train.jsonl", ROWS)
-    out = tmp_path / "run"
-    options = dict(model=base_dir, data=data, output=out, method="sft", augment="bilingual-prompt")
-    assert main(["train", *flags(**options, max_steps=1, batch_size=2)]) == 0
+    out, _ = bilingual_run
     assert json.loads((out / "cctuning_config.json").read_text())["augment"] == "bilingual-prompt"
     results = json.loads((out / "train_results.json").read_text())
     assert (
@@ -311,3 +325,146 @@ def test_a_bilingual_cc_model_prompts_with_the_english_and_its_english_pass_read
     evaluate_nll(cc, tokenizer, by_hand, connection, tmp_path / "by-hand", progress=False)
     evaluate_nll(cc, tokenizer, held, connection, tmp_path / "alone", progress=False)
     assert _sums(tmp_path / "bilingual") == _sums(tmp_path / "by-hand") != _sums(tmp_path / "alone")
+
+
+def _first_logprobs(folder, lang: str) -> dict:
+    """The option labels' log-probabilities of each item of ``lang`` that ``eval`` cached, by id."""
+    rows = [
+        json.loads(line)
+        for line in (folder / "generations" / "XNLI" / f"{lang}.jsonl").read_text().splitlines()
+    ]
+    return {str(r["id"]): {k: round(v, 4) for k, v in r["logprobs"].items()} for r in rows}
+
+
+def test_eval_on_benchmarks_prompts_with_the_items_english(tmp_path, tokenizer, caplog):
+    from cctuning.eval.benchmarks import load_benchmark
+    from cctuning.eval.runner import EvalConfig, evaluate
+    from tests.conftest import connected_model
+
+    by_hand = tmp_path / "data"
+    for lang in ("en", "sw"):
+        items = load_benchmark("XNLI", lang, None, 2)
+        rows = [
+            {
+                "id": it.id,
+                "prompt": it.prompt if lang == "en" else f"{it.prompt_en}\n\n{it.prompt}",
+                "answer": it.answer,
+                "prompt_en": it.prompt_en,
+            }
+            for it in items
+        ]
+        (by_hand / "XNLI").mkdir(parents=True, exist_ok=True)
+        write_jsonl(by_hand / "XNLI" / f"{lang}.jsonl", rows)
+    cc = connected_model(tokenizer)
+
+    def run(name, augment, **options):
+        cc.cc_config.augment = augment
+        spec = dict(benchmarks=["XNLI"], langs=["en", "sw"], limit=2, scoring="likelihood", connection="none")
+        return evaluate(
+            EvalConfig(model="m", output=str(tmp_path / name), **spec, **options),
+            cc,
+            tokenizer,
+            progress=False,
+        )
+
+    given = run("given", "bilingual-prompt")
+    assert given["augment"] == "bilingual-prompt" and given["prompts_without_english"] == 0
+    with caplog.at_level(logging.WARNING, logger="cctuning"):
+        withheld = run("withheld", "bilingual-prompt", withhold_english=True)
+    assert (
+        withheld["english_withheld"] is True and withheld["prompts_without_english"] == 2
+    )  # sw; en is English
+    assert "eval: 2 of 4 prompts have no English instruction at hand" in caplog.text
+    run("by-hand", "none", data_dir=str(by_hand))
+    run("alone", "none")
+    for lang in ("en", "sw"):
+        assert _first_logprobs(tmp_path / "given", lang) == _first_logprobs(tmp_path / "by-hand", lang)
+        assert _first_logprobs(tmp_path / "withheld", lang) == _first_logprobs(tmp_path / "alone", lang)
+    assert _first_logprobs(tmp_path / "given", "en") == _first_logprobs(tmp_path / "alone", "en")
+    assert _first_logprobs(tmp_path / "given", "sw") != _first_logprobs(tmp_path / "alone", "sw")
+
+
+def test_generate_prompts_with_the_english_and_says_when_it_falls_back(tmp_path, bilingual_run, capsys):
+    out, plain = bilingual_run
+    short = ["--max-new-tokens", "6"]
+    assert (
+        main(["generate", "--model", str(out), "--prompt", "Habari?", "--prompt-en", "Hello?", *short]) == 0
+    )
+    given = capsys.readouterr()
+    assert "bilingual-prompt model: 0 of 1 prompts without the English" in given.err
+    assert main(["generate", "--model", str(plain), "--prompt", "Hello?\n\nHabari?", *short]) == 0
+    assert capsys.readouterr().out == given.out
+    held = write_jsonl(tmp_path / "held.jsonl", HELD)
+    for extra in ([], ["--withhold-english"]):
+        assert (
+            main(
+                [
+                    "generate",
+                    "--model",
+                    str(out),
+                    "--input",
+                    str(held),
+                    "--output",
+                    str(tmp_path / "g.jsonl"),
+                    *short,
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        printed = capsys.readouterr().out
+        rows = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
+        prompts = [r["prompt"] for r in rows]
+        if extra:
+            assert (
+                prompts == [r["instruction"] for r in HELD]
+                and "3 of 4 prompts without the English (--withhold-english)" in printed
+            )
+        else:
+            assert prompts == [r["instruction"] for r in HELD_BILINGUAL]
+            assert "1 of 4 prompts without the English (no English at hand)" in printed
+        assert [r["bilingual"] for r in rows] == [p != r["instruction"] for p, r in zip(prompts, HELD)]
+        assert all(r["augment"] == "bilingual-prompt" for r in rows)
+
+
+def test_lm_eval_gives_the_documents_english(tokenizer, caplog):
+    from lm_eval.api.instance import Instance
+
+    from cctuning.eval.lmeval import CCLM
+    from tests.conftest import connected_model
+
+    cc = connected_model(tokenizer)
+    lm = CCLM(pretrained=cc, tokenizer=tokenizer, device="cpu", connection="none", batch_size=4)
+    render = lambda text: lm.encoder.render_prompt(text)[0]  # noqa: E731
+    docs = [
+        {
+            "prompt": r["instruction"],
+            "lang": r["lang"],
+            **({"prompt_en": r["instruction_en"]} if "instruction_en" in r else {}),
+        }
+        for r in HELD
+    ]
+
+    def ask(kind, texts, second, augment, withhold=False):
+        cc.cc_config.augment = augment
+        lm.withhold_english = withhold
+        reqs = [
+            Instance(kind, d, (render(t), second), idx=0, metadata=("t", i, 1))
+            for i, (d, t) in enumerate(zip(docs, texts))
+        ]
+        return lm.loglikelihood(reqs) if kind == "loglikelihood" else lm.generate_until(reqs)
+
+    alone = [r["instruction"] for r in HELD]
+    by_hand = [r["instruction"] for r in HELD_BILINGUAL]
+    for kind, second in (("loglikelihood", " Nzuri."), ("generate_until", {"until": [], "max_gen_toks": 4})):
+        with caplog.at_level(logging.WARNING, logger="cctuning"):
+            given = ask(kind, alone, second, "bilingual-prompt")
+        assert "lm-eval: 1 of 4 prompts have no English instruction at hand" in caplog.text
+        caplog.clear()
+        assert given == ask(kind, by_hand, second, "none")
+        if kind == "loglikelihood":
+            assert given[:2] != ask(kind, alone, second, "none")[:2]
+        assert ask(kind, alone, second, "bilingual-prompt", withhold=True) == ask(kind, alone, second, "none")
+    cc.cc_config.augment = "bilingual-prompt"
+    info = lm.get_model_info()
+    assert info["augment"] == "bilingual-prompt" and info["prompts_without_english"] == 1 + 3 + 1 + 3

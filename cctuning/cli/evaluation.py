@@ -138,6 +138,7 @@ def evaluate(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         sample_layer=args.sample_layer,
         overwrite=args.overwrite,
+        withhold_english=args.withhold_english,
     )
     cfg.check()  # before the model loads
     path = checked_model(args)
@@ -145,6 +146,8 @@ def evaluate(args: argparse.Namespace) -> int:
         model, tok, _ = load_for_inference(path, cfg.trust_remote_code, dtype=args.dtype, device=args.device)
         report = run_evaluation(cfg, model, tok)
     print(markdown_table(report))
+    if note := augment_note(report):
+        print(note)
     for bench, langs in report["missing_languages"].items():
         print(f"note: {bench} has no data for {', '.join(langs)}")
     return 0

@@ -134,15 +134,21 @@ def inference_instructions(
     langs = langs if langs is not None else [None] * len(instructions)
     rows = list(zip(instructions, english, langs))
     fallbacks = sum(needs_english(i, e, augment, lang) for i, e, lang in rows)
+    warn_without_english(where, fallbacks, len(rows))
+    return [inference_instruction(i, e, augment, lang) for i, e, lang in rows], fallbacks
+
+
+def warn_without_english(where: str, fallbacks: int, total: int) -> None:
+    """The one warning that ``fallbacks`` of ``total`` prompts of a ``bilingual-prompt`` model went
+    without their English (none when there are none)."""
     if fallbacks:
         logger.warning(
             "%s: %d of %d prompts have no English instruction at hand, so they get the non-English prompt "
             "alone (the model was trained with --augment bilingual-prompt: English, then non-English)",
             where,
             fallbacks,
-            len(rows),
+            total,
         )
-    return [inference_instruction(i, e, augment, lang) for i, e, lang in rows], fallbacks
 
 
 def inference_records(
@@ -167,3 +173,16 @@ def prompt_report(augment: str, withhold_english: bool, fallbacks: int) -> dict:
     if augment == "bilingual-prompt":
         out.update(english_withheld=withhold_english, prompts_without_english=fallbacks)
     return out
+
+
+def augmented_context(
+    context: str, instruction: str, english: str | None, augment: str, lang: str | None = None
+) -> tuple[str, bool]:
+    """A prompt already rendered (lm-eval's context) with its last occurrence of ``instruction`` made
+    :func:`inference_instruction`'s, and whether it fell back to the non-English prompt alone (no
+    English given, or ``instruction`` not in ``context``)."""
+    prompt = inference_instruction(instruction, english, augment, lang)
+    at = context.rfind(instruction) if instruction else -1
+    if prompt == instruction or at < 0:
+        return context, needs_english(instruction, english, augment, lang) or (prompt != instruction)
+    return context[:at] + prompt + context[at + len(instruction) :], False

@@ -306,7 +306,13 @@ def answer_nll_name(benchmark: str) -> str:
 
 
 def bench_config(
-    cfg: ExperimentConfig, model: str, connection: str, output: Path, seed: int, sample_layer: int = 0
+    cfg: ExperimentConfig,
+    model: str,
+    connection: str,
+    output: Path,
+    seed: int,
+    sample_layer: int = 0,
+    withhold_english: bool = False,
 ) -> EvalConfig:
     """The :class:`~cctuning.eval.runner.EvalConfig` of the experiment's ``benchmarks:`` spec."""
     b = cfg.benchmarks
@@ -323,4 +329,5 @@ def bench_config(
         output=str(output),
         seed=seed,
         sample_layer=sample_layer,
+        withhold_english=withhold_english,
     )

@@ -314,7 +314,9 @@ def _answer_nll_stage(
 
 
 def _bench_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, ev: _Evaluation, run: _SeedRun) -> dict:
-    spec = bench_config(cfg, str(tdir), cell.connection, ev.folder, run.seed, cell.sample_layer)
+    spec = bench_config(
+        cfg, str(tdir), cell.connection, ev.folder, run.seed, cell.sample_layer, cell.withhold_english
+    )
     _evaluation_stage(
         cfg, cell, tdir, ev, run, lambda model, tok: evaluate(spec, model, tok, progress=run.progress)
     )
