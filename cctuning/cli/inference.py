@@ -14,6 +14,7 @@ from cctuning.cli.common import (
     add_generation_options,
     add_loading_options,
     add_special_tokens_option,
+    add_withhold_english,
     add_yaml_config,
     data_options,
 )
@@ -130,8 +131,15 @@ def fit_matrix(args: argparse.Namespace) -> int:
 def _add_generate(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--prompt", help="one instruction")
-    p.add_argument("--prompt-en", help="its English translation (for --connection english)")
-    p.add_argument("--input", help="JSON/JSONL records with instruction (and instruction_en for english)")
+    p.add_argument(
+        "--prompt-en",
+        help="its English translation (for --connection english, and the prompt of a model trained with "
+        "--augment bilingual-prompt)",
+    )
+    p.add_argument(
+        "--input",
+        help="JSON/JSONL records with instruction (and instruction_en for english and bilingual-prompt models)",
+    )
     p.add_argument("--output", help="write JSONL here (atomically) instead of stdout")
     add_connection(p)
     add_generation_options(p)
@@ -142,6 +150,7 @@ def _add_generate(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of --sample-layer")
     add_special_tokens_option(p, "prompts")
+    add_withhold_english(p)
     add_loading_options(p)
     add_yaml_config(p)
     p.set_defaults(func=generate)
@@ -167,16 +176,34 @@ def _check_system_turn(records: list[dict], model) -> None:
         system_prompt_of([Record(**records[0])], model.cc_config.prompt_format.system_prompt, model=True)
 
 
-def _generation_rows(records: list[dict], outs, connection: str) -> list[str]:
-    """One JSON line per generation: the instruction, the text, the chosen layer (and the language)."""
+def _generation_rows(
+    records: list[dict], outs, connection: str, prompts: list[str], augment: str
+) -> list[str]:
+    """One JSON line per generation: the instruction, the text, the chosen layer (and the language);
+    for a model trained with --augment bilingual-prompt, the prompt it was given and whether it was
+    bilingual (false: the non-English instruction alone, or an English one)."""
     rows = []
-    for rec, out in zip(records, outs):
+    for rec, out, prompt in zip(records, outs, prompts):
         row = {"instruction": rec["instruction"], "generation": out.text, "layer": out.layer}
         row["connection"] = connection
         if rec.get("lang"):
             row["lang"] = rec["lang"]
+        if augment == "bilingual-prompt":
+            row.update(augment=augment, prompt=prompt, bilingual=prompt != rec["instruction"])
         rows.append(json.dumps(row, ensure_ascii=False))
     return rows
+
+
+def _prompts(args: argparse.Namespace, records: list[dict], augment: str) -> tuple[list[str], int]:
+    """The prompt of each record for a model trained with ``augment`` (the English first for
+    bilingual-prompt, unless --withhold-english), and how many went without their English."""
+    from cctuning.data.augment import inference_instructions  # deferred: the data package imports torch
+
+    english = None if args.withhold_english else [r.get("instruction_en") for r in records]
+    where = args.input or "generate"
+    return inference_instructions(
+        [r["instruction"] for r in records], english, augment, where, [r.get("lang") for r in records]
+    )
 
 
 def what_ran(connection: str, layers) -> str:
@@ -239,18 +266,25 @@ def generate(args: argparse.Namespace) -> int:
         records = _generate_records(args)
         _check_system_turn(records, model)
         connection = resolve_connection(model, args.connection)
+        augment = model.cc_config.augment
+        prompts, missing = _prompts(args, records, augment)
         outs = gen.generate(
-            [r["instruction"] for r in records],
+            prompts,
             connection,
             english=[r["instruction_en"] for r in records] if connection == "english" else None,
             progress=args.input is not None,
         )
     ran = what_ran(connection, [o.layer for o in outs])
+    if augment == "bilingual-prompt":
+        why = (
+            (" (--withhold-english)" if args.withhold_english else " (no English at hand)") if missing else ""
+        )
+        ran += f"; bilingual-prompt model: {missing} of {len(prompts)} prompts without the English{why}"
     if args.prompt is not None and not args.output:
         print(outs[0].text)
         print(ran, file=sys.stderr)  # stdout holds the answer only
         return 0
-    rows = _generation_rows(records, outs, connection)
+    rows = _generation_rows(records, outs, connection, prompts, augment)
     text = "\n".join(rows) + "\n"
     if args.output:
         write_text(args.output, text)

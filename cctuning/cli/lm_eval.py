@@ -41,6 +41,9 @@ MODEL_ARGS = {
     "add_bos_token": "true or false: add the BOS token (default: as lm-eval's hf model)",
     "prefix_token_id": "the token before a continuation without context (default: BOS, else EOS)",
     "trust_remote_code": "true: allow code from the model folder to run (only if you trust it)",
+    "prompt_field": "a model trained with --augment bilingual-prompt: the documents' field whose text in "
+    "the context gets the English before it (default: prompt)",
+    "withhold_english": "true: prompt a bilingual-prompt model without the English (default false)",
 }
 HELP_ARGS = ([], ["-h"], ["--help"], ["run"], ["run", "-h"], ["run", "--help"])
 

@@ -24,6 +24,11 @@ What :class:`CCLM` computes (docs/evaluation.md, "lm-evaluation-harness"):
   ``english`` renders the English prompt of each request's document (field ``english_field``,
   default ``prompt_en``) as training renders an English instruction. ``sample_layer=K``: the
   official Gumbel-sampled layer, seeded with ``seed``; a log-likelihood is the mean over K draws.
+* A model trained with ``--augment bilingual-prompt`` gets, in each context, the document's
+  instruction (field ``prompt_field``, default ``prompt``: its last occurrence in the context) made
+  the bilingual prompt with the document's English (``english_field``), as ``cctuning eval`` gives
+  it; ``withhold_english=true`` leaves the contexts as they are. Requests whose context got no
+  English are counted, warned about and recorded in the results' config (``get_model_info``).
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ from lm_eval.models.utils import resolve_max_length
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window, simple_parse_args_string
 from tqdm.auto import tqdm
 
+from cctuning.config import coerce
+from cctuning.data.augment import augmented_context, prompt_report, warn_without_english
 from cctuning.data.collator import pad_rows
 from cctuning.data.encoding import PLAIN_HEAD, PLAIN_TAIL, EncodedPrompt, PromptEncoder
 from cctuning.errors import CCError
@@ -100,7 +107,8 @@ class CCLM(GenerateUntil, TemplateLM):
     ``model_args``: ``pretrained`` (a folder or preset name, or a loaded :class:`CCModel` with
     ``tokenizer``), ``connection`` (transform, none, english), ``sample_layer`` (K draws, 0: argmax),
     ``seed``, ``english_field``, ``batch_size``, ``max_length``, ``max_gen_toks`` (256, lm-eval's
-    default), ``dtype``, ``device``, ``add_bos_token``, ``prefix_token_id``, ``trust_remote_code``.
+    default), ``dtype``, ``device``, ``add_bos_token``, ``prefix_token_id``, ``trust_remote_code``,
+    ``prompt_field`` and ``withhold_english`` (models trained with ``--augment bilingual-prompt``).
     """
 
     def __init__(
@@ -120,6 +128,8 @@ class CCLM(GenerateUntil, TemplateLM):
         prefix_token_id: int | None = None,
         trust_remote_code: bool = False,
         tokenizer=None,
+        prompt_field: str = "prompt",
+        withhold_english: bool | str = False,
         **unknown,
     ):
         super().__init__()
@@ -158,6 +168,9 @@ class CCLM(GenerateUntil, TemplateLM):
         )
         self.batch_sizes: dict = {}  # what lm-eval's results record as detected batch sizes (none)
         self._english_cache: dict[str, EncodedPrompt] = {}
+        self.prompt_field = prompt_field
+        self.withhold_english = bool(coerce(withhold_english, bool, "model_args withhold_english"))
+        self.without_english = [0, 0]  # requests of a bilingual-prompt model without their English, of all
 
     # -- construction from lm-eval's arguments -------------------------------------------------
     @classmethod
@@ -223,6 +236,7 @@ class CCLM(GenerateUntil, TemplateLM):
             "num_layers": self.model.arch.num_layers,
             "model_num_parameters": sum(p.numel() for p in self.model.base.parameters()),
             "model_dtype": str(self.model.arch.embeddings.weight.dtype),
+            **prompt_report(self.model.cc_config.augment, self.withhold_english, self.without_english[0]),
         }
 
     # -- prompts -------------------------------------------------------------------------------
@@ -301,11 +315,39 @@ class CCLM(GenerateUntil, TemplateLM):
             self._english_cache[text] = self.encoder.encode_prompt(text, self.max_length)
         return self._english_cache[text]
 
+    def _context(self, request, context: str) -> str:
+        """``context`` as a model trained with ``--augment bilingual-prompt`` is prompted: the document's
+        instruction (``prompt_field``) preceded by its English (``english_field``), unless
+        ``withhold_english`` (:func:`~cctuning.data.augment.augmented_context`); counted."""
+        augment = self.model.cc_config.augment
+        if augment != "bilingual-prompt" or not context:
+            return context
+        doc = getattr(request, "doc", None)
+        doc = doc if isinstance(doc, dict) else {}
+        instruction, english = doc.get(self.prompt_field), doc.get(self.english_field)
+        english = None if self.withhold_english or not isinstance(english, str) else english
+        text, alone = (
+            augmented_context(context, instruction, english, augment, doc.get("lang"))
+            if isinstance(instruction, str)
+            else (context, True)
+        )
+        self.without_english[0] += alone
+        self.without_english[1] += 1
+        return text
+
+    def _warn_without_english(self, before: list[int]) -> None:
+        """One warning for the requests of this call that went without their English."""
+        warn_without_english(
+            "lm-eval", self.without_english[0] - before[0], self.without_english[1] - before[1]
+        )
+
     # -- log-likelihoods -----------------------------------------------------------------------
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         inputs: dict[tuple, _Scored] = {}
+        before = list(self.without_english)
         for index, request in enumerate(requests):
             context, continuation = request.args
+            context = self._context(request, context)
             if context == "":
                 cont = self.tok_encode(continuation, add_special_tokens=False)
                 ctx, cont = (
@@ -323,6 +365,7 @@ class CCLM(GenerateUntil, TemplateLM):
             self._add(
                 inputs, ctx + cont, self._position(prompt), self._english_prompt(request), index, len(cont)
             )
+        self._warn_without_english(before)
         scores = self._score(list(inputs.values()), len(requests), disable_tqdm)
         for request, score in zip(requests, scores):
             self.cache_hook.add_partial("loglikelihood", request.args, score)

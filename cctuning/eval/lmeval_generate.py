@@ -33,8 +33,12 @@ class GenerateUntil:
             logger.warning(
                 "generate_until samples one layer per request (sample_layer=%d)", self.sample_layer
             )
+        before = list(self.without_english)
+        # the contexts as the model is prompted (a bilingual-prompt model: with the English)
+        contexts = [self._context(request, request.args[0]) for request in requests]
+        self._warn_without_english(before)
         collator = Collator(
-            [(*request.args, index) for index, request in enumerate(requests)],
+            [(contexts[index], request.args[1], index) for index, request in enumerate(requests)],
             sort_fn=lambda r: (-len(self.tok_encode(r[0])), r[0]),
             group_by="gen_kwargs",
             group_fn=lambda r: r[1],
@@ -46,11 +50,9 @@ class GenerateUntil:
         try:
             with sampling:
                 for chunk in collator.get_batched(n=self.batch_size):
-                    for text, (context, gen_kwargs, _) in zip(
-                        self._generate_chunk(chunk, requests, eos), chunk
-                    ):
+                    for text, (_, _, index) in zip(self._generate_chunk(chunk, requests, eos), chunk):
                         results.append(text)
-                        self.cache_hook.add_partial("generate_until", (context, gen_kwargs), text)
+                        self.cache_hook.add_partial("generate_until", requests[index].args, text)
                         bar.update(1)
         finally:
             bar.close()

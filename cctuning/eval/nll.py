@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from cctuning.data.augment import inference_records, prompt_report
 from cctuning.data.collator import CCCollator, pad_token_id
 from cctuning.data.encoding import PromptEncoder, encode_example, warn_special_records
 from cctuning.data.formats import DataOptions
@@ -159,22 +160,26 @@ def encode_nll_records(
     max_length: int,
     data_options: DataOptions | None = None,
     allow_special_tokens: bool = False,
+    withhold_english: bool = False,
 ):
     """The records of ``data`` (read as ``data_options`` say), their features (with the English
-    prompts for ``english``) and how much of each the token budget cut (``response_cut``,
-    ``instruction_cut`` in tokens). Special-token strings in the records are plain text unless
+    prompts for ``english``), how much of each the token budget cut (``response_cut``,
+    ``instruction_cut`` in tokens) and how many prompts of a model trained with ``--augment
+    bilingual-prompt`` went without their English (:func:`~cctuning.data.augment.inference_records`;
+    ``withhold_english``: all of them). Special-token strings in the records are plain text unless
     ``allow_special_tokens``."""
     records = load_records(data, require_english=connection == "english", options=data_options)
     system_prompt_of(records, model.cc_config.prompt_format.system_prompt, model=True)
     encoder = PromptEncoder(tokenizer, model.cc_config.prompt_format, max_length, allow_special_tokens)
     english = ("instruction_en",) if connection == "english" else ()
     warn_special_records(encoder, records, data, ("instruction", "output", *english))
+    prompted, fallbacks = inference_records(records, model.cc_config.augment, str(data), withhold_english)
     features, cuts = [], []
-    for rec in records:
+    for rec in prompted:
         ex = encode_example(encoder, rec, with_english=connection == "english")
         features.append(ex.features())
         cuts.append({"response_cut": ex.response_cut, "instruction_cut": ex.instruction_cut})
-    return records, features, cuts
+    return records, features, cuts, fallbacks
 
 
 def score_records(
@@ -279,6 +284,7 @@ def evaluate_nll(
     min_response_tokens: int = 4,
     data_options: DataOptions | None = None,
     allow_special_tokens: bool = False,
+    withhold_english: bool = False,
 ) -> dict:
     """Score the gold responses of ``data`` (training records, in any format and source
     :func:`~cctuning.data.records.load_records` reads as ``data_options`` say) and write
@@ -288,7 +294,9 @@ def evaluate_nll(
     Every cut the token budget made is recorded per item and counted in the report; an item whose
     response was cut to fewer than ``min_response_tokens`` tokens is flagged (``short``) and counted,
     and a warning names how many there are (its NLL rests on few tokens). Special-token strings in the
-    records are plain text unless ``allow_special_tokens``."""
+    records are plain text unless ``allow_special_tokens``. A model trained with ``--augment
+    bilingual-prompt`` is prompted with each record's English and then its instruction, or without the
+    English where a record lacks it or ``withhold_english`` (counted in the report, with a warning)."""
     if batch_size <= 0:
         raise CCError(f"batch size must be > 0, got {batch_size}")
     if max_length <= 0:
@@ -301,17 +309,18 @@ def evaluate_nll(
     with folder_lock(output, "cctuning eval --nll") if output is not None else contextlib.nullcontext():
         return _evaluate_nll(
             model, tokenizer, data, connection, output, batch_size, max_length, seed, reps, progress,
-            model_name, sample_layer, min_response_tokens, data_options, allow_special_tokens,
+            model_name, sample_layer, min_response_tokens, data_options, allow_special_tokens, withhold_english,
         )  # fmt: skip
 
 
 def _evaluate_nll(
     model, tokenizer, data, connection, output, batch_size, max_length, seed, reps, progress,
     model_name, sample_layer, min_response_tokens, data_options=None, allow_special_tokens=False,
+    withhold_english=False,
 ) -> dict:  # fmt: skip
     max_length = cap_to_context(max_length, model)  # no item longer than the model's positions
-    records, features, cuts = encode_nll_records(
-        model, tokenizer, data, connection, max_length, data_options, allow_special_tokens
+    records, features, cuts, fallbacks = encode_nll_records(
+        model, tokenizer, data, connection, max_length, data_options, allow_special_tokens, withhold_english
     )
     started = time.time()
     items = score_records(
@@ -342,6 +351,7 @@ def _evaluate_nll(
         **({"data_options": data_options.describe()} if data_options and data_options.describe() else {}),
         "connection": connection,
         "method": model.cc_config.method,
+        **prompt_report(model.cc_config.augment, withhold_english, fallbacks),
         "model": model_name,
         "seed": seed,
         "bootstrap_reps": reps,

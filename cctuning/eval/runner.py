@@ -20,12 +20,13 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from cctuning.data.augment import inference_instruction, needs_english, prompt_report, warn_without_english
 from cctuning.errors import CCError
 from cctuning.eval.benchmarks import (
     BENCHMARKS,
@@ -81,6 +82,8 @@ class EvalConfig:
     trust_remote_code: bool = False
     sample_layer: int = 0  # K > 0: the official Gumbel-sampled layer, K seeded draws, scores averaged
     overwrite: bool = False  # replace results of another model or settings in the output folder
+    # a model trained with --augment bilingual-prompt: prompts without the items' English (prompt_en)
+    withhold_english: bool = False
 
     def check(self) -> None:
         """Values that cannot make an evaluation: one line each, before anything runs."""
@@ -115,6 +118,8 @@ class EvalConfig:
             "scoring": self.scoring,
             "max_new_tokens": self.max_new_tokens,
             "sample_layer": self.sample_layer,
+            # only when set, so that generations cached before the option existed are reused
+            **({"withhold_english": True} if self.withhold_english else {}),
         }
 
 
@@ -201,6 +206,7 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
         _open_run_dir(cfg, connection, out_dir)
         results, started = [], time.time()
         missing_langs: dict[str, list[str]] = {}
+        without_english: dict[tuple[str, str], tuple[int, int]] = {}  # (benchmark, lang): (fallbacks, items)
         draws = cfg.sample_layer if connection != "none" else 0
         for bench in [get_spec(b).name for b in cfg.benchmarks]:
             langs = _benchmark_langs(cfg, bench, missing_langs)
@@ -210,13 +216,23 @@ def evaluate(cfg: EvalConfig, model=None, tokenizer=None, progress: bool = True)
                 with layer_sampling(model, cfg.seed + draw) if draws else contextlib.nullcontext():
                     runs.append(
                         _evaluate_benchmark(
-                            cfg, bench, langs, generator, GenerationCache(folder), connection, progress
-                        )
+                            cfg,
+                            bench,
+                            langs,
+                            generator,
+                            GenerationCache(folder),
+                            connection,
+                            progress,
+                            without_english,
+                        )  # fmt: skip
                     )
             results += _average_draws(runs)
         if not results:
             raise CCError("nothing to evaluate: no benchmark has any of the requested languages")
+        fallbacks = sum(n for n, _ in without_english.values())
+        warn_without_english("eval", fallbacks, sum(t for _, t in without_english.values()))
         report = _results_report(cfg, model, connection, results, missing_langs, time.time() - started)
+        report.update(prompt_report(model.cc_config.augment, cfg.withhold_english, fallbacks))
         write_results(out_dir, report)
     return report
 
@@ -241,6 +257,7 @@ def _average_draws(runs: list[list[dict]]) -> list[dict]:
 
 def _out_dir(cfg: EvalConfig, connection: str) -> Path:
     suffix = f"-sampled{cfg.sample_layer}" if cfg.sample_layer and connection != "none" else ""
+    suffix += "-no-english" if cfg.withhold_english else ""
     return Path(cfg.output or Path(cfg.model) / "eval" / f"{connection}-{cfg.scoring}{suffix}")
 
 
@@ -289,8 +306,10 @@ def _evaluate_benchmark(
     cache: GenerationCache,
     connection: str,
     progress: bool,
+    without_english: dict | None = None,
 ) -> list[dict]:
-    """One benchmark's items: generate those not cached yet, then score every item."""
+    """One benchmark's items: generate those not cached yet, then score every item (``without_english``
+    gets, per language, how many prompts of a bilingual-prompt model went without their English)."""
     spec = get_spec(bench)
     scoring = cfg.scoring if spec.answer_kind == "choice" else "generate"
     limit = cfg.limit_for(bench)
@@ -300,7 +319,10 @@ def _evaluate_benchmark(
     results = []
     for lang, items in items_by_lang.items():
         done = cache.load(bench, lang)
-        todo = [it for it in items if str(it.id) not in done]
+        asked, fallbacks = _prompted(cfg, generator.model.cc_config.augment, items)
+        if without_english is not None:
+            without_english[bench, lang] = (fallbacks, len(items))
+        todo = [it for it in asked if str(it.id) not in done]
         if scoring == "likelihood" and not cfg.sample_layer:
             # chunks of similar prompt lengths, so that their batches carry little padding (XNLI/sw,
             # 200 items, SmolLM2 tokens, batch 8: 6.5 % padding -> 1.1 %); results are kept by id.
@@ -324,6 +346,21 @@ def _evaluate_benchmark(
             )
     bar.close()
     return results
+
+
+def _prompted(cfg: EvalConfig, augment: str, items: list[Item]) -> tuple[list[Item], int]:
+    """``items`` with the prompt a model trained with ``augment`` is given
+    (:func:`~cctuning.data.augment.inference_instruction`: a bilingual-prompt model gets the item's
+    ``prompt_en``, then its prompt, unless ``withhold_english``), and how many went without their
+    English (the caller warns once for the whole run)."""
+    if augment != "bilingual-prompt":
+        return items, 0
+    english = [None if cfg.withhold_english else it.prompt_en for it in items]
+    asked = [
+        replace(it, prompt=inference_instruction(it.prompt, en, augment, it.lang))
+        for it, en in zip(items, english)
+    ]
+    return asked, sum(needs_english(it.prompt, en, augment, it.lang) for it, en in zip(items, english))
 
 
 def _generate(cfg: EvalConfig, generator, todo: list[Item], connection: str, scoring: str, labels):

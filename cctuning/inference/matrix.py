@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from cctuning.data.augment import inference_records
 from cctuning.data.collator import pad_rows, pad_token_id
 from cctuning.data.encoding import PromptEncoder, warn_special_records
 from cctuning.data.formats import DataOptions
@@ -313,6 +314,8 @@ def fit_transform_matrix(
     pairs = [r for r in records if r.instruction_en]
     if len(pairs) < 2:
         raise CCError("fitting a transform matrix needs at least 2 records with instruction_en")
+    # the source is the prompt the model sees at inference: bilingual for --augment bilingual-prompt
+    pairs, _ = inference_records(pairs, model.cc_config.augment, "fit-matrix")
     fit, held = split_pairs(len(pairs), samples, heldout_fraction, seed)
     acc = NormalEquations(model.arch.hidden_size, model.arch.num_layers, per_layer)
     stored = accumulate_pairs(

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cctuning.config import coerce
+from cctuning.data.augment import check_augment
 from cctuning.data.encoding import PromptFormat
 from cctuning.errors import CCError
 
@@ -39,11 +40,14 @@ class CCConfig:
     fusion: str = "add"  # add | scaled | gated | gated-scalar (model/fusion.py)
     dm_input: str = "raw"  # raw | rms: the Decision Maker's input (model/decision.py)
     tau_end: float | None = None  # Gumbel temperature annealed from tau to tau_end over training
+    # the records' data-level use of instruction_en in training (data/augment.py): how inference prompts
+    augment: str = "none"  # none | english-prompt | bilingual-prompt
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise CCError(f"unknown method '{self.method}' (use {', '.join(METHODS)})")
         parse_layer_choice(self.layer_choice)
+        check_augment(self.augment)
         if self.tau <= 0:
             raise CCError(f"tau must be > 0, got {self.tau}")
         if self.tau_end is not None and self.tau_end <= 0:

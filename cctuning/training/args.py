@@ -39,6 +39,13 @@ class TrainConfig:
     method: str = opt(
         "cc", "cc: CC-Tuning; sft: plain multilingual SFT on the same pipeline", choices=["cc", "sft"]
     )
+    augment: str = opt(
+        "none",
+        "data-level use of instruction_en (docs/data.md): english-prompt adds (English instruction -> the "
+        "same response) for every non-English record; bilingual-prompt prompts with the English "
+        "instruction, then the non-English one",
+        choices=["none", "english-prompt", "bilingual-prompt"],
+    )
     max_steps: int = opt(-1, "stop after this many optimizer steps (overrides --epochs when > 0)")
     epochs: float = opt(3.0, "number of training epochs")
     batch_size: int = opt(16, "per-device batch size")
@@ -142,7 +149,7 @@ class TrainConfig:
 # options first, then the mechanism's; the Trainer's own fields follow in a section of their own
 OPTION_GROUPS = {
     "common options": (
-        "method", "model", "data", "output", "epochs", "max_steps", "batch_size", "grad_accum",
+        "method", "augment", "model", "data", "output", "epochs", "max_steps", "batch_size", "grad_accum",
         "max_length", "lr", "seed", "dtype", "bf16", "fp16", "gradient_checkpointing", "lora_r",
         "lora_alpha", "lora_dropout", "lora_target", "trust_remote_code", "report_to", "resume",
         "overwrite", "save_steps", "save_total_limit",

@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 from transformers import TrainingArguments, integrations, set_seed
 
+from cctuning.data.augment import augment_records, check_augment
 from cctuning.data.collator import CCCollator
 from cctuning.data.encoding import (
     IGNORE_INDEX,
@@ -202,6 +203,7 @@ def prepare(cfg: TrainConfig):
         report=report,
         options=data_options(cfg),
     )
+    records = augment_records(records, cfg.augment)  # the examples the trainer sees (docs/data.md)
     tokenizer = load_tokenizer(model_path, cfg.trust_remote_code)
     # a conversation's system turn (one per file) is the run's system prompt, saved with the model
     fmt = PromptFormat(cfg.template, system_prompt_of(records, cfg.system_prompt), cfg.position_offset)
@@ -225,6 +227,7 @@ def prepare(cfg: TrainConfig):
         fusion=cfg.fusion,
         dm_input=cfg.dm_input,
         tau_end=cfg.tau_end,
+        augment=cfg.augment,
         layers_path=cfg.layers_path,
         ffn_module=cfg.ffn_module,
         prompt_format=PromptFormat(encoder.mode, fmt.system_prompt, fmt.position_offset),
@@ -253,6 +256,7 @@ def check_required(cfg: TrainConfig) -> None:
     if cfg.bf16 and cfg.fp16:
         raise CCError("--bf16 and --fp16 exclude each other")
     check_weight_dtype(cfg.dtype, cfg.lora_r, warn=False)
+    check_augment(cfg.augment)
     for name in ("batch_size", "grad_accum", "max_length", "logging_steps"):
         if getattr(cfg, name) <= 0:
             raise CCError(f"--{name.replace('_', '-')} must be > 0, got {getattr(cfg, name)}")
@@ -428,6 +432,7 @@ def _train(cfg: TrainConfig) -> Path:
         {
             "config": asdict(cfg),
             "records": report.loaded,
+            "examples": len(dataset),  # the records after --augment
             "skipped_records": report.skipped,
             "truncation": asdict(stats),
             "global_step": result.global_step,

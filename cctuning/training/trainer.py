@@ -74,6 +74,23 @@ class _FiniteGradients(TrainerCallback):
                 )
 
 
+class _Budget(TrainerCallback):
+    """Logs the run's budget when it starts: its examples (the records after ``--augment``) and its
+    optimizer steps, so that runs on data of different sizes are compared knowing both."""
+
+    def __init__(self, examples: int):
+        self.examples = examples
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        logger.info(
+            "training: %d examples, %d optimizer steps of %d examples per process (%s)",
+            self.examples,
+            state.max_steps,
+            args.per_device_train_batch_size * args.gradient_accumulation_steps,
+            f"--max-steps {args.max_steps}" if args.max_steps > 0 else f"{args.num_train_epochs:g} epochs",
+        )
+
+
 class CCTrainer(Trainer):
     """``connection_lr_scale`` multiplies the learning rate of the Decision Maker and the fusion gates."""
 
@@ -82,6 +99,7 @@ class CCTrainer(Trainer):
         self.connection_lr_scale = connection_lr_scale
         self.run_settings = run_settings  # written into every checkpoint (training/resume.py)
         model = self._cc_model()
+        self.add_callback(_Budget(len(self.train_dataset) if self.train_dataset is not None else 0))
         if not self.is_deepspeed_enabled:  # DeepSpeed keeps the gradients itself, partitioned
             self.add_callback(_FiniteGradients(model))
         if model.cc_config.tau_end is not None and model.uses_connection:

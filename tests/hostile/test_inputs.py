@@ -213,7 +213,7 @@ def test_train_and_nll_encode_the_data_as_text_and_warn_once_per_file(tokenizer,
         _, _, dataset, _, _ = prepare(
             TrainConfig(model=str(base_dir), data=str(data), output=str(tmp_path / "o"))
         )
-        _, features, _ = encode_nll_records(connected_model(tokenizer), tokenizer, data, "none", 1024)
+        _, features, _, _ = encode_nll_records(connected_model(tokenizer), tokenizer, data, "none", 1024)
     for feats in (list(dataset), features):
         assert {_specials(tokenizer, f["input_ids"]) for f in feats} == {
             _specials(tokenizer, clean.input_ids)

@@ -164,6 +164,8 @@ def _check_cells(cfg: ExperimentConfig, path, train_hints: dict) -> set[str]:
             elif key == "sample_layer":
                 if coerce(value, int, where) < 0:
                     raise CCError(f"{where}: the number of layer draws must be ≥ 0, got {value!r}")
+            elif key == "withhold_english":
+                coerce(value, bool, where)
             elif key != "name":
                 if key not in train_hints:
                     raise CCError(f"{path}: cell '{cell['name']}': unknown option '{key}'")
@@ -171,8 +173,16 @@ def _check_cells(cfg: ExperimentConfig, path, train_hints: dict) -> set[str]:
                     raise CCError(
                         f"{where}: every cell trains on the experiment's data (set at its top level)"
                     )
-                coerce(value, train_hints[key], where)
+                _check_train_value(key, value, train_hints, where)
     return names
+
+
+def _check_train_value(key: str, value, train_hints: dict, where: str) -> None:
+    """A ``cctuning train`` option's value: of its type, and one of its choices where it has them."""
+    value = coerce(value, train_hints[key], where)
+    choices = TrainConfig.__dataclass_fields__[key].metadata.get("choices")
+    if choices and value not in choices:
+        raise CCError(f"{where}: expected one of {', '.join(choices)}, got {value!r}")
 
 
 def _check_train(cfg: ExperimentConfig, path, train_hints: dict) -> None:
@@ -182,7 +192,7 @@ def _check_train(cfg: ExperimentConfig, path, train_hints: dict) -> None:
             raise CCError(f"{path}: train: unknown option '{key}'")
         if key in DATA_KEYS:
             raise CCError(f"{path}: train: option '{key}': set the data at the top level of the experiment")
-        coerce(value, train_hints[key], f"{path}: train: option '{key}'")
+        _check_train_value(key, value, train_hints, f"{path}: train: option '{key}'")
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
@@ -224,8 +234,9 @@ def select_cells(cfg: ExperimentConfig, names: list[str]) -> None:
         cfg.baseline = None
 
 
-# cell keys that say how a cell is evaluated, not how it is trained
-EVAL_KEYS = ("name", "connection", "sample_layer")
+# cell keys that say how a cell is evaluated, not how it is trained; withhold_english: a model trained
+# with augment bilingual-prompt is prompted without the English instruction (docs/experiments.md)
+EVAL_KEYS = ("name", "connection", "sample_layer", "withhold_english")
 
 
 def _train_key(options: dict) -> str:
@@ -242,6 +253,7 @@ class Cell:
     options: dict
     connection: str
     sample_layer: int = 0  # evaluation only: K Gumbel-sampled layer draws per item (0: the argmax)
+    withhold_english: bool = False  # evaluation only: prompts without the English (augment bilingual-prompt)
 
     @property
     def train_name(self) -> str:
@@ -255,10 +267,13 @@ def resolve_cells(cfg: ExperimentConfig) -> list[Cell]:
     for cell in cfg.cells:
         options = {**cfg.train, **{k: v for k, v in cell.items() if k not in EVAL_KEYS}}
         options = {k: coerce(v, hints[k], f"cell '{cell['name']}': option '{k}'") for k, v in options.items()}
+        if options.get("augment") == "none":  # the default: the same training as without the key
+            del options["augment"]
         connection = cell.get("connection") or (
             "transform" if options.get("method", "cc") == "cc" else "none"
         )
-        cells.append(Cell(cell["name"], options, connection, int(cell.get("sample_layer", 0))))
+        withhold = bool(coerce(cell.get("withhold_english", False), bool, f"cell '{cell['name']}'"))
+        cells.append(Cell(cell["name"], options, connection, int(cell.get("sample_layer", 0)), withhold))
         safe_name(cells[-1].train_name, f"cell '{cell['name']}': training folder")  # a method like ../x
     return cells
 
@@ -291,7 +306,13 @@ def answer_nll_name(benchmark: str) -> str:
 
 
 def bench_config(
-    cfg: ExperimentConfig, model: str, connection: str, output: Path, seed: int, sample_layer: int = 0
+    cfg: ExperimentConfig,
+    model: str,
+    connection: str,
+    output: Path,
+    seed: int,
+    sample_layer: int = 0,
+    withhold_english: bool = False,
 ) -> EvalConfig:
     """The :class:`~cctuning.eval.runner.EvalConfig` of the experiment's ``benchmarks:`` spec."""
     b = cfg.benchmarks
@@ -308,4 +329,5 @@ def bench_config(
         output=str(output),
         seed=seed,
         sample_layer=sample_layer,
+        withhold_english=withhold_english,
     )

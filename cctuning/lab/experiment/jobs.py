@@ -26,8 +26,9 @@ from cctuning.lab.experiment.config import (
     answer_benchmarks,
     answer_nll_name,
     resolve_cells,
+    train_dir,
 )
-from cctuning.lab.experiment.reuse import _check_cell, _evaluations, matrix_fit
+from cctuning.lab.experiment.reuse import _check_cell, _evaluations, matrix_fit, training_budget
 
 logger = logging.getLogger(__name__)
 
@@ -216,4 +217,5 @@ def _read_cell_run(cfg: ExperimentConfig, base: Path, cell: Cell, seed: int) -> 
         "nll_dir": evs["nll"].folder,
         "answer_nll": answers,
         "matrix": matrix_fit(base, cell, seed),
+        "training": training_budget(train_dir(base, cell, seed)),
     }

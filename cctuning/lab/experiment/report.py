@@ -190,7 +190,25 @@ def summarize_experiment(cfg, cell_runs, baseline) -> dict:
         benchmarks = _benchmark_summary(per_seed)
         if benchmarks is not None:
             cell["benchmarks"] = benchmarks
+        cell["training"] = _training_summary(per_seed)
         out["cells"][name] = cell
+    return out
+
+
+def _training_summary(per_seed: dict) -> dict:
+    """A cell's training budget per seed (its augment, examples and optimizer steps: ``--augment
+    english-prompt`` doubles the examples, and with them the steps of an epoch) and, for a model
+    trained with ``bilingual-prompt``, how its held-out prompts were rendered."""
+    seeds = {seed: r.get("training") for seed, r in per_seed.items()}
+    first = next(iter(per_seed.values()))["nll"]
+    out: dict = {
+        "augment": next((t["augment"] for t in seeds.values() if t), "none"),
+        "examples": {str(s): t and t["examples"] for s, t in seeds.items()},
+        "steps": {str(s): t and t["steps"] for s, t in seeds.items()},
+    }
+    if "english_withheld" in first:
+        out["english_withheld"] = first["english_withheld"]
+        out["heldout_prompts_without_english"] = first["prompts_without_english"]
     return out
 
 
@@ -357,13 +375,49 @@ def _benchmark_lines(cells: dict) -> list[str]:
     return lines
 
 
+def _training_lines(cells: dict) -> list[str]:
+    """Each cell's augment, examples and optimizer steps per seed (a report from before they were
+    recorded has none: no table)."""
+    if not all("training" in c for c in cells.values()):
+        return []
+
+    def per_seed(values: dict) -> str:
+        shown = {"—" if v is None else str(v) for v in values.values()}
+        return (
+            shown.pop()
+            if len(shown) == 1
+            else ", ".join("—" if v is None else str(v) for v in values.values())
+        )
+
+    lines = [
+        "Training per cell (examples: the records after `augment`; steps: optimizer steps; per seed where "
+        "they differ):",
+        "",
+        "| cell | augment | examples | steps | prompts at inference |",
+        "|---|---|---|---|---|",
+    ]
+    for name, cell in cells.items():
+        t = cell["training"]
+        prompts = "as trained"
+        if "english_withheld" in t:
+            prompts = (
+                "without the English (withheld)"
+                if t["english_withheld"]
+                else f"English given ({t['heldout_prompts_without_english']} held-out prompts without it)"
+            )
+        lines.append(
+            f"| {name} | {t['augment']} | {per_seed(t['examples'])} | {per_seed(t['steps'])} | {prompts} |"
+        )
+    return lines + [""]
+
+
 def experiment_markdown(report: dict) -> str:
     """``report.md``: the setup and the time, then the held-out NLL tables, each benchmark's answer
     likelihood tables and the benchmarks' averages."""
     cells = report["cells"]
     names = list(cells)
     seeds = report["seeds"]
-    lines = _setup_lines(report) + _time_lines(report)
+    lines = _setup_lines(report) + _time_lines(report) + _training_lines(cells)
     lines += [
         f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}); "
         + ("mean [95% t-interval over seeds]" if len(seeds) > 1 else "no interval over seeds with one seed"),

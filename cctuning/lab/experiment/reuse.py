@@ -25,6 +25,7 @@ from cctuning.lab.experiment.config import (
     train_dir,
 )
 from cctuning.model.transform import MATRIX_REPORT_NAME
+from cctuning.training.run import TRAIN_RESULTS_NAME
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,8 @@ def _stage_settings(cfg: ExperimentConfig, cell: Cell, seed: int, kind: str) -> 
         "connection": cell.connection,
         "sample_layer": cell.sample_layer,
     }
+    if cell.withhold_english:  # recorded only when set, so that earlier results keep their settings
+        settings["withhold_english"] = True
     if cell.connection == "transform":
         settings["matrix_samples"] = cfg.matrix_samples
     if kind == "nll":
@@ -186,3 +189,18 @@ def matrix_fit(root: Path, cell: Cell, seed: int) -> dict | None:
         return None
     meta = json.loads(report.read_text(encoding="utf-8"))
     return {"fit": meta.get("fit_pairs"), "heldout": meta.get("heldout_pairs")}
+
+
+def training_budget(tdir: Path) -> dict | None:
+    """What a training trained on: its examples (the records after ``augment``) and optimizer steps,
+    from its ``train_results.json``; None before it has finished."""
+    results = tdir / TRAIN_RESULTS_NAME
+    if not results.is_file():
+        return None
+    data = json.loads(results.read_text(encoding="utf-8"))
+    return {
+        "augment": data["config"].get("augment", "none"),
+        "records": data.get("records"),
+        "examples": data.get("examples", data.get("records")),  # before --augment: one per record
+        "steps": data.get("global_step"),
+    }

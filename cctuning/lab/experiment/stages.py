@@ -47,6 +47,7 @@ from cctuning.lab.experiment.reuse import (
     make_once,
     matrix_fit,
     record_settings,
+    training_budget,
 )
 from cctuning.loading import load_for_inference
 from cctuning.model.transform import MATRIX_NAME
@@ -145,6 +146,7 @@ def _run_seed(cfg: ExperimentConfig, cells: list[Cell], run: _SeedRun) -> dict[s
             "nll_dir": ev["nll"].folder,
             "answer_nll": {b: ev[answer_nll_name(b)].folder for b in answer_benchmarks(cfg)},
             "matrix": matrix_fit(run.root, cell, run.seed),
+            "training": training_budget(tdirs[cell.name]),
         }
     return results
 
@@ -277,6 +279,7 @@ def _nll_evaluation(
             progress=run.progress,
             model_name=str(tdir),
             sample_layer=cell.sample_layer,
+            withhold_english=cell.withhold_english,
             **options,
         ),
     )
@@ -311,7 +314,9 @@ def _answer_nll_stage(
 
 
 def _bench_stage(cfg: ExperimentConfig, cell: Cell, tdir: Path, ev: _Evaluation, run: _SeedRun) -> dict:
-    spec = bench_config(cfg, str(tdir), cell.connection, ev.folder, run.seed, cell.sample_layer)
+    spec = bench_config(
+        cfg, str(tdir), cell.connection, ev.folder, run.seed, cell.sample_layer, cell.withhold_english
+    )
     _evaluation_stage(
         cfg, cell, tdir, ev, run, lambda model, tok: evaluate(spec, model, tok, progress=run.progress)
     )
