@@ -3,14 +3,18 @@ chat page (docs/serving.md).
 
 * ``POST /v1/chat/completions``, ``POST /v1/completions`` (``"stream": true``: server-sent events),
   ``GET /v1/models``, ``GET /health`` and ``GET /`` (the chat page, one static file).
-* With an API key, every ``/v1`` endpoint needs ``Authorization: Bearer KEY`` (compared in constant
-  time); ``/health`` and the static page do not (the page asks for the key and sends it).
+* With an API key, every endpoint but ``/health`` needs it (compared in constant time): as
+  ``Authorization: Bearer KEY`` (what OpenAI clients send), or as HTTP Basic credentials with the key
+  as the password and any user name. The page answers a request without it with a Basic challenge,
+  so a browser asks for the key once and sends it with the page's own requests too.
 * Every refusal has an OpenAI-shaped body, also a wrong path or method, a body that is not JSON or
   is over ``max_body`` bytes, and an unexpected failure (500, logged with its traceback).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hmac
 import json
 import logging
@@ -20,6 +24,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from cctuning.data.augment import inference_instruction, needs_english, warn_without_english
 from cctuning.serve.engine import Engine
 from cctuning.serve.prompts import chat_instruction, completion_prompts, encode_chat, raw_prompt
 from cctuning.serve.protocol import APIError, Served, bad, check_unsupported, field, sampling, text_field
@@ -51,16 +56,38 @@ async def read_json(request: Request, limit: int) -> dict:
     return body
 
 
-def key_check(api_key: str | None):
-    """A dependency that refuses requests without ``Authorization: Bearer <api_key>``."""
+#: the challenge of the chat page (only there: an API client's 401 must not open a browser dialog)
+CHALLENGE = {"WWW-Authenticate": 'Basic realm="cctuning serve", charset="UTF-8"'}
+
+
+def given_key(authorization: str) -> str | None:
+    """The key in an ``Authorization`` header: ``Bearer KEY``, or ``Basic`` credentials whose
+    password is the key (any user name); None when there is none."""
+    scheme, _, value = authorization.partition(" ")
+    if scheme.lower() == "bearer":
+        return value.strip()
+    if scheme.lower() == "basic":
+        try:
+            return base64.b64decode(value.strip(), validate=True).decode("utf-8").partition(":")[2]
+        except (binascii.Error, UnicodeDecodeError):
+            return None
+    return None
+
+
+def key_check(api_key: str | None, challenge: bool = False):
+    """A dependency that refuses requests without ``api_key`` (:func:`given_key`); ``challenge``: the
+    refusal asks a browser for Basic credentials."""
 
     async def check(request: Request) -> None:
         if api_key is None:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        given = given_key(request.headers.get("authorization", ""))
+        if given is None or not hmac.compare_digest(given.encode(), api_key.encode()):
             raise APIError(
-                401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key"
+                401,
+                "missing or wrong API key (Authorization: Bearer KEY)",
+                code="invalid_api_key",
+                headers=CHALLENGE if challenge else None,
             )
 
     return check
@@ -92,12 +119,17 @@ def chat_run(served: Served, body: dict) -> Run:
     settings = sampling(body, served.max_tokens, max_name)
     n = _n(body, served)
     stream, usage = _stream_flags(body)
-    instruction = chat_instruction(served, body.get("messages"))
+    plain = chat_instruction(served, body.get("messages"))
     english = text_field(body, "english")
-    connection = served.connection_of(body, alias, english is not None)
+    connection = served.connection_of(body, alias, english is not None, prompt_reads=served.bilingual)
+    augment = served.model.cc_config.augment
+    # a bilingual-prompt model reads the English inside its prompt where it is given (docs/data.md)
+    warn_without_english("a chat request", int(needs_english(plain, english, augment)), 1)
+    instruction = inference_instruction(plain, english, augment)
     prompt = encode_chat(served, instruction, settings.max_tokens, "messages")
-    en = encode_chat(served, english, settings.max_tokens, "english") if english is not None else None
-    return Run("chat", name, connection, [prompt], [en], settings, n, stream, usage)
+    en = encode_chat(served, english, settings.max_tokens, "english") if connection == "english" else None
+    bilingual = (instruction != plain) if served.bilingual else None
+    return Run("chat", name, connection, [prompt], [en], settings, n, stream, usage, bilingual=bilingual)
 
 
 def completion_run(served: Served, body: dict) -> Run:
@@ -139,7 +171,7 @@ def create_app(
         body = {"status": "ok" if engine.alive else "engine stopped", "model": served.name, **engine.load()}
         return JSONResponse(body, status_code=status)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(key_check(api_key, challenge=True))])
     async def chat_page():
         return HTMLResponse(page)
 

@@ -171,24 +171,32 @@ class Served:
             )
         return name, name.partition("@")[2] or None
 
-    def connection_of(self, body: dict, alias: str | None, english: bool) -> str:
+    @property
+    def bilingual(self) -> bool:
+        """Whether the model was trained with ``--augment bilingual-prompt``: its chat prompt carries
+        the English instruction where it is given (:func:`cctuning.data.augment.inference_instruction`)."""
+        return self.model.cc_config.augment == "bilingual-prompt"
+
+    def connection_of(self, body: dict, alias: str | None, english: bool, prompt_reads: bool = False) -> str:
         """The request's connection: ``connection``, or the model name's, or ``english`` when the
-        English prompt is given, or the server's default; checked against the model."""
+        English prompt is given (and the prompt itself does not read it: ``prompt_reads``, a chat
+        request to a ``bilingual-prompt`` model), or the server's default; checked against the model."""
         given = field(body, "connection", (str,))
         if given is not None and given not in CONNECTIONS:
             raise bad("connection", f"unknown connection '{given}' (use {', '.join(CONNECTIONS)})")
         if given and alias and given != alias:
             raise bad("connection", f"'connection' is {given} but the model name '@{alias}' asks for {alias}")
-        connection = given or alias or ("english" if english else self.connection)
+        connection = given or alias or ("english" if english and not prompt_reads else self.connection)
         if connection == "english" and not english:
             raise bad("english", "connection 'english' needs the English version of the prompt in 'english'")
         try:
             connection = resolve_connection(self.model, connection, english)
         except CCError as err:
             raise bad("english" if english and not (given or alias) else "connection", str(err)) from None
-        if english and connection != "english":
+        if english and connection != "english" and not prompt_reads:
             raise bad(
                 "english",
-                f"'english' is read by connection english only; this request runs connection {connection}",
+                f"'english' is read by connection english only; this request runs connection {connection}"
+                + (" (a bilingual-prompt model reads it in chat requests only)" if self.bilingual else ""),
             )
         return connection

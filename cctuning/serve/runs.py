@@ -2,7 +2,9 @@
 
 Each choice carries the connection that ran and the layer the Decision Maker chose for its prompt
 in the extra field ``cctuning``: ``{"connection": "transform", "layer": 3}`` (``layer`` is null
-with connection none). Streamed, every chunk of a choice carries it.
+with connection none); a chat answer of a ``--augment bilingual-prompt`` model adds
+``"bilingual_prompt"``: whether its prompt held the English (given in ``english``) or fell back to the
+non-English prompt alone. Streamed, every chunk of a choice carries it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Run:
     n: int = 1
     stream: bool = False
     include_usage: bool = False
+    bilingual: bool | None = None  # a bilingual-prompt model's chat: whether its prompt held the English
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -71,7 +74,10 @@ class Run:
         return {"id": prefix + self.id, "object": obj, "created": self.created, "model": self.model}
 
     def extra(self, layer: int | None) -> dict:
-        return {"cctuning": {"connection": self.connection, "layer": layer}}
+        extra = {"connection": self.connection, "layer": layer}
+        if self.bilingual is not None:
+            extra["bilingual_prompt"] = self.bilingual
+        return {"cctuning": extra}
 
     def choice(self, index: int, text: str, finish: str | None, layer: int | None, delta: bool = False):
         if self.kind == "completion":

@@ -5,6 +5,7 @@ seeds; the connection chosen by field and by model name; the API key; every bad 
 an OpenAI-shaped error while the server keeps answering; a client that leaves mid-stream; a full
 queue."""
 
+import base64
 import http.client
 import json
 import socket
@@ -188,21 +189,38 @@ def test_model_names_and_fields_choose_the_connection(server, client):
         chat(client, PROMPTS[0], model="cc@none", connection="transform")
 
 
-def test_api_key_on_every_endpoint_but_health_and_the_page(server):
+def basic(user: str, password: str) -> dict:
+    return {"Authorization": "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()}
+
+
+def test_api_key_on_every_endpoint_but_health(server):
     assert call(server.url, "GET", "/health") == (
         200,
         {"status": "ok", "model": "cc", "running": 0, "waiting": 0},
     )
-    status, page = call(server.url, "GET", "/")
-    assert status == 200 and b"<title>cctuning serve</title>" in page
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+    wrong_keys = ({}, {"Authorization": "Bearer wrong"}, {"Authorization": KEY}, basic("me", "wrong"))
+    for headers in wrong_keys:
         for method, path in (
+            ("GET", "/"),
             ("GET", "/v1/models"),
             ("POST", "/v1/chat/completions"),
             ("POST", "/v1/completions"),
         ):
             status, body = call(server.url, method, path, body={}, headers=headers)
             assert (status, body["error"]["code"]) == (401, "invalid_api_key")
+    for headers in (AUTH, basic("me", KEY), basic("", KEY)):  # the page: Bearer, or Basic with the key
+        status, page = call(server.url, "GET", "/", headers=headers)
+        assert status == 200 and b"<title>cctuning serve</title>" in page
+        assert call(server.url, "GET", "/v1/models", headers=headers)[0] == 200
+    where = urlparse(server.url)
+    for path, challenge in (("/", 'Basic realm="cctuning serve", charset="UTF-8"'), ("/v1/models", None)):
+        conn = http.client.HTTPConnection(where.hostname, where.port, timeout=30)
+        conn.request("GET", path)
+        response = conn.getresponse()
+        response.read()
+        conn.close()
+        # only the page asks a browser for credentials: an API client's 401 opens no dialog
+        assert (response.status, response.getheader("WWW-Authenticate")) == (401, challenge)
     wrong = openai.OpenAI(base_url=server.url + "/v1", api_key="wrong", max_retries=0)
     with pytest.raises(openai.AuthenticationError):
         wrong.models.list()

@@ -46,13 +46,16 @@ def page(server):
     )
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium(), headless=True)
-        yield browser.new_page(viewport={"width": 1200, "height": 800})
+        # the page itself needs the key: the browser answers its Basic challenge with these
+        credentials = {"username": "me", "password": "sk-page"}
+        context = browser.new_context(viewport={"width": 1200, "height": 800}, http_credentials=credentials)
+        yield context.new_page()
         browser.close()
 
 
-def ask(page, url, prompt, english="", max_tokens=12):
+def ask(page, url, prompt, english="", max_tokens=12, key="sk-page"):
     page.goto(url + "/")
-    page.fill("#api-key", "sk-page")
+    page.fill("#api-key", key)
     page.fill("#prompt", prompt)
     page.fill("#english", english)
     page.fill("#max-tokens", str(max_tokens))
@@ -99,6 +102,12 @@ def test_the_page_shows_both_answers_and_the_layer(server, page, tmp_path):
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
     print(f"chat page screenshot: {shot}")
+
+
+def test_the_browser_sends_the_pages_credentials_when_the_key_field_is_empty(server, page):
+    url, gen = server
+    answers, _ = ask(page, url, PROMPTS[2], key="")
+    assert answers["with"] == gen.generate(PROMPTS[2:3], "transform")[0].text
 
 
 def test_the_page_says_what_went_wrong(server, page):
