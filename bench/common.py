@@ -172,8 +172,9 @@ def _random_llama(tokenizer, layers: int, hidden: int, seed: int):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def load_base(name: str, seed: int = 0) -> Loaded:
-    """``tiny``/``medium``: random Llama models with the local test tokenizer; else a preset."""
+def load_base(name: str, seed: int = 0, folder: str | None = None) -> Loaded:
+    """``tiny``/``medium``: random Llama models with the local test tokenizer; else a preset, or the
+    model ``folder`` under that name (the GPU check's SmolLM2-135M in its shape, with random weights)."""
     import torch
 
     if name in RANDOM_MODELS:
@@ -190,7 +191,7 @@ def load_base(name: str, seed: int = 0) -> Loaded:
     from cctuning.loading import load_tokenizer
     from cctuning.presets import resolve_model
 
-    path = resolve_model(name)
+    path = folder or resolve_model(name)
     tokenizer = load_tokenizer(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     params = sum(p.numel() for p in base.parameters())

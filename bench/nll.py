@@ -47,24 +47,33 @@ class NllSetup:
     datasets: tuple[str, ...] = DATASETS
 
 
-def write_records(folder: Path, dataset: str, n: int) -> Path:
-    """``n`` records of ``dataset`` as a JSONL file in ``folder``."""
+def write_records(folder: Path, dataset: str, n: int) -> tuple[Path, int]:
+    """``n`` records of ``dataset`` (XQuAD/de has 238) as a JSONL file in ``folder``, and their count."""
     rows = mix_records(n, split="heldout", seed=2) if dataset == "heldout" else xquad_records(n)
     path = folder / f"{dataset}.jsonl"
     path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-    return path
+    return path, len(rows)
 
 
-def _one_dataset(model, tokenizer, data: Path, setup: NllSetup, contention: Contention, label: str,
-                 device: str) -> dict[str, Any]:  # fmt: skip
+def _one_dataset(
+    model, tokenizer, data: Path, items: int, setup: NllSetup, contention: Contention, label: str, device: str
+) -> dict[str, Any]:
     from cctuning.eval.nll import evaluate_nll  # deferred: imports torch
 
     def call(connection: str) -> float:
         gc.collect()
         synchronize(device)
         start = time.perf_counter()
-        evaluate_nll(model, tokenizer, data, connection, batch_size=setup.batch_size, max_length=2048,
-                     progress=False, reps=1000)  # fmt: skip
+        evaluate_nll(
+            model,
+            tokenizer,
+            data,
+            connection,
+            batch_size=setup.batch_size,
+            max_length=2048,
+            progress=False,
+            reps=1000,
+        )
         return time.perf_counter() - start
 
     contention.settle()
@@ -82,24 +91,31 @@ def _one_dataset(model, tokenizer, data: Path, setup: NllSetup, contention: Cont
         "target": TARGET,
         "holds": ratio["median"] <= TARGET,
         "seconds": {c: summary(s) for c, s in seconds.items()},
-        "items_per_s": {c: summary([setup.records / x for x in s], 2) for c, s in seconds.items()},
+        "items": items,
+        "items_per_s": {c: summary([items / x for x in s], 2) for c, s in seconds.items()},
         "contention": info,
     }
 
 
-def bench_nll(loaded: Loaded, setup: NllSetup, contention: Contention, device: str = "cpu",
-              dtype: str = "fp32") -> dict[str, Any]:  # fmt: skip
+def bench_nll(
+    loaded: Loaded, setup: NllSetup, contention: Contention, device: str = "cpu", dtype: str = "fp32"
+) -> dict[str, Any]:
     """Per data set: seconds and items/s of each connection, and the ratio transform / none."""
     import logging  # deferred: only to quiet the short-answer warnings of XQuAD's few-token answers
 
     logging.getLogger("cctuning").setLevel(logging.ERROR)
     model = wrap(loaded, "cc", with_transform=True).eval().to(device=device, dtype=torch_dtype(dtype))
-    out: dict[str, Any] = {"records": setup.records, "batch_size": setup.batch_size, "dtype": dtype,
-                           "datasets": {}}  # fmt: skip
+    out: dict[str, Any] = {
+        "records": setup.records,
+        "batch_size": setup.batch_size,
+        "dtype": dtype,
+        "datasets": {},
+    }
     with tempfile.TemporaryDirectory(prefix="cctuning-bench-nll-") as tmp:
         for dataset in setup.datasets:
-            data = write_records(Path(tmp), dataset, setup.records)
+            data, items = write_records(Path(tmp), dataset, setup.records)
             label = f"nll {loaded.name} {dataset}"
-            out["datasets"][dataset] = _one_dataset(model, loaded.tokenizer, data, setup, contention, label,
-                                                    device)  # fmt: skip
+            out["datasets"][dataset] = _one_dataset(
+                model, loaded.tokenizer, data, items, setup, contention, label, device
+            )
     return out

@@ -104,7 +104,7 @@ def _nll_ratio_rows(results: dict) -> list[str]:
             rows.append(_row(9, "eval --nll time, transform / none", model, res["error"]))
             continue
         for dataset, r in res["datasets"].items():
-            rows.append(_row(9, f"eval --nll time, transform / none, {dataset} ({res['records']} records, batch "
+            rows.append(_row(9, f"eval --nll time, transform / none, {dataset} ({r.get('items', res['records'])} records, batch "
                              f"{res['batch_size']})", model, fmt(r["ratio"]) + mark(r.get("contention")),
                              f"target ≤ {r['target']:.2f}", holds(r["ratio"], r["target"])))  # fmt: skip
     return rows
@@ -162,7 +162,7 @@ def nll_rows(results: dict) -> list[str]:
     for model, res in results.get("nll", {}).items():
         for dataset, r in res.get("datasets", {}).items():
             ips = r["items_per_s"]
-            rows.append(f"| {model} | {dataset} | {res['records']}, {res['batch_size']} | {fmt(ips['none'])} | "
+            rows.append(f"| {model} | {dataset} | {r.get('items', res['records'])}, {res['batch_size']} | {fmt(ips['none'])} | "
                         f"{fmt(ips['transform'])} |")  # fmt: skip
     return rows
 
