@@ -44,7 +44,7 @@ from bench.common import (
 )
 from bench.compare import compare
 from bench.evaluation import EvalSetup, bench_eval
-from bench.flops import DTYPES, FlopsSetup, bench_flops, matmul_peak
+from bench.flops import DTYPES, PEAK_SHAPES, FlopsSetup, bench_flops, matmul_peak
 from bench.generation import GenerateSetup, bench_generate
 from bench.matrix_fit import summarise_fits
 from bench.nll import NllSetup, bench_nll
@@ -225,6 +225,10 @@ class Bench:
         setup = self.plan["flops"][loaded.name]
         if self.without_bf16(loaded):
             setup = dataclasses.replace(setup, dtypes=("fp32",))
+        elif self.args.bf16 == "auto" and bf16_slow(self.peaks()):
+            # a small model on a CPU without bf16 units: its rounds' bf16 peak on one small product (the
+            # usual shapes take about 25 s a round there)
+            setup = dataclasses.replace(setup, round_peak_shapes=PEAK_SHAPES[1:2])
         res = bench_flops(loaded, setup, self.contention, peaks=self.peaks())
         self.results["flops"][loaded.name] = res
 
