@@ -256,31 +256,34 @@ def bench_flops(
                 return times
 
             rounds, info = clean_rounds(setup.repeats, one_round, contention, f"flops {loaded.name} {path}")
-            res: dict[str, Any] = {
-                "contention": info,
-                "round_peak_gflops": {d: summary([r[f"{d} peak"] for r in rounds], 1) for d in dtypes},
-            }
-            for dtype, size in variants:
-                key = f"{dtype} b{size}"
-                seconds = [r[key] for r in rounds]
-                res[key] = {
-                    "gflop_per_item": round(flops[(dtype, size)] / setup.items / 1e9, 3),
-                    "seconds_per_item": summary([s / setup.items for s in seconds]),
-                    "gflops": summary([flops[(dtype, size)] / s / 1e9 for s in seconds], 2),
-                    "share_of_peak": summary(
-                        [flops[(dtype, size)] / r[key] / 1e9 / r[f"{dtype} peak"] for r in rounds]
-                    ),
-                }
-            b = setup.batch_size
-            for dtype in dtypes:
-                res[f"{dtype} speedup b{b}/b1"] = summary(
-                    pairwise_ratios([r[f"{dtype} b1"] for r in rounds], [r[f"{dtype} b{b}"] for r in rounds])
-                )
-            for size in sizes if set(DTYPES) <= set(dtypes) else ():
-                res[f"bf16/fp32 time b{size}"] = summary(
-                    pairwise_ratios(
-                        [r[f"bf16 b{size}"] for r in rounds], [r[f"fp32 b{size}"] for r in rounds]
-                    )
-                )
-            out["paths"][path] = res
+            out["paths"][path] = path_figures(rounds, flops, setup, dtypes, info)
     return out
+
+
+def path_figures(
+    rounds: list[dict], flops: dict, setup: FlopsSetup, dtypes: tuple[str, ...], info: dict
+) -> dict:
+    """One path's figures from its rounds: per ``"{dtype} b{size}"`` GFLOP per item, seconds per item,
+    GFLOP/s and share of the round's peak; the batched speedup per dtype; bf16 / fp32 per size."""
+    sizes, b = (1, setup.batch_size), setup.batch_size
+    res: dict[str, Any] = {
+        "contention": info,
+        "round_peak_gflops": {d: summary([r[f"{d} peak"] for r in rounds], 1) for d in dtypes},
+    }
+    for dtype, size in [(d, n) for d in dtypes for n in sizes]:
+        key, count = f"{dtype} b{size}", flops[(dtype, size)]
+        res[key] = {
+            "gflop_per_item": round(count / setup.items / 1e9, 3),
+            "seconds_per_item": summary([r[key] / setup.items for r in rounds]),
+            "gflops": summary([count / r[key] / 1e9 for r in rounds], 2),
+            "share_of_peak": summary([count / r[key] / 1e9 / r[f"{dtype} peak"] for r in rounds]),
+        }
+    for dtype in dtypes:
+        res[f"{dtype} speedup b{b}/b1"] = summary(
+            pairwise_ratios([r[f"{dtype} b1"] for r in rounds], [r[f"{dtype} b{b}"] for r in rounds])
+        )
+    for size in sizes if set(DTYPES) <= set(dtypes) else ():
+        res[f"bf16/fp32 time b{size}"] = summary(
+            pairwise_ratios([r[f"bf16 b{size}"] for r in rounds], [r[f"fp32 b{size}"] for r in rounds])
+        )
+    return res

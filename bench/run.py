@@ -75,38 +75,46 @@ MEMORY_BATCH = {"tiny": (8, 256), "medium": (8, 256), SMOLLM2: (4, 256)}  # (bat
 
 def profile(quick: bool) -> dict[str, Any]:
     """Sizes and repeats of every section; ``quick`` trades repeats and sizes for a short run."""
-    if quick:
-        return {
-            "train": {
-                "tiny": TrainSetup(8, 256, steps=4, repeats=3, warmup=1),
-                "medium": TrainSetup(8, 256, steps=1, repeats=3, warmup=1),
-                SMOLLM2: TrainSetup(4, 256, steps=1, repeats=3, warmup=1),
-            },
-            "generate": {
-                "tiny": GenerateSetup(8, 1, 3),
-                "medium": GenerateSetup(8, 1, 3),
-                SMOLLM2: GenerateSetup(8, 1, 3),
-            },
-            "matrix": [("tiny", 100, 2), ("tiny", 1000, 2)],  # (model, N pairs, repeats)
-            "eval": {"tiny": EvalSetup(16, repeats=2), SMOLLM2: EvalSetup(8, repeats=2)},
-            "memory": {"tiny": 1, "medium": 1, SMOLLM2: 1},  # repeats (fresh processes per variant)
-            "precision": {
-                "tiny": PrecisionSetup(8, 256, steps=2, repeats=2, nll_records=8),
-                SMOLLM2: PrecisionSetup(8, 256, steps=1, repeats=2, nll_records=8),
-            },
-            "flops": {"tiny": FlopsSetup(8, repeats=1), SMOLLM2: FlopsSetup(8, repeats=1)},
-            "startup": StartupSetup(repeats=5),
-            "train-flops": {
-                "tiny": TrainSetup(8, 256, steps=2, repeats=2, warmup=1),
-                "medium": TrainSetup(8, 256, steps=1, repeats=2, warmup=1),
-                SMOLLM2: TrainSetup(4, 256, steps=1, repeats=2, warmup=1),
-            },
-            "nll": {
-                "tiny": NllSetup(8, repeats=2),
-                "medium": NllSetup(8, repeats=2),
-                SMOLLM2: NllSetup(8, repeats=2),
-            },
-        }
+    return quick_profile() if quick else full_profile()
+
+
+def quick_profile() -> dict[str, Any]:
+    """The sizes of ``--quick``: a few minutes."""
+    return {
+        "train": {
+            "tiny": TrainSetup(8, 256, steps=4, repeats=3, warmup=1),
+            "medium": TrainSetup(8, 256, steps=1, repeats=3, warmup=1),
+            SMOLLM2: TrainSetup(4, 256, steps=1, repeats=3, warmup=1),
+        },
+        "generate": {
+            "tiny": GenerateSetup(8, 1, 3),
+            "medium": GenerateSetup(8, 1, 3),
+            SMOLLM2: GenerateSetup(8, 1, 3),
+        },
+        "matrix": [("tiny", 100, 2), ("tiny", 1000, 2)],  # (model, N pairs, repeats)
+        "eval": {"tiny": EvalSetup(16, repeats=2), SMOLLM2: EvalSetup(8, repeats=2)},
+        "memory": {"tiny": 1, "medium": 1, SMOLLM2: 1},  # repeats (fresh processes per variant)
+        "precision": {
+            "tiny": PrecisionSetup(8, 256, steps=2, repeats=2, nll_records=8),
+            SMOLLM2: PrecisionSetup(8, 256, steps=1, repeats=2, nll_records=8),
+        },
+        "flops": {"tiny": FlopsSetup(8, repeats=1), SMOLLM2: FlopsSetup(8, repeats=1)},
+        "startup": StartupSetup(repeats=5),
+        "train-flops": {
+            "tiny": TrainSetup(8, 256, steps=2, repeats=2, warmup=1),
+            "medium": TrainSetup(8, 256, steps=1, repeats=2, warmup=1),
+            SMOLLM2: TrainSetup(4, 256, steps=1, repeats=2, warmup=1),
+        },
+        "nll": {
+            "tiny": NllSetup(8, repeats=2),
+            "medium": NllSetup(8, repeats=2),
+            SMOLLM2: NllSetup(8, repeats=2),
+        },
+    }
+
+
+def full_profile() -> dict[str, Any]:
+    """The sizes of the recorded run (``make bench``)."""
     return {
         "train": {
             "tiny": TrainSetup(8, 256, steps=8, repeats=7, warmup=2),
@@ -343,7 +351,7 @@ def empty_results(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="fewer repeats and smaller sizes (a few minutes)"
@@ -399,6 +407,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "parameters where this CPU's bf16 matmul peak is under a quarter of its fp32 peak (no bf16 units: a "
         "SmolLM2 bf16 step then takes many minutes)",
     )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _parser()
     args = parser.parse_args(argv)
     args.models = split_list(args.models)
     args.sections = split_list(args.sections)

@@ -31,11 +31,14 @@ import datetime as dt
 import gc
 import json
 import os
+import platform
+import shutil
 import signal
 import subprocess
 import sys
 import time
 import traceback
+from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -99,8 +102,12 @@ def sizes(device: str) -> dict:
 # -- the model ------------------------------------------------------------------------------------
 def smollm2(work: Path) -> tuple[str | None, str]:
     """SmolLM2-135M's folder and what its weights are: the preset, else its shape with random weights."""
-    from cctuning.errors import CCError
-    from cctuning.presets import resolve_model
+    from cctuning.errors import (
+        CCError,
+    )  # deferred: torch, and what imports it, loads after the arguments parse
+    from cctuning.presets import (
+        resolve_model,
+    )  # deferred: torch, and what imports it, loads after the arguments parse
 
     try:
         return resolve_model("smollm2-135m"), "the converted preset (real weights)"
@@ -116,10 +123,12 @@ def smollm2(work: Path) -> tuple[str | None, str]:
 
 def shape_folder(src: Path, dst: Path) -> str:
     """A model folder of ``src``'s config with random weights (seeded) and ``src``'s tokenizer."""
-    import shutil
 
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import torch  # deferred: torch, and what imports it, loads after the arguments parse
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+    )  # deferred: torch, and what imports it, loads after the arguments parse
 
     if not (dst / "model.safetensors").is_file():
         config = AutoConfig.from_pretrained(src)
@@ -134,10 +143,15 @@ def shape_folder(src: Path, dst: Path) -> str:
 # -- perf -----------------------------------------------------------------------------------------
 def find_batch(loaded, args, device: str, clock: Clock, precision: str) -> tuple[int, list[dict]]:
     """The largest batch (of ``sizes()['batches']``) that fits and still gains 5 % tokens/s."""
-    import torch
+    import torch  # deferred: torch, and what imports it, loads after the arguments parse
 
-    from bench.train import encode_batches, sft_batch
-    from bench.train_flops import PrecisionRunner
+    from bench.train import (
+        encode_batches,
+        sft_batch,
+    )  # deferred: torch, and what imports it, loads after the arguments parse
+    from bench.train_flops import (
+        PrecisionRunner,
+    )  # deferred: torch, and what imports it, loads after the arguments parse
 
     if args.batch_size:
         return args.batch_size, []
@@ -180,10 +194,21 @@ def find_batch(loaded, args, device: str, clock: Clock, precision: str) -> tuple
 def perf(loaded, args, device: str, clock: Clock, results: dict) -> None:
     """The peaks, the training steps, generation and eval --nll, each into ``results`` while the
     budget lasts (a part that no longer fits is recorded as skipped)."""
-    from bench.common import Contention
-    from bench.flops import DTYPES, matmul_peak
-    from bench.generation import GenerateSetup, bench_generate
-    from bench.nll import NllSetup, bench_nll
+    from bench.common import (
+        Contention,
+    )  # deferred: torch, and what imports it, loads after the arguments parse
+    from bench.flops import (
+        DTYPES,
+        matmul_peak,
+    )  # deferred: torch, and what imports it, loads after the arguments parse
+    from bench.generation import (
+        GenerateSetup,
+        bench_generate,
+    )  # deferred: torch, and what imports it, loads after the arguments parse
+    from bench.nll import (
+        NllSetup,
+        bench_nll,
+    )  # deferred: torch, and what imports it, loads after the arguments parse
 
     size = sizes(device)
     never_wait = Contention(threshold=float("inf"), max_wait_s=0.0)  # nothing else shares the device
@@ -207,8 +232,13 @@ def perf(loaded, args, device: str, clock: Clock, results: dict) -> None:
 
 def train(loaded, args, device: str, clock: Clock, peaks: dict, never_wait) -> dict:
     """SFT and CC-Tuning steps at the batch that fills the device, with their analytic MFU."""
-    from bench.train import TrainSetup
-    from bench.train_flops import PEAK_DTYPE, bench_train_flops
+    from bench.train import (
+        TrainSetup,
+    )  # deferred: torch, and what imports it, loads after the arguments parse
+    from bench.train_flops import (
+        PEAK_DTYPE,
+        bench_train_flops,
+    )  # deferred: torch, and what imports it, loads after the arguments parse
 
     size = sizes(device)
     precision = size["precision"]
@@ -275,10 +305,8 @@ def check(args, folder: str | None, clock: Clock, results: dict) -> None:
 
 # -- the run --------------------------------------------------------------------------------------
 def machine(device: str) -> dict:
-    import platform
-    from importlib import metadata
 
-    import torch
+    import torch  # deferred: torch, and what imports it, loads after the arguments parse
 
     info = {"device": device, "python": platform.python_version(), "cpu_cores": os.cpu_count()}
     for name in ("torch", "transformers", "accelerate", "peft", "tokenizers"):
@@ -344,13 +372,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     clock, started = Clock(args.budget), time.perf_counter()
     args.out.mkdir(parents=True, exist_ok=True)
-    import torch
+    import torch  # deferred: torch, and what imports it, loads after the arguments parse
 
     if args.device == "cuda" and not torch.cuda.is_available():
         print("gpu_perf: no CUDA device here; run it on a GPU machine, or with --device cpu --model tiny to "
               "check the plumbing", file=sys.stderr)  # fmt: skip
         return 2
-    from bench.common import load_base, set_threads
+    from bench.common import (
+        load_base,
+        set_threads,
+    )  # deferred: torch, and what imports it, loads after the arguments parse
 
     if args.device == "cpu":
         set_threads(1)  # the plumbing only: one thread is not slowed by other processes' load
