@@ -399,6 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if part == "perf" and (folder or args.model == "tiny"):
                 perf(load_base(args.model, folder=folder), args, args.device, clock, results)
+                gc.collect()
+                if args.device == "cuda":
+                    torch.cuda.empty_cache()  # the GPU's memory back for gpu_check's processes
             elif part == "perf":
                 results["errors"].append(f"perf: no SmolLM2-135M: {results['weights']}")
             else:
