@@ -14,7 +14,7 @@ CONFIG ?=
 # exact versions of everything installed (pyproject.toml declares ranges); `make lock` rewrites it
 CONSTRAINTS := requirements/constraints.txt
 
-.PHONY: install presets test lint demo bench gpu-check compat lock clean
+.PHONY: install presets test lint demo bench gpu-check gpu-perf compat lock clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(PYTHON) -m venv $(VENV)
@@ -53,6 +53,11 @@ bench: $(STAMP) $(PRESETS_STAMP)
 # no install step, so that it runs where pip cannot reach an index
 gpu-check:
 	scripts/gpu_check.sh $(GPU_CHECK_ARGS)
+
+# on a machine with CUDA, offline, as one call: SmolLM2-135M throughput and MFU, then gpu-check in full
+# (docs/scaling.md); `scripts/gpu_perf.sh --prepare` first, where PyPI is reachable
+gpu-perf:
+	scripts/gpu_perf.sh $(GPU_PERF_ARGS)
 
 # cctuning installs beside trl without downgrading anything (pip --dry-run in a fresh venv; needs PyPI)
 compat: $(STAMP)

@@ -71,6 +71,34 @@ def cpu_model() -> str:
     return found.group(1).strip() if found else "unknown"
 
 
+#: CPU flags that give bf16 matrix products hardware support (without them torch's bf16 matmul is
+#: far slower than its fp32 one: 0.5–1.2 GFLOP/s against 35–94 on the AVX2-only EPYC of 2026-12-07)
+BF16_FLAGS = ("avx512_bf16", "amx_bf16", "amx_tile", "avx512f", "avx2")
+
+
+def cpu_flags(wanted: tuple[str, ...] = BF16_FLAGS) -> list[str]:
+    """Which of ``wanted`` this CPU reports in /proc/cpuinfo."""
+    try:
+        found = re.search(r"^flags\s*:\s*(.+)$", Path("/proc/cpuinfo").read_text(), re.M)
+    except OSError:
+        return []
+    flags = set(found.group(1).split()) if found else set()
+    return [f for f in wanted if f in flags]
+
+
+BF16_SLOW_FACTOR = 4  # bf16 counts as slow where its matmul peak is under the fp32 peak / this
+
+
+def bf16_slow(peaks: dict) -> str | None:
+    """Why bf16 work is left out on this machine (its ``torch.mm`` peak is under a quarter of fp32's),
+    or None."""
+    fp32, bf16 = peaks["fp32"]["peak"], peaks["bf16"]["peak"]
+    if bf16 * BF16_SLOW_FACTOR >= fp32:
+        return None
+    return (f"bf16 matmul peak {bf16:.3g} GFLOP/s against fp32 {fp32:.3g}: this CPU has no bf16 units "
+            f"(flags: {', '.join(cpu_flags()) or 'none of ' + ', '.join(BF16_FLAGS)})")  # fmt: skip
+
+
 def memory_total_gb() -> float | None:
     try:
         found = re.search(r"^MemTotal:\s+(\d+) kB", Path("/proc/meminfo").read_text(), re.M)
@@ -100,6 +128,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "platform": platform.platform(),
         "torch_threads": threads,
         "cuda": torch.cuda.is_available(),
+        "cpu_flags": cpu_flags(),
     }
 
 
@@ -143,8 +172,9 @@ def _random_llama(tokenizer, layers: int, hidden: int, seed: int):
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
 
 
-def load_base(name: str, seed: int = 0) -> Loaded:
-    """``tiny``/``medium``: random Llama models with the local test tokenizer; else a preset."""
+def load_base(name: str, seed: int = 0, folder: str | None = None) -> Loaded:
+    """``tiny``/``medium``: random Llama models with the local test tokenizer; else a preset, or the
+    model ``folder`` under that name (the GPU check's SmolLM2-135M in its shape, with random weights)."""
     import torch
 
     if name in RANDOM_MODELS:
@@ -161,7 +191,7 @@ def load_base(name: str, seed: int = 0) -> Loaded:
     from cctuning.loading import load_tokenizer
     from cctuning.presets import resolve_model
 
-    path = resolve_model(name)
+    path = folder or resolve_model(name)
     tokenizer = load_tokenizer(path)
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     params = sum(p.numel() for p in base.parameters())

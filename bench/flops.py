@@ -119,13 +119,28 @@ ATTENTION_KERNELS = (
 )
 
 
+def _sdpa_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """The gradients of ``softmax(Q Kᵀ) V``: dV = Pᵀ dO, dP = dO Vᵀ, dQ = dS K, dK = dSᵀ Q, twice the
+    forward's products (no recomputation counted, as torch counts attention backward on GPUs)."""
+    return 2 * _sdpa_flops(query, key, value)
+
+
+#: their backward kernels, which PyTorch does not count on the CPU either; each takes
+#: ``(grad_out, query, key, value, ...)``
+ATTENTION_BACKWARD_KERNELS = tuple(f"{k}_backward" for k in ATTENTION_KERNELS)
+
+
 def count_flops(fn) -> int:
-    """FLOPs of the torch operations ``fn()`` runs (matrix products and attention)."""
+    """FLOPs of the torch operations ``fn()`` runs (matrix products and attention, forward and
+    backward)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     aten = torch.ops.aten
     mapping = {getattr(aten, k): _sdpa_flops for k in ATTENTION_KERNELS if hasattr(aten, k)}
+    mapping.update(
+        {getattr(aten, k): _sdpa_backward_flops for k in ATTENTION_BACKWARD_KERNELS if hasattr(aten, k)}
+    )
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())
@@ -157,6 +172,9 @@ class FlopsSetup:
     # the shapes of the peak measured again after each round (a CPU plumbing check takes a small one:
     # bf16 matmuls run at about 1 GFLOP/s on a CPU without bf16 units)
     round_peak_shapes: tuple = ROUND_PEAK_SHAPES
+    dtypes: tuple[str, ...] = (
+        DTYPES  # bf16 left out where this CPU has no bf16 units (bench.common.bf16_slow)
+    )
 
 
 class Paths:
@@ -166,7 +184,7 @@ class Paths:
         self.loaded, self.setup, self.device = loaded, setup, device
         self.models = {
             name: wrap(loaded, "cc", with_transform=True).eval().to(device=device, dtype=torch_dtype(name))
-            for name in DTYPES
+            for name in setup.dtypes
         }
         self.nll_data = folder / "xquad.jsonl"
         self.nll_data.write_text(
@@ -203,10 +221,12 @@ def bench_flops(
     import logging
 
     logging.getLogger("cctuning").setLevel(logging.ERROR)  # e.g. short answers flagged by eval --nll
-    peaks = peaks or {name: matmul_peak(name, device) for name in DTYPES}
+    peaks = peaks or {name: matmul_peak(name, device) for name in setup.dtypes}
+    dtypes = setup.dtypes
     sizes = (1, setup.batch_size)
     out: dict[str, Any] = {
         "peak_gflops": peaks,
+        "dtypes": list(dtypes),
         "items": setup.items,
         "batch_size": setup.batch_size,
         "new_tokens": setup.new_tokens,
@@ -215,12 +235,12 @@ def bench_flops(
     with tempfile.TemporaryDirectory(prefix="cctuning-bench-flops-") as tmp:
         paths = Paths(loaded, setup, Path(tmp), device)
         for path in PATHS:
-            variants = [(dtype, size) for dtype in DTYPES for size in sizes]
+            variants = [(dtype, size) for dtype in dtypes for size in sizes]
             calls = {v: paths.call(path, *v) for v in variants}
             contention.settle()
             flops = {v: count_flops(calls[v]) for v in variants}  # also the warm-up
 
-            def one_round(_index: int, attempt: int, calls=calls, variants=variants) -> dict:
+            def one_round(_index: int, attempt: int, calls=calls, variants=variants, dtypes=dtypes) -> dict:
                 times = {}
                 for v in rotated(variants, attempt):
                     gc.collect()
@@ -231,36 +251,39 @@ def bench_flops(
                     times[f"{v[0]} b{v[1]}"] = time.perf_counter() - start
                 # the peak again, under the same load as this round's paths (a shared machine)
                 shapes = setup.round_peak_shapes + (GPU_PEAK_SHAPES if device.startswith("cuda") else ())
-                for dtype in DTYPES:
+                for dtype in dtypes:
                     times[f"{dtype} peak"] = matmul_peak(dtype, device, 0.1, 2, shapes)["peak"]
                 return times
 
             rounds, info = clean_rounds(setup.repeats, one_round, contention, f"flops {loaded.name} {path}")
-            res: dict[str, Any] = {
-                "contention": info,
-                "round_peak_gflops": {d: summary([r[f"{d} peak"] for r in rounds], 1) for d in DTYPES},
-            }
-            for dtype, size in variants:
-                key = f"{dtype} b{size}"
-                seconds = [r[key] for r in rounds]
-                res[key] = {
-                    "gflop_per_item": round(flops[(dtype, size)] / setup.items / 1e9, 3),
-                    "seconds_per_item": summary([s / setup.items for s in seconds]),
-                    "gflops": summary([flops[(dtype, size)] / s / 1e9 for s in seconds], 2),
-                    "share_of_peak": summary(
-                        [flops[(dtype, size)] / r[key] / 1e9 / r[f"{dtype} peak"] for r in rounds]
-                    ),
-                }
-            b = setup.batch_size
-            for dtype in DTYPES:
-                res[f"{dtype} speedup b{b}/b1"] = summary(
-                    pairwise_ratios([r[f"{dtype} b1"] for r in rounds], [r[f"{dtype} b{b}"] for r in rounds])
-                )
-            for size in sizes:
-                res[f"bf16/fp32 time b{size}"] = summary(
-                    pairwise_ratios(
-                        [r[f"bf16 b{size}"] for r in rounds], [r[f"fp32 b{size}"] for r in rounds]
-                    )
-                )
-            out["paths"][path] = res
+            out["paths"][path] = path_figures(rounds, flops, setup, dtypes, info)
     return out
+
+
+def path_figures(
+    rounds: list[dict], flops: dict, setup: FlopsSetup, dtypes: tuple[str, ...], info: dict
+) -> dict:
+    """One path's figures from its rounds: per ``"{dtype} b{size}"`` GFLOP per item, seconds per item,
+    GFLOP/s and share of the round's peak; the batched speedup per dtype; bf16 / fp32 per size."""
+    sizes, b = (1, setup.batch_size), setup.batch_size
+    res: dict[str, Any] = {
+        "contention": info,
+        "round_peak_gflops": {d: summary([r[f"{d} peak"] for r in rounds], 1) for d in dtypes},
+    }
+    for dtype, size in [(d, n) for d in dtypes for n in sizes]:
+        key, count = f"{dtype} b{size}", flops[(dtype, size)]
+        res[key] = {
+            "gflop_per_item": round(count / setup.items / 1e9, 3),
+            "seconds_per_item": summary([r[key] / setup.items for r in rounds]),
+            "gflops": summary([count / r[key] / 1e9 for r in rounds], 2),
+            "share_of_peak": summary([count / r[key] / 1e9 / r[f"{dtype} peak"] for r in rounds]),
+        }
+    for dtype in dtypes:
+        res[f"{dtype} speedup b{b}/b1"] = summary(
+            pairwise_ratios([r[f"{dtype} b1"] for r in rounds], [r[f"{dtype} b{b}"] for r in rounds])
+        )
+    for size in sizes if set(DTYPES) <= set(dtypes) else ():
+        res[f"bf16/fp32 time b{size}"] = summary(
+            pairwise_ratios([r[f"bf16 b{size}"] for r in rounds], [r[f"fp32 b{size}"] for r in rounds])
+        )
+    return res

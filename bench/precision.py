@@ -9,9 +9,11 @@ and the same batches:
 * ``autocast``: float32 weights, the forward under ``torch.autocast(bfloat16)`` (``--bf16``); the
   ``fp32`` model is reused (its weights moved by the fp32 steps, which changes no shape or cost).
 
-Held-out NLL: ``evaluate_nll`` (transform connection) of the bundled held-out mix with the float32 model
-and with the same weights in bfloat16 (no training in between), and the paired difference bf16 − fp32
-with its bootstrap interval. The generation and evaluation ratios bf16 / fp32 come from
+Held-out NLL: ``evaluate_nll`` (transform connection) of the bundled held-out mix with the float32 model,
+with the same float32 weights under bf16 autocast (``--bf16``) and with the same weights in bfloat16 (no
+training in between), and the paired differences autocast − fp32 and bf16 − fp32 with their bootstrap
+intervals. With the train step's autocast / fp32 time ratio, the first is what a bf16-autocast default
+for training trades: time saved against what bf16 arithmetic does to the same model's likelihoods. The generation and evaluation ratios bf16 / fp32 come from
 :mod:`bench.flops`, which times both dtypes of every path in the same rounds.
 """
 
@@ -107,7 +109,8 @@ def train_step_times(
 
 
 def nll_agreement(loaded: Loaded, records: int, device: str = "cpu") -> dict:
-    """Held-out NLL of the same weights in float32 and in bfloat16, and the paired difference."""
+    """Held-out NLL of the same weights in float32, under bf16 autocast and in bfloat16, and the paired
+    differences to float32."""
     import json
 
     import torch
@@ -119,16 +122,22 @@ def nll_agreement(loaded: Loaded, records: int, device: str = "cpu") -> dict:
     with tempfile.TemporaryDirectory(prefix="cctuning-bench-nll-") as tmp:
         data = Path(tmp) / "heldout.jsonl"
         data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        fp32 = wrap(loaded, "cc", with_transform=True).eval().to(device)
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            report = evaluate_nll(fp32.to(dtype=dtype), loaded.tokenizer, data, "transform", Path(tmp) / name,
-                                  progress=False)  # fmt: skip
+        model = wrap(loaded, "cc", with_transform=True).eval().to(device)
+        # fp32, then the same float32 weights under bf16 autocast (--bf16), then cast to bf16 (in place)
+        for name, dtype in (("fp32", torch.float32), ("autocast", torch.float32), ("bf16", torch.bfloat16)):
+            with torch.autocast(device.split(":")[0], torch.bfloat16, enabled=name == "autocast"):
+                report = evaluate_nll(model.to(dtype=dtype), loaded.tokenizer, data, "transform",
+                                      Path(tmp) / name, progress=False)  # fmt: skip
             out[name] = round(report["nll"]["all"]["nll"], 5)
-        diff = paired_difference(load_items(Path(tmp) / "bf16"), load_items(Path(tmp) / "fp32"))["all"]
-        out["bf16_minus_fp32"] = {k: round(v, 5) if isinstance(v, float) else v for k, v in diff.items()}
-        out["same_layers"] = [i["layer"] for i in load_items(Path(tmp) / "bf16")] == [
-            i["layer"] for i in load_items(Path(tmp) / "fp32")
-        ]
+        fp32_items = load_items(Path(tmp) / "fp32")
+        for name in ("bf16", "autocast"):
+            items = load_items(Path(tmp) / name)
+            diff = paired_difference(items, fp32_items)["all"]
+            out[f"{name}_minus_fp32"] = {
+                k: round(v, 5) if isinstance(v, float) else v for k, v in diff.items()
+            }
+            same = [i["layer"] for i in items] == [i["layer"] for i in fp32_items]
+            out["same_layers" if name == "bf16" else "same_layers_autocast"] = same
     return out
 
 

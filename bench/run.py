@@ -5,14 +5,17 @@ Sections: ``train`` (optimizer step, CC-Tuning / SFT), ``generate`` (connection 
 of a step, CC-Tuning / SFT), ``precision`` (bf16 / fp32 train step, held-out NLL of bf16 weights),
 ``flops`` (achieved FLOP/s of the evaluation and generation paths against the matmul peak, fp32 and
 bf16, batch 1 and batched), ``startup`` (``cctuning --help``, ``--version`` and ``train --help``
-against ``import torch``, fresh processes; no model), ``serve`` (1, 4, 16 concurrent clients against
-``cctuning serve``, tokens/s and latency, over offline generation at the same batch size). Models: ``tiny`` and ``medium`` (random Llama models, always there)
+against ``import torch``, fresh processes; no model), ``nll`` (``eval --nll`` with the transform connection
+against none on the same records), ``train-flops`` (achieved FLOP/s and MFU of the SFT and CC-Tuning training
+steps, float32 and bf16 autocast, and CC / SFT against its floor), ``serve`` (1, 4, 16 concurrent clients
+against ``cctuning serve``, tokens/s and latency, over offline generation at the same batch size). Models: ``tiny`` and ``medium`` (random Llama models, always there)
 and ``smollm2-135m`` (a real model, when its preset is installed; skipped with the reason if not).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -28,6 +31,7 @@ from bench.common import (
     SMOLLM2,
     Contention,
     Loaded,
+    bf16_slow,
     clean_rounds,
     load_average,
     load_base,
@@ -39,58 +43,85 @@ from bench.common import (
     summary,
     unavailable,
 )
+from bench.compare import compare
 from bench.evaluation import EvalSetup, bench_eval
-from bench.flops import DTYPES, FlopsSetup, bench_flops, matmul_peak
+from bench.flops import DTYPES, PEAK_SHAPES, FlopsSetup, bench_flops, matmul_peak
 from bench.generation import GenerateSetup, bench_generate
 from bench.matrix_fit import summarise_fits
+from bench.nll import NllSetup, bench_nll
 from bench.precision import PrecisionSetup, bench_precision
 from bench.report import update_readme, write_markdown
 from bench.serving import ServeSetup, bench_serve
 from bench.startup import StartupSetup, bench_startup
 from bench.train import VARIANTS, TrainSetup, bench_train_time
+from bench.train_flops import bench_train_flops
 from cctuning.config import split_list
 
-SECTIONS = ("train", "generate", "matrix", "eval", "memory", "precision", "flops", "startup", "serve")
-MODEL_SECTIONS = (
+SECTIONS = (
     "train",
     "generate",
+    "matrix",
     "eval",
+    "memory",
     "precision",
     "flops",
+    "startup",
+    "nll",
+    "train-flops",
     "serve",
-)  # sections that run on a loaded model
+)
+# sections that run on a loaded model, in the order they run
+MODEL_SECTIONS = ("train", "train-flops", "generate", "nll", "eval", "precision", "flops", "serve")
 BENCH_DIR = Path(__file__).resolve().parent
 MEMORY_BATCH = {"tiny": (8, 256), "medium": (8, 256), SMOLLM2: (4, 256)}  # (batch, max_length)
 
 
 def profile(quick: bool) -> dict[str, Any]:
     """Sizes and repeats of every section; ``quick`` trades repeats and sizes for a short run."""
-    if quick:
-        return {
-            "train": {
-                "tiny": TrainSetup(8, 256, steps=4, repeats=3, warmup=1),
-                "medium": TrainSetup(8, 256, steps=1, repeats=3, warmup=1),
-                SMOLLM2: TrainSetup(4, 256, steps=1, repeats=3, warmup=1),
-            },
-            "generate": {
-                "tiny": GenerateSetup(8, 1, 3),
-                "medium": GenerateSetup(8, 1, 3),
-                SMOLLM2: GenerateSetup(8, 1, 3),
-            },
-            "matrix": [("tiny", 100, 2), ("tiny", 1000, 2)],  # (model, N pairs, repeats)
-            "eval": {"tiny": EvalSetup(16, repeats=2), SMOLLM2: EvalSetup(8, repeats=2)},
-            "memory": {"tiny": 1, "medium": 1, SMOLLM2: 1},  # repeats (fresh processes per variant)
-            "precision": {
-                "tiny": PrecisionSetup(8, 256, steps=2, repeats=2, nll_records=8),
-                SMOLLM2: PrecisionSetup(8, 256, steps=1, repeats=2, nll_records=8),
-            },
-            "flops": {"tiny": FlopsSetup(8, repeats=1), SMOLLM2: FlopsSetup(8, repeats=1)},
-            "startup": StartupSetup(repeats=5),
-            "serve": {
-                "tiny": ServeSetup(clients=(1, 4), requests=1, new_tokens=8, repeats=1),
-                SMOLLM2: ServeSetup(clients=(1, 4), requests=1, new_tokens=8, repeats=1),
-            },
-        }
+    return quick_profile() if quick else full_profile()
+
+
+def quick_profile() -> dict[str, Any]:
+    """The sizes of ``--quick``: a few minutes."""
+    return {
+        "train": {
+            "tiny": TrainSetup(8, 256, steps=4, repeats=3, warmup=1),
+            "medium": TrainSetup(8, 256, steps=1, repeats=3, warmup=1),
+            SMOLLM2: TrainSetup(4, 256, steps=1, repeats=3, warmup=1),
+        },
+        "generate": {
+            "tiny": GenerateSetup(8, 1, 3),
+            "medium": GenerateSetup(8, 1, 3),
+            SMOLLM2: GenerateSetup(8, 1, 3),
+        },
+        "matrix": [("tiny", 100, 2), ("tiny", 1000, 2)],  # (model, N pairs, repeats)
+        "eval": {"tiny": EvalSetup(16, repeats=2), SMOLLM2: EvalSetup(8, repeats=2)},
+        "memory": {"tiny": 1, "medium": 1, SMOLLM2: 1},  # repeats (fresh processes per variant)
+        "precision": {
+            "tiny": PrecisionSetup(8, 256, steps=2, repeats=2, nll_records=8),
+            SMOLLM2: PrecisionSetup(8, 256, steps=1, repeats=2, nll_records=8),
+        },
+        "flops": {"tiny": FlopsSetup(8, repeats=1), SMOLLM2: FlopsSetup(8, repeats=1)},
+        "startup": StartupSetup(repeats=5),
+        "train-flops": {
+            "tiny": TrainSetup(8, 256, steps=2, repeats=2, warmup=1),
+            "medium": TrainSetup(8, 256, steps=1, repeats=2, warmup=1),
+            SMOLLM2: TrainSetup(4, 256, steps=1, repeats=2, warmup=1),
+        },
+        "nll": {
+            "tiny": NllSetup(8, repeats=2),
+            "medium": NllSetup(8, repeats=2),
+            SMOLLM2: NllSetup(8, repeats=2),
+        },
+        "serve": {
+            "tiny": ServeSetup(clients=(1, 4), requests=1, new_tokens=8, repeats=1),
+            SMOLLM2: ServeSetup(clients=(1, 4), requests=1, new_tokens=8, repeats=1),
+        },
+    }
+
+
+def full_profile() -> dict[str, Any]:
+    """The sizes of the recorded run (``make bench``)."""
     return {
         "train": {
             "tiny": TrainSetup(8, 256, steps=8, repeats=7, warmup=2),
@@ -114,6 +145,17 @@ def profile(quick: bool) -> dict[str, Any]:
             SMOLLM2: FlopsSetup(8, repeats=3),
         },
         "startup": StartupSetup(repeats=15),
+        # the train section's batches, so that its CC / SFT ratios and these FLOP/s describe the same steps
+        "train-flops": {
+            "tiny": TrainSetup(8, 256, steps=4, repeats=5, warmup=1),
+            "medium": TrainSetup(8, 256, steps=1, repeats=5, warmup=1),
+            SMOLLM2: TrainSetup(4, 256, steps=1, repeats=5, warmup=1),
+        },
+        "nll": {
+            "tiny": NllSetup(32, repeats=5),
+            "medium": NllSetup(32, repeats=5),
+            SMOLLM2: NllSetup(16, repeats=5),
+        },
         "serve": {"tiny": ServeSetup(), SMOLLM2: ServeSetup()},
     }
 
@@ -161,8 +203,24 @@ class Bench:
         self.results["serve"][loaded.name] = res
 
     def precision(self, loaded: Loaded) -> None:
+        if self.without_bf16(loaded):
+            self.results["precision"][loaded.name] = {"skipped": self.results["bf16_skipped"]}
+            return
         res = bench_precision(loaded, self.plan["precision"][loaded.name], self.contention)
         self.results["precision"][loaded.name] = res
+
+    def without_bf16(self, loaded: Loaded) -> bool:
+        """Leave bf16 out for this model: this CPU has no bf16 units (``--bf16 auto``) and the model is
+        large enough for that to cost minutes to hours (over 1 M parameters), or ``--bf16 off``."""
+        if self.args.bf16 == "on":
+            return False
+        if self.args.bf16 == "off":
+            self.results["bf16_skipped"] = "--bf16 off"
+            return True
+        reason = bf16_slow(self.peaks())
+        if reason:
+            self.results["bf16_skipped"] = reason
+        return bool(reason) and sum(p.numel() for p in loaded.base.parameters()) > 1e6
 
     def peaks(self) -> dict:
         """This machine's matmul peak (GFLOP/s) in fp32 and bf16, measured once per run."""
@@ -172,8 +230,26 @@ class Bench:
             log(f"  matmul peak: {self.results['matmul_peak_gflops']}")
         return self.results["matmul_peak_gflops"]
 
+    def train_flops(self, loaded: Loaded) -> None:
+        precisions = ("fp32",) if self.without_bf16(loaded) else ("fp32", "autocast")
+        setup = self.plan["train-flops"][loaded.name]
+        res = bench_train_flops(loaded, setup, self.contention, self.peaks(), precisions=precisions)
+        if len(precisions) == 1:
+            res["bf16_skipped"] = self.results["bf16_skipped"]
+        self.results["train_flops"][loaded.name] = res
+
+    def nll(self, loaded: Loaded) -> None:
+        self.results["nll"][loaded.name] = bench_nll(loaded, self.plan["nll"][loaded.name], self.contention)
+
     def flops(self, loaded: Loaded) -> None:
-        res = bench_flops(loaded, self.plan["flops"][loaded.name], self.contention, peaks=self.peaks())
+        setup = self.plan["flops"][loaded.name]
+        if self.without_bf16(loaded):
+            setup = dataclasses.replace(setup, dtypes=("fp32",))
+        elif self.args.bf16 == "auto" and bf16_slow(self.peaks()):
+            # a small model on a CPU without bf16 units: its rounds' bf16 peak on one small product (the
+            # usual shapes take about 25 s a round there)
+            setup = dataclasses.replace(setup, round_peak_shapes=PEAK_SHAPES[1:2])
+        res = bench_flops(loaded, setup, self.contention, peaks=self.peaks())
         self.results["flops"][loaded.name] = res
 
     def memory(self, name: str) -> None:
@@ -250,7 +326,7 @@ class Bench:
                 self.results["models"][name] = loaded.description
                 for section in wanted:
                     log(f"{section}: {name}")
-                    self.guarded(section, name, getattr(self, section), loaded)
+                    self.guarded(section, name, getattr(self, section.replace("-", "_")), loaded)
                 del loaded
             if "memory" in sections:
                 log(f"memory: {name}")
@@ -271,7 +347,7 @@ def empty_results(args: argparse.Namespace) -> dict[str, Any]:
             "train_step_floor_english_grad", "train_step", "generate_ratio_b1", "generate_ratio_b8",
             "naive_generate_ratio_b1", "naive_generate_ratio_b8", "generate", "eval_items_per_s",
             "peak_memory_ratio", "peak_memory_ratio_english_grad", "peak_memory_mb", "precision", "flops",
-            "matmul_peak_gflops", "serve")  # fmt: skip
+            "matmul_peak_gflops", "train_flops", "nll", "serve")  # fmt: skip
     results: dict[str, Any] = {k: {} for k in keys}
     results.update({
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -287,7 +363,7 @@ def empty_results(args: argparse.Namespace) -> dict[str, Any]:
     return results
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n")[0])
     parser.add_argument(
         "--quick", action="store_true", help="fewer repeats and smaller sizes (a few minutes)"
@@ -327,6 +403,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--no-readme", action="store_true", help="do not rewrite the table in bench/README.md"
     )
+    parser.add_argument(
+        "--compare",
+        type=Path,
+        default=None,
+        help="an earlier results file: list each of its ratios against this run's (default: the --out file "
+        "this run replaces, read before it is replaced)",
+    )
+    parser.add_argument("--no-compare", action="store_true", help="no comparison with an earlier run")
+    parser.add_argument(
+        "--bf16",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="the bf16 variants (precision, flops, train-flops): auto leaves them out for the models over 1 M "
+        "parameters where this CPU's bf16 matmul peak is under a quarter of its fp32 peak (no bf16 units: a "
+        "SmolLM2 bf16 step then takes many minutes)",
+    )
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = _parser()
     args = parser.parse_args(argv)
     args.models = split_list(args.models)
     args.sections = split_list(args.sections)
@@ -338,6 +435,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.contention_threshold = 0.25 + max(0, len(os.sched_getaffinity(0)) - args.threads)
     if args.out is None:
         args.out = BENCH_DIR / "results" / ("quick.json" if args.quick else "latest.json")
+    if args.compare is None and not args.no_compare and args.out.is_file():
+        args.compare = args.out
+    if args.no_compare:
+        args.compare = None
+    elif args.compare is not None and not args.compare.is_file():
+        parser.error(f"--compare {args.compare}: no such file")
     return args
 
 
@@ -352,7 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         f"threads {args.threads}; models {', '.join(args.models)}; sections {', '.join(args.sections)}"
         + ("; quick" if args.quick else "")
     )
+    earlier = json.loads(args.compare.read_text(encoding="utf-8")) if args.compare else None
     results = Bench(args).run()
+    if earlier is not None:
+        results["compared_with"] = {"file": str(args.compare), **compare(earlier, results)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     markdown = write_markdown(results, args.out.with_suffix(".md"))

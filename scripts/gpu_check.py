@@ -7,8 +7,8 @@ On a machine with CUDA (no internet needed) it runs, in order:
    against the CPU);
 2. ``train``: ``cctuning train`` for a few steps on a tiny random Llama (``--bf16`` and ``--dtype
    bfloat16``) and with ``--bf16`` on SmolLM2-135M (the ``smollm2-135m`` preset: its converted folder
-   from the cache, or converted here from its GGUF package when that is installed; skipped with the
-   reason otherwise);
+   from the cache, or converted here from its GGUF package when that is installed, or the folder given
+   with ``--smollm2``; skipped with the reason otherwise);
 3. ``bench``: on the device, the bf16 / fp32 ratios of a CC-Tuning training step (``bench.precision``)
    and of the evaluation and generation paths, with their achieved FLOP/s against the device's
    measured matmul peak (``bench.flops``).
@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))  # the repository's cctuning and bench, without `p
 
 SMOLLM2 = "smollm2-135m"
 MODELS = ("tiny", SMOLLM2)
+SMOLLM2_FOLDER: str | None = None  # --smollm2: a model folder that stands for the preset
 
 
 def log(message: str) -> None:
@@ -62,6 +63,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="comma-separated, from tests, train, bench (default: all)",
     )
     parser.add_argument("--timeout", type=float, default=900, help="seconds allowed to each subprocess")
+    parser.add_argument(
+        "--smollm2",
+        default=None,
+        help="a model folder to use for smollm2-135m instead of the preset (scripts/gpu_perf.sh passes "
+        "SmolLM2-135M's shape with random weights where the preset's weights could not travel)",
+    )
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     args.steps = [s.strip() for s in args.steps.split(",") if s.strip()]
@@ -179,6 +186,8 @@ def smollm2_folder() -> tuple[str | None, str]:
     from cctuning.errors import CCError
     from cctuning.presets import resolve_model
 
+    if SMOLLM2_FOLDER:
+        return SMOLLM2_FOLDER, f"the folder given with --smollm2 ({SMOLLM2_FOLDER})"
     try:
         return resolve_model(SMOLLM2), "converted folder found or converted from the GGUF package"
     except CCError as err:
@@ -268,7 +277,7 @@ def step_bench(args, device: str) -> tuple[dict, list[dict]]:
                     )
                 brief = {"min_seconds": 0.05, "repeats": 2} if device == "cpu" else {}
                 peaks.update({dtype: matmul_peak(dtype, device, shapes=shapes, **brief) for dtype in DTYPES})
-            loaded = load_base(name)
+            loaded = load_base(name, folder=smollm2_folder()[0] if name == SMOLLM2 else None)
             res = {
                 "precision": bench_precision(loaded, precision, never_wait, device),
                 "flops": bench_flops(loaded, flops, never_wait, device, peaks=peaks),
@@ -320,8 +329,21 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def save(out: Path, results: dict) -> str:
+    """``gpu_check.json`` and ``gpu_check.md`` as they stand (after every step, so that a run stopped
+    at its time limit keeps the steps it finished)."""
+    text = table(results)
+    (out / "gpu_check.json").write_text(
+        json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+    )
+    (out / "gpu_check.md").write_text(text, encoding="utf-8")
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
+    global SMOLLM2_FOLDER
     args = parse_args(argv)
+    SMOLLM2_FOLDER = args.smollm2
     args.out.mkdir(parents=True, exist_ok=True)
     if args.cpu:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # before torch looks for devices
@@ -337,24 +359,22 @@ def main(argv: list[str] | None = None) -> int:
     results: dict = {
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": info,
-        "args": {"quick": args.quick, "models": args.models, "steps": args.steps},
+        "args": {"quick": args.quick, "models": args.models, "steps": args.steps, "smollm2": args.smollm2},
         "steps": [],
     }
     if "tests" in args.steps:
         log("tests: pytest -m cuda")
         results["steps"].append(step_tests(args, env))
+        save(args.out, results)
     if "train" in args.steps:
         log("train")
         results["steps"] += step_train(args, env)
+        save(args.out, results)
     if "bench" in args.steps:
         log("bench")
         results["bench"], entries = step_bench(args, info["device"])
         results["steps"] += entries
-    text = table(results)
-    (args.out / "gpu_check.json").write_text(
-        json.dumps(results, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-    )
-    (args.out / "gpu_check.md").write_text(text, encoding="utf-8")
+    text = save(args.out, results)
     print(text)
     log(f"wrote {args.out / 'gpu_check.json'}")
     return 1 if any(s["status"] == "failed" for s in results["steps"]) else 0
