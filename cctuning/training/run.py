@@ -43,6 +43,7 @@ from cctuning.model.health import constant_logits
 from cctuning.model.lora import add_lora
 from cctuning.model.transform import MATRIX_NAME, MATRIX_REPORT_NAME
 from cctuning.training.args import TrainConfig
+from cctuning.training.cpu import warn_cpu_bf16
 from cctuning.training.options import resolve_trainer_options
 from cctuning.training.resume import (
     SETTINGS_NAME,
@@ -210,13 +211,8 @@ def prepare(cfg: TrainConfig):
     encoder = PromptEncoder(tokenizer, fmt, cfg.max_length, cfg.allow_special_tokens)
     warn_special_records(encoder, records, cfg.data)
     features = encode_records(records, encoder, with_english=cfg.method == "cc")
-    logger.info(
-        "data: %d %s records (%d skipped); %s",
-        report.loaded,
-        report.format,
-        report.skipped,
-        encoder.stats.summary(),
-    )
+    summary = encoder.stats.summary()
+    logger.info("data: %d %s records (%d skipped); %s", report.loaded, report.format, report.skipped, summary)
     set_seed(cfg.seed)
     cc_config = CCConfig(
         method=cfg.method,
@@ -234,6 +230,7 @@ def prepare(cfg: TrainConfig):
         # a LoRA folder loads its base from here: a folder as an absolute path, a preset by name
         base_model=str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model,
     )
+    warn_cpu_bf16(cfg.bf16, not _has_accelerator())  # emulated bf16 is many times slower than float32
     base = CCModel._load_base(model_path, dtype=_DTYPES[cfg.dtype], trust_remote_code=cfg.trust_remote_code)
     check_weight_dtype(str(base.dtype).removeprefix("torch."), cfg.lora_r)  # --dtype auto: the folder's
     if cfg.lora_r:
