@@ -79,7 +79,7 @@ def test_plain_fallback_for_tokenizers_without_chat_template():
         PromptEncoder(tok, PromptFormat(mode="chat"))
 
 
-@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("side", ["left", "right", "aligned"])
 def test_collator_positions_follow_padding(tokenizer, side):
     enc = PromptEncoder(tokenizer)
     exs = [
@@ -106,7 +106,10 @@ def test_collator_positions_follow_padding(tokenizer, side):
         assert (batch["labels"][i, : batch["cc_position"][i] + 1] == IGNORE_INDEX).all()
         assert batch["labels"][i, batch["cc_position"][i] + 1] != IGNORE_INDEX
     lengths = torch.tensor([len(e.input_ids) for e in exs])
-    assert (
-        batch["cc_position"] - torch.tensor([e.position for e in exs])
-        == ((lengths.max() - lengths) if side == "left" else 0)
-    ).all()
+    positions = torch.tensor([e.position for e in exs])
+    if side == "aligned":  # every p in one column, the longest prompt's; responses padded on the right
+        assert (batch["cc_position"] == positions.max()).all()
+        assert batch["input_ids"].shape[1] == int(positions.max() + (lengths - positions).max())
+        assert (batch["en_cc_position"] == batch["en_input_ids"].shape[1] - 1).all()  # English: left
+        return
+    assert (batch["cc_position"] - positions == ((lengths.max() - lengths) if side == "left" else 0)).all()

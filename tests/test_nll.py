@@ -264,6 +264,55 @@ def test_padding_batches_group_similar_lengths_and_isolate_outliers():
             assert len(b) == 1 or padded <= 1.25 * real
 
 
+def test_aligned_batches_bound_their_padding_and_cover_every_row():
+    """The batches of aligned scoring (every p in one column): each costs rows x (longest prompt +
+    longest response), within 1.25 x its real tokens unless it is one row; similar prompts go together."""
+    from cctuning.eval.nll import padding_batches
+
+    rng = random.Random(3)
+    # long prompts with short answers and short prompts with long answers: alike in length only
+    prompts = [rng.choice([40, 100, 400, 1200]) + rng.randrange(5) for _ in range(60)]
+    responses = [rng.choice([3, 5, 300]) + rng.randrange(3) for _ in range(60)]
+    lengths = [p + r for p, r in zip(prompts, responses)]
+    for size in (1, 4, 8):
+        batches = padding_batches(lengths, size, responses=responses)
+        assert sorted(i for b in batches for i in b) == list(range(60))
+        for b in batches:
+            assert len(b) <= size
+            padded = len(b) * (max(prompts[i] for i in b) + max(responses[i] for i in b))
+            assert len(b) == 1 or padded <= 1.25 * sum(lengths[i] for i in b)
+
+    # left-padding batches of the same rows, costed aligned, pad more: the reason for the second mode
+    def cost(batches):
+        return sum(len(b) * (max(prompts[i] for i in b) + max(responses[i] for i in b)) for b in batches)
+
+    assert cost(padding_batches(lengths, 8, responses=responses)) < cost(padding_batches(lengths, 8))
+
+
+def test_aligned_transform_scoring_runs_the_prompts_once(tokenizer):
+    """With every p in one column the transform connection's fused pass covers only the responses:
+    layer 0 sees the prompts up to p once (longest prompt columns), then the longest response + 1."""
+    from cctuning.data.collator import CCCollator
+    from cctuning.eval.nll import batch_nll
+
+    torch.manual_seed(0)
+    cc = CCModel.from_base(tiny_model("llama", tokenizer=tokenizer), CCConfig(prompt_format={"mode": "chat"}))
+    cc.set_transform(TransformMatrix(torch.eye(cc.arch.hidden_size)))
+    enc = PromptEncoder(tokenizer, cc.cc_config.prompt_format, 1024)
+    exs = [enc.encode_example("Habari" + " ziada" * k, "Nzuri" + " tena" * (5 - k)) for k in range(5)]
+    batch = CCCollator(tokenizer.pad_token_id, "aligned")([e.features() for e in exs])
+    widths = []
+    hook = cc.arch.layers[0].register_forward_pre_hook(lambda m, args, kw: widths.append(kw["hidden_states"].shape[1] if "hidden_states" in kw else args[0].shape[1]), with_kwargs=True)  # fmt: skip
+    try:
+        sums, counts, _ = batch_nll(cc.eval(), batch, "transform")[0]
+    finally:
+        hook.remove()
+    prompts = [e.position + 1 for e in exs]
+    responses = [len(e.input_ids) - p for e, p in zip(exs, prompts)]
+    assert widths == [max(prompts), max(responses) + 1]
+    assert counts.tolist() == [sum(x != -100 for x in e.labels) for e in exs]
+
+
 def test_nll_of_a_benchmarks_gold_answers(base_dir, tmp_path, capsys):
     """``eval --nll XQuAD`` scores the gold answers of the bundled split (with --langs/--limit) and
     equals ``eval --nll`` on a file of the same records written by hand; MKQA takes its first alias;

@@ -15,20 +15,33 @@ def pad_token_id(tokenizer) -> int:
 
 
 def pad_rows(
-    rows: list[list[int]], pad_value: int, side: str = "right", multiple_of: int | None = None
+    rows: list[list[int]],
+    pad_value: int,
+    side: str = "right",
+    multiple_of: int | None = None,
+    anchors: list[int] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad ``rows`` to one length. Returns ``(ids, attention_mask, shift)`` where ``shift[i]`` is
-    how far row i's tokens moved right (its left padding), to add to positions inside the row."""
-    if side not in ("left", "right"):
-        raise ValueError(f"padding side must be 'left' or 'right', not {side!r}")
-    width = max(len(r) for r in rows)
+    how far row i's tokens moved right (its left padding), to add to positions inside the row.
+
+    ``side="aligned"`` pads on both sides so that every row's ``anchors[i]`` (an index in the row)
+    lands in one column, the rightmost anchor's: left padding up to it, right padding after."""
+    if side not in ("left", "right", "aligned"):
+        raise ValueError(f"padding side must be 'left', 'right' or 'aligned', not {side!r}")
+    if side == "aligned":
+        if anchors is None or len(anchors) != len(rows):
+            raise ValueError("aligned padding needs one anchor per row")
+        lead = [max(anchors) - a for a in anchors]
+    else:
+        lead = None
+    width = max(len(r) + (lead[i] if lead else 0) for i, r in enumerate(rows))
     if multiple_of:
         width = -(-width // multiple_of) * multiple_of
     ids = torch.full((len(rows), width), pad_value, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     shift = torch.zeros(len(rows), dtype=torch.long)
     for i, row in enumerate(rows):
-        start = width - len(row) if side == "left" else 0
+        start = lead[i] if lead else (width - len(row) if side == "left" else 0)
         ids[i, start : start + len(row)] = torch.tensor(row, dtype=torch.long)
         mask[i, start : start + len(row)] = 1
         shift[i] = start
@@ -42,6 +55,9 @@ class CCCollator:
     Produces ``input_ids``, ``attention_mask``, ``labels`` (-100 on prompt and padding) and
     ``cc_position``; when the examples carry an English prompt also ``en_input_ids``,
     ``en_attention_mask`` and ``en_cc_position``. Positions are corrected for left padding.
+    ``padding_side="aligned"`` puts every row's p in one column (prompts padded on the left,
+    responses on the right; the English prompts, which end at their p, are padded on the left):
+    connected scoring then runs the prompts up to p once and only the responses after it.
     """
 
     pad_token_id: int
@@ -49,13 +65,22 @@ class CCCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        anchors = [f["cc_position"] for f in features] if self.padding_side == "aligned" else None
         ids, mask, shift = pad_rows(
-            [f["input_ids"] for f in features], self.pad_token_id, self.padding_side, self.pad_to_multiple_of
+            [f["input_ids"] for f in features],
+            self.pad_token_id,
+            self.padding_side,
+            self.pad_to_multiple_of,
+            anchors,
         )
         batch = {"input_ids": ids, "attention_mask": mask}
         if "labels" in features[0]:
             labels, _, _ = pad_rows(
-                [f["labels"] for f in features], IGNORE_INDEX, self.padding_side, self.pad_to_multiple_of
+                [f["labels"] for f in features],
+                IGNORE_INDEX,
+                self.padding_side,
+                self.pad_to_multiple_of,
+                anchors,
             )
             batch["labels"] = labels
         batch["cc_position"] = torch.tensor([f["cc_position"] for f in features], dtype=torch.long) + shift
@@ -63,7 +88,7 @@ class CCCollator:
             en_ids, en_mask, en_shift = pad_rows(
                 [f["en_input_ids"] for f in features],
                 self.pad_token_id,
-                self.padding_side,
+                "left" if self.padding_side == "aligned" else self.padding_side,
                 self.pad_to_multiple_of,
             )
             batch["en_input_ids"], batch["en_attention_mask"] = en_ids, en_mask

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import DynamicCache
 
 from cctuning.data.augment import inference_records, prompt_report
 from cctuning.data.collator import CCCollator, pad_token_id
@@ -36,6 +37,7 @@ from cctuning.io import check_output_folder, folder_lock, write_json, write_text
 from cctuning.model.arch import cap_to_context
 from cctuning.model.ccmodel import positions_from_mask
 from cctuning.model.connection import (
+    can_crop,
     injected,
     layer_counts_by_language,
     layer_sampling,
@@ -199,20 +201,16 @@ def score_records(
     over the draws (``layers`` lists the K choices, ``layer`` is the most frequent).
 
     Batches are left-padded (every response ends in the last column, so :func:`batch_nll` runs the LM
-    head on few columns) and, unless the layer is sampled, made of records of similar length
-    (:func:`padding_batches`: at most 25 % padding); the items come back in record order. Sampled runs keep the record
+    head on few columns), or for ``transform`` aligned at p (the prompts are run once up to p, the
+    fused pass covers only the responses), and, unless the layer is sampled, made of records of
+    similar lengths (:func:`padding_batches`: at most 25 % padding); the items come back in record
+    order. Sampled runs keep the record
     order in their batches, so that each item meets the same Gumbel draws whatever the speed-ups."""
-    collate = CCCollator(pad_id, "left")
     was_training = model.training
     model.eval()
     device = model.arch.embeddings.weight.device
     sampled = draws > 0 and connection != "none"
-    if sampled:
-        chunks = [
-            list(range(s, min(s + batch_size, len(records)))) for s in range(0, len(records), batch_size)
-        ]
-    else:
-        chunks = padding_batches([len(f["input_ids"]) for f in features], batch_size)
+    collate, chunks = _plan_batches(model, features, connection, pad_id, batch_size, sampled)
     items: list[dict | None] = [None] * len(records)
     bar = tqdm(total=len(records), desc=f"nll ({connection})", unit="item", disable=not progress)
     try:
@@ -241,21 +239,59 @@ def score_records(
     return items
 
 
-def padding_batches(lengths: list[int], batch_size: int, slack: float = 1.25) -> list[list[int]]:
-    """Indices grouped shortest first into batches of at most ``batch_size`` whose padded size (rows ×
-    longest) stays within ``slack`` × their real tokens: an outlier gets a batch of its own instead of
-    doubling the work of the others."""
+def _plan_batches(model, features: list[dict], connection: str, pad_id: int, batch_size: int, in_order: bool):
+    """The collator and the batches (record indices) of :func:`score_records`: in record order when
+    ``in_order``, else :func:`padding_batches`. ``transform``, where the cache can be cut back, puts
+    every row's p in one column (aligned padding): the prompts then run once up to p and the fused
+    pass covers the responses only, where left padding would run max - min response length columns
+    twice."""
+    aligned = connection == "transform" and can_crop(DynamicCache(config=model.base.config))
+    collate = CCCollator(pad_id, "aligned" if aligned else "left")
+    if in_order:
+        return collate, [
+            list(range(s, min(s + batch_size, len(features)))) for s in range(0, len(features), batch_size)
+        ]
+    lengths = [len(f["input_ids"]) for f in features]
+    responses = [n - f["cc_position"] for n, f in zip(lengths, features)] if aligned else None
+    return collate, padding_batches(lengths, batch_size, responses=responses)
+
+
+def padding_batches(
+    lengths: list[int], batch_size: int, slack: float = 1.25, responses: list[int] | None = None
+) -> list[list[int]]:
+    """Indices grouped into batches of at most ``batch_size`` whose padded size stays within ``slack``
+    × their real tokens: an outlier gets a batch of its own instead of doubling the work of the others.
+
+    Left padding (``responses`` not given): sorted by length, a batch costs rows × its longest row.
+    Aligned padding (``responses[i]``: the tokens of row i after its p, so ``lengths[i] - responses[i]``
+    are its prompt's): every row's p in one column, so a batch costs rows × (longest prompt + longest
+    response); sorted by prompt length, in steps of 25 %, then by response length."""
+    if responses is None:
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    else:
+        prompts = [n - r for n, r in zip(lengths, responses)]
+        order = sorted(
+            range(len(lengths)), key=lambda i: (int(math.log(max(prompts[i], 1), 1.25)), responses[i])
+        )
     batches: list[list[int]] = []
     current: list[int] = []
-    tokens = 0
-    for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):
+    tokens = longest = prompt = response = 0
+    for i in order:
+        if responses is None:
+            wide = max(longest, lengths[i])
+        else:
+            wide = max(prompt, lengths[i] - responses[i]) + max(response, responses[i])
         if current and (
-            len(current) == batch_size or (len(current) + 1) * lengths[i] > slack * (tokens + lengths[i])
+            len(current) == batch_size or (len(current) + 1) * wide > slack * (tokens + lengths[i])
         ):
             batches.append(current)
-            current, tokens = [], 0
+            current, tokens, longest, prompt, response = [], 0, 0, 0, 0
         current.append(i)
         tokens += lengths[i]
+        longest = max(longest, lengths[i])
+        if responses is not None:
+            prompt = max(prompt, lengths[i] - responses[i])
+            response = max(response, responses[i])
     if current:
         batches.append(current)
     return batches
