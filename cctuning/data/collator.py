@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -96,3 +97,44 @@ class CCCollator:
                 torch.tensor([f["en_cc_position"] for f in features], dtype=torch.long) + en_shift
             )
         return batch
+
+
+def padding_batches(
+    lengths: list[int], batch_size: int, slack: float = 1.25, responses: list[int] | None = None
+) -> list[list[int]]:
+    """Indices grouped into batches of at most ``batch_size`` whose padded size stays within ``slack``
+    × their real tokens: an outlier gets a batch of its own instead of doubling the work of the others.
+
+    Left padding (``responses`` not given): sorted by length, a batch costs rows × its longest row.
+    Aligned padding (``responses[i]``: the tokens of row i after its p, so ``lengths[i] - responses[i]``
+    are its prompt's): every row's p in one column, so a batch costs rows × (longest prompt + longest
+    response); sorted by prompt length, in steps of 25 %, then by response length."""
+    if responses is None:
+        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    else:
+        prompts = [n - r for n, r in zip(lengths, responses)]
+        order = sorted(
+            range(len(lengths)), key=lambda i: (int(math.log(max(prompts[i], 1), 1.25)), responses[i])
+        )
+    batches: list[list[int]] = []
+    current: list[int] = []
+    tokens = longest = prompt = response = 0
+    for i in order:
+        if responses is None:
+            wide = max(longest, lengths[i])
+        else:
+            wide = max(prompt, lengths[i] - responses[i]) + max(response, responses[i])
+        if current and (
+            len(current) == batch_size or (len(current) + 1) * wide > slack * (tokens + lengths[i])
+        ):
+            batches.append(current)
+            current, tokens, longest, prompt, response = [], 0, 0, 0, 0
+        current.append(i)
+        tokens += lengths[i]
+        longest = max(longest, lengths[i])
+        if responses is not None:
+            prompt = max(prompt, lengths[i] - responses[i])
+            response = max(response, responses[i])
+    if current:
+        batches.append(current)
+    return batches

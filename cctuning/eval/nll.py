@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from cctuning.data.augment import inference_records, prompt_report
-from cctuning.data.collator import CCCollator, pad_token_id
+from cctuning.data.collator import CCCollator, pad_token_id, padding_batches
 from cctuning.data.encoding import PromptEncoder, encode_example, warn_special_records
 from cctuning.data.formats import DataOptions
 from cctuning.data.records import load_records, system_prompt_of
@@ -254,47 +254,6 @@ def _plan_batches(model, features: list[dict], connection: str, pad_id: int, bat
     lengths = [len(f["input_ids"]) for f in features]
     responses = [n - f["cc_position"] for n, f in zip(lengths, features)] if aligned else None
     return collate, padding_batches(lengths, batch_size, responses=responses)
-
-
-def padding_batches(
-    lengths: list[int], batch_size: int, slack: float = 1.25, responses: list[int] | None = None
-) -> list[list[int]]:
-    """Indices grouped into batches of at most ``batch_size`` whose padded size stays within ``slack``
-    × their real tokens: an outlier gets a batch of its own instead of doubling the work of the others.
-
-    Left padding (``responses`` not given): sorted by length, a batch costs rows × its longest row.
-    Aligned padding (``responses[i]``: the tokens of row i after its p, so ``lengths[i] - responses[i]``
-    are its prompt's): every row's p in one column, so a batch costs rows × (longest prompt + longest
-    response); sorted by prompt length, in steps of 25 %, then by response length."""
-    if responses is None:
-        order = sorted(range(len(lengths)), key=lambda i: lengths[i])
-    else:
-        prompts = [n - r for n, r in zip(lengths, responses)]
-        order = sorted(
-            range(len(lengths)), key=lambda i: (int(math.log(max(prompts[i], 1), 1.25)), responses[i])
-        )
-    batches: list[list[int]] = []
-    current: list[int] = []
-    tokens = longest = prompt = response = 0
-    for i in order:
-        if responses is None:
-            wide = max(longest, lengths[i])
-        else:
-            wide = max(prompt, lengths[i] - responses[i]) + max(response, responses[i])
-        if current and (
-            len(current) == batch_size or (len(current) + 1) * wide > slack * (tokens + lengths[i])
-        ):
-            batches.append(current)
-            current, tokens, longest, prompt, response = [], 0, 0, 0, 0
-        current.append(i)
-        tokens += lengths[i]
-        longest = max(longest, lengths[i])
-        if responses is not None:
-            prompt = max(prompt, lengths[i] - responses[i])
-            response = max(response, responses[i])
-    if current:
-        batches.append(current)
-    return batches
 
 
 def write_nll(output: str | Path, report: dict, items: list[dict]) -> None:

@@ -2,7 +2,8 @@
 
 * **Joining.** New sequences are prefilled by :meth:`CCGenerator.prepare
   <cctuning.inference.generate.CCGenerator.prepare>`, the connected prefill of ``cctuning generate``
-  (:func:`~cctuning.model.connection.prefill_to_connection`), one group per connection, left-padded.
+  (:func:`~cctuning.model.connection.prefill_to_connection`), one group per connection and prompts of
+  similar length (:func:`~cctuning.data.collator.padding_batches`: at most 25 % padding), left-padded.
   Their first forward runs the prompt's tail from the cache with the connection's injection, as the
   first forward of ``transformers``' ``generate`` does in ``cctuning generate``, and gives their
   first token. Their KV cache is then merged into the running batch's between two steps: both are
@@ -26,7 +27,9 @@ from itertools import groupby
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
+from cctuning.data.collator import padding_batches
 from cctuning.inference.generate import CCGenerator, injected_once
 from cctuning.model.ccmodel import positions_from_mask
 from cctuning.model.connection import can_crop
@@ -69,8 +72,23 @@ class Batch:
         for i, group in enumerate(groups):
             if not self.joinable:
                 return [s for g in groups[i:] for s in g]
-            self._admit_group(group[0].connection, group)
+            chunks = self._chunks(group)
+            for k, chunk in enumerate(chunks):
+                if not self.joinable:  # a cache that cannot be padded: the rest wait for this batch
+                    return [s for c in chunks[k:] for s in c] + [s for g in groups[i + 1 :] for s in g]
+                self._admit_group(group[0].connection, chunk)
         return []
+
+    def _chunks(self, group: list[Sequence]) -> list[list[Sequence]]:
+        """``group`` in prefills of prompts of similar length (left padding: one 500-token prompt among
+        100-token ones would make every row 500 tokens wide), where the caches can then be merged;
+        else one prefill."""
+        if not can_crop(DynamicCache(config=self.model.base.config)):
+            return [group]
+        return [
+            [group[j] for j in chunk]
+            for chunk in padding_batches([len(s.prompt.ids) for s in group], len(group))
+        ]
 
     def _admit_group(self, connection: str, group: list[Sequence]) -> None:
         english = [s.english for s in group] if connection == "english" else None

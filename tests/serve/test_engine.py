@@ -104,6 +104,28 @@ def test_sequences_join_a_running_batch_and_connections_mix(setup):
         assert engine.stats.largest_batch > 4, "the later sequences did not join the running batch"
 
 
+def test_prompts_of_different_lengths_are_prefilled_apart_and_answer_as_generate(engines):
+    """A burst of short prompts and one long one: the long one gets a prefill of its own (the short
+    ones are not padded to its width), the short ones share theirs, and every answer is generate's."""
+    arch, gen, engine = engines("llama")
+    prompts = PROMPTS[:4] + [" ".join(PROMPTS)]
+    lengths = [len(gen.encoder.encode_prompt(p).ids) for p in prompts]
+    assert max(lengths) > 2 * max(lengths[:4])  # so that one prefill would pad the short ones
+    widths = []
+    hook = gen.model.arch.layers[0].register_forward_pre_hook(lambda m, args, kw: widths.append(tuple((kw["hidden_states"] if "hidden_states" in kw else args[0]).shape[:2])), with_kwargs=True)  # fmt: skip
+    seqs = [sequence(gen, p, "transform") for p in prompts]
+    try:
+        engine.submit(seqs)
+        wait(seqs)
+    finally:
+        hook.remove()
+    prefills = [w for w in widths if w[1] > 1]  # decoding steps feed one column
+    assert (1, max(lengths)) in prefills
+    assert all(rows * width <= 1.25 * sum(lengths[:4]) for rows, width in prefills if width < max(lengths))
+    assert sum(rows for rows, width in prefills if width > 1) >= len(prompts)
+    assert_same(seqs, gen.generate(prompts, "transform", max_new_tokens=NEW))
+
+
 def test_seeded_sampling_does_not_depend_on_the_batch(engines):
     arch, gen, engine = engines("llama")
     options = dict(temperature=0.9, top_p=0.95, seed=11, max_tokens=NEW)
