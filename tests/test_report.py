@@ -138,6 +138,22 @@ def test_connection_norms_after_another_layer_with_gated_and_scaled_fusion(token
         assert_stats(m["connections"]["transform"]["added"][layer], residual)
 
 
+def test_connection_norms_of_a_bilingual_prompt_model_read_its_inference_prompt(tokenizer):
+    """A model trained with --augment bilingual-prompt is measured on the prompt it is given at
+    inference (the English, then the non-English instruction), computed here by hand."""
+    from cctuning.data.augment import bilingual_instruction
+
+    rows = make_records(4)
+    cc = make_cc(tokenizer, augment="bilingual-prompt")
+    m = diagnostics.connection_norms(cc, tokenizer, rows, connection="transform")
+    prompts = [bilingual_instruction(r["instruction"], r["instruction_en"]) for r in rows]
+    own = [hand_pass(cc, tokenizer, p, 0) for p in prompts]
+    assert_stats(m["residual"], [float(h.norm()) for _, h in own])
+    alone = [hand_pass(cc, tokenizer, r["instruction"], 0) for r in rows]
+    assert [float(h.norm()) for _, h in alone] != [float(h.norm()) for _, h in own]  # it can fail
+    assert m["augment"] == "bilingual-prompt" and m["prompts_without_english"] == 0
+
+
 def test_connection_norms_sampling_and_errors(tokenizer, tmp_path):
     cc = make_cc(tokenizer)
     rows = make_records(9)

@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from cctuning.data.augment import inference_records, prompt_report
 from cctuning.data.collator import pad_rows, pad_token_id
 from cctuning.data.encoding import PromptEncoder
 from cctuning.data.records import Record, load_prompts
@@ -141,12 +142,15 @@ def connection_norms(
     ``f_l[p] M`` (the Transform Matrix applied, as at inference).
     """
     recs, names = _norms_inputs(model, records, connection, samples, seed)
+    # the prompt the model is given at inference: for a --augment bilingual-prompt model, the English
+    # instruction and then the non-English one, where the record has its English
+    prompted, fallbacks = inference_records(recs, model.cc_config.augment, "connection norms")
     fusion = copy.deepcopy(model.fusion).float().cpu()  # the model's own stays where it is
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            residual, per = _measure_norms(model, tokenizer, recs, names, fusion, batch_size, max_length)
+            residual, per = _measure_norms(model, tokenizer, prompted, names, fusion, batch_size, max_length)
     finally:
         model.train(was_training)
     out = {
@@ -158,6 +162,7 @@ def connection_norms(
         "languages": _count(r.lang or "?" for r in recs),
         "residual": spread(residual),
         "connections": {},
+        **prompt_report(model.cc_config.augment, False, fallbacks),
     }
     for c in names:
         vec = per[c]["vector"]
