@@ -15,6 +15,8 @@ from studies.transfer.config import CELLS, TRAININGS, TransferConfig
 from studies.transfer.run import run_transfer_task
 from studies.transfer.scoring import prompt_instruction, score_candidates
 from studies.transfer.world import (
+    CONTEXT_RELATIONS,
+    FOREIGN_FUNCTION,
     FOREIGN_LANG,
     build_model,
     build_tokenizer,
@@ -47,20 +49,25 @@ def _all_records(world) -> dict[str, list[dict]]:
 
 # -- the understood world's records -----------------------------------------------------------------
 def test_heldout_evaluated_facts_never_in_foreign_form(world):
-    held_foreign = {world.foreign_names[e] for e in world.heldout_entities}
-    held_english = {world.english_names[e] for e in world.heldout_entities}
+    """A held-out entity's name (either language) with an evaluated relation's word (either language)
+    only in an English record: its English name and the English relation, no foreign word."""
+    held = {world.foreign_names[e] for e in world.heldout_entities}
+    held |= {world.english_names[e] for e in world.heldout_entities}
     evaluated = set(world.relations) | set(world.foreign_relations)
-    assert world.context_relations == ["sport", "season", "metal"]
+    foreign = set(world.foreign_names) | set(world.foreign_relations) | set(world.foreign_context_relations)
+    foreign |= set(FOREIGN_FUNCTION.values())
+    assert world.context_relations == list(CONTEXT_RELATIONS)
+    langs = set()
     for name, rows in _all_records(world).items():
         for row in rows:
-            words = set(row["instruction"].split())
-            if (
-                words & held_foreign
-            ):  # a held-out foreign name only with a context relation, or in the dictionary
-                assert not words & evaluated, (name, row)
-                assert not _words(row) & evaluated, (name, row)
-            if row["lang"] == FOREIGN_LANG and _words(row) & held_english:
-                assert not _words(row) & evaluated, (name, row)
+            langs.add(row["lang"])
+            words = _words(row)
+            if words & held and words & evaluated:
+                assert row["lang"] == "en" and not words & foreign, (name, row)
+    assert langs == {"en", "dict", "cs", FOREIGN_LANG}
+    # the code-switched records: every entity, every context relation, both directions
+    switched = [r for r in stage1_records(world) if r["lang"] == "cs"]
+    assert len(switched) == 40 * 6 * 2
 
 
 def test_matrix_data_holds_no_evaluation_question(world):
@@ -70,7 +77,7 @@ def test_matrix_data_holds_no_evaluation_question(world):
     assert {r["instruction_en"] for r in rows}.isdisjoint(it["instruction_en"] for it in held)
     # every row a parallel pair: the training entities' questions and every entity's context questions
     assert all(r["lang"] == FOREIGN_LANG and r["instruction"] != r["instruction_en"] for r in rows)
-    assert len(rows) == len(world.train_entities) * 3 + 40 * 3
+    assert len(rows) == len(world.train_entities) * 3 + 40 * 6
     # the default world's matrix data is the foreign stage-2 records, as before
     default = build_world(TransferConfig(entities=40, values=5), seed=7)
     assert matrix_records(default) == [r for r in stage2_records(default, True) if r["lang"] == FOREIGN_LANG]
@@ -96,7 +103,7 @@ def test_default_world_is_unchanged_by_the_understood_options():
     default = build_world(TransferConfig(entities=30), 3)
     assert default.context_relations == [] and default.context_facts == {}
     understood = build_world(TransferConfig(entities=30, world="understood"), 3)
-    assert (understood.english_names, understood.facts) == (default.english_names, default.facts)
+    assert len(understood.context_relations) == 6 and len(understood.context_facts) == 30 * 6
     tok = build_tokenizer(understood)
     for row in stage1_records(understood) + stage2_records(understood, True, True):
         ids = tok(row["instruction"], add_special_tokens=False)["input_ids"]

@@ -9,7 +9,7 @@ from cctuning.config import add_dataclass_arguments, build_config, coerce
 from cctuning.errors import CCError
 from cctuning.training import TrainConfig
 from cctuning.training.args import opt
-from studies.transfer.world import RELATIONS, WORLDS
+from studies.transfer.world import CONTEXT_RELATIONS, RELATIONS, WORLDS
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,8 @@ class TransferConfig:
         choices=WORLDS,
     )
     context_relations: int = opt(
-        3, "context relations of the understood world (taught in both languages, not evaluated)"
+        6,
+        "context relations of the understood world (taught in both languages and code-switched, not evaluated)",
     )
     stage2_context: bool = opt(
         True, "understood world: also rehearse the context relations (foreign) in stage 2"
@@ -130,10 +131,9 @@ class TransferConfig:
             raise CCError(f"--relations must be 1..{len(RELATIONS)}, got {self.relations}")
         if self.world not in WORLDS:
             raise CCError(f"--world: expected one of {', '.join(WORLDS)}, got {self.world!r}")
-        if self.world == "understood" and not 1 <= self.context_relations <= len(RELATIONS) - self.relations:
+        if self.world == "understood" and not 1 <= self.context_relations <= len(CONTEXT_RELATIONS):
             raise CCError(
-                f"--context-relations must be 1..{len(RELATIONS) - self.relations} with --relations "
-                f"{self.relations}, got {self.context_relations}"
+                f"--context-relations must be 1..{len(CONTEXT_RELATIONS)}, got {self.context_relations}"
             )
         if not 2 <= self.values <= min(len(v) for v in RELATIONS.values()):
             raise CCError(f"--values must be 2..{min(len(v) for v in RELATIONS.values())}, got {self.values}")

@@ -274,7 +274,7 @@ def summary_markdown(summary: dict) -> str:
     m = summary["matrix"]
     lc = summary["layer_choice"]
     lines = [
-        "Held-out facts asked in the foreign language, accuracy in % (chance "
+        f"World `{summary['world']}`. Held-out facts asked in the foreign language, accuracy in % (chance "
         f"{_pct(summary['chance_accuracy'])}, majority answer {_pct(summary['majority_baseline_accuracy']['mean'])}); "
         f"seeds {', '.join(map(str, summary['seeds']))}; {summary['date']}",
         "",

@@ -26,6 +26,15 @@ RELATIONS = {
     "season": ["spring", "summer", "autumn", "winter", "monsoon", "dawn", "dusk", "noon", "night", "harvest"],
     "metal": ["iron", "gold", "silver", "copper", "tin", "lead", "zinc", "nickel", "bronze", "steel"],
 }
+# the understood world's context relations (taught in both languages and code-switched, never evaluated)
+CONTEXT_RELATIONS = {
+    "drink": ["water", "tea", "coffee", "milk", "juice", "wine", "beer", "cocoa", "cider", "soda"],
+    "tool": ["hammer", "saw", "drill", "wrench", "axe", "chisel", "shovel", "rake", "pliers", "file"],
+    "animal": ["dog", "cat", "horse", "cow", "goat", "sheep", "pig", "duck", "mouse", "fox"],
+    "music": ["jazz", "rock", "blues", "opera", "folk", "funk", "disco", "reggae", "techno", "polka"],
+    "shape": ["circle", "square", "oval", "cross", "star", "heart", "arrow", "ring", "cone", "cube"],
+    "fabric": ["wool", "silk", "cotton", "linen", "denim", "velvet", "satin", "nylon", "felt", "lace"],
+}
 # English question: "what is the REL of X ?"; foreign question (head-final): "X FOF FREL FWHAT ?"
 ENGLISH_FUNCTION = ("what", "is", "the", "of")
 FOREIGN_FUNCTION = {"what": "ka", "of": "nu"}  # "is" and "the" have no foreign counterpart
@@ -139,9 +148,9 @@ def build_world(cfg: TransferConfig, seed: int) -> World:
     facts = {(e, r): rng.randrange(cfg.values) for e in range(cfg.entities) for r in range(len(relations))}
     train, heldout, dictionary = _split_entities(rng, cfg)
     # the understood world draws its context relations after everything the default world draws
-    contexts = list(RELATIONS)[cfg.relations : cfg.relations + cfg.context_relations]
-    contexts = contexts if cfg.world == "understood" else []
-    answers.update({rel: RELATIONS[rel][: cfg.values] for rel in contexts})
+    contexts = list(CONTEXT_RELATIONS)[: cfg.context_relations] if cfg.world == "understood" else []
+    answers.update({rel: CONTEXT_RELATIONS[rel][: cfg.values] for rel in contexts})
+    taken |= set(contexts) | {w for rel in contexts for w in CONTEXT_RELATIONS[rel]}
     foreign_contexts = _names(rng, _FO_SYLLABLES, len(contexts), taken)
     context_facts = {
         (e, c): rng.randrange(cfg.values) for e in range(cfg.entities) for c in range(len(contexts))
@@ -179,8 +188,8 @@ def _split_entities(rng: random.Random, cfg: TransferConfig) -> tuple[list[int],
 
 def stage1_records(world: World) -> list[dict]:
     """Every fact in English, and the dictionary in both directions; in the understood world also
-    every context-relation fact in English and in the foreign language (the foreign names in
-    context: this is how the foreign side comes to understand every entity)."""
+    every context-relation fact in English, in the foreign language and code-switched (the foreign
+    names in context: this is how the foreign side comes to understand every entity)."""
     rows = [
         {"instruction": world.english_question(e, r), "output": world.answer(e, r), "lang": "en"}
         for e in range(len(world.english_names))
@@ -191,6 +200,7 @@ def stage1_records(world: World) -> list[dict]:
         {"instruction": rec["instruction"], "output": rec["output"], "lang": FOREIGN_LANG}
         for rec in context_records(world)
     ]
+    rows += code_switched_records(world)
     for en, fo in world.dictionary():
         rows.append({"instruction": f"what is the english word for {fo} ?", "output": en, "lang": "dict"})
         rows.append({"instruction": f"what is the foreign word for {en} ?", "output": fo, "lang": "dict"})
@@ -205,6 +215,31 @@ def context_records(world: World) -> list[dict]:
         for e in range(len(world.english_names))
         for c in range(len(world.context_relations))
     ]
+
+
+def code_switched_records(world: World) -> list[dict]:
+    """Every entity's context-relation facts code-switched (understood world): the English question
+    with the foreign name and the foreign question with the English name (``lang: "cs"``)."""
+    rows = []
+    for e in range(len(world.english_names)):
+        for c, rel in enumerate(world.context_relations):
+            answer = world.context_answer(e, c)
+            fo_rel = world.foreign_context_relations[c]
+            rows.append(
+                {
+                    "instruction": _english_question(rel, world.foreign_names[e]),
+                    "output": answer,
+                    "lang": "cs",
+                }
+            )
+            rows.append(
+                {
+                    "instruction": _foreign_question(world.english_names[e], fo_rel),
+                    "output": answer,
+                    "lang": "cs",
+                }
+            )
+    return rows
 
 
 def context_english_records(world: World) -> list[dict]:
