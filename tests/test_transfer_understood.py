@@ -223,3 +223,15 @@ def test_data_level_trainings_see_augment_records(understood_run):
     # the matrix was fitted on no evaluation question
     held = {json.loads(line)["instruction"] for line in (seed / "heldout.jsonl").open()}
     assert not held & {json.loads(line)["instruction"] for line in (seed / "matrix.jsonl").open()}
+
+
+def test_compare_reproduces_the_margins_over_sft(understood_run):
+    from studies.transfer.compare import compare  # deferred: only this test needs the post-hoc tool
+
+    out, summary = understood_run
+    result = compare(out, "cc_oracle", ["sft", "bilingual_prompt"], reps=100)
+    assert result["over"]["sft"]["per_seed"] == summary["margins_over_sft"]["cc_oracle"]["per_seed"]
+    oracle = summary["cc_oracle_accuracy"]["mean"]
+    assert result["over"]["bilingual_prompt"]["mean"] == pytest.approx(
+        oracle - summary["bilingual_prompt_accuracy"]["mean"]
+    )
