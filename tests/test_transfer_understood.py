@@ -27,7 +27,7 @@ from studies.transfer.world import (
     stage2_records,
 )
 
-ENTITIES = 24
+ENTITIES = 16
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +163,8 @@ def understood_run(tmp_path_factory):
         world="understood",
         seed_list=[0],
         entities=ENTITIES,
-        stage1_epochs=20,
-        stage2_epochs=4,
+        stage1_epochs=15,
+        stage2_epochs=3,
         bootstrap_reps=100,
     )
     return out, run_transfer_task(cfg)
