@@ -18,7 +18,13 @@
   (``cctuning.eval.nll.item_nll``, the package's connected path). Cells: SFT (connection
   ``none``), CC with the English oracle (``english``), CC with the Transform Matrix
   (``transform``, fitted by ``fit_transform_matrix`` on the stage-2 records) and CC without the
-  connection (``none``).
+  connection (``none``); and SFT given CC-Tuning's extra information at the data level through
+  the package's ``--augment``: ``english-prompt`` (at SFT's optimizer steps) and
+  ``bilingual-prompt`` (scored with the English question given and withheld).
+
+``--world understood`` adds context relations taught in English, foreign and code-switched form for
+every entity, so that the foreign side knows the held-out entities (never their evaluated facts),
+and linear probes of the entity at p (``probes``).
 
 A held-out entity's foreign name never occurs in stage 2 and its facts are never asked in the
 foreign language; only the English pass knows them. The English prompt's FFN activations at p
@@ -29,7 +35,8 @@ the dictionary (for the entities it covers). ``summary.json`` reports every cell
 seeds (independent worlds: Wilson interval), the oracle's paired margin over SFT, stage-1 English
 accuracy, the Decision Maker's layer choices and the matrix's fit quality.
 
-Modules: ``config`` (options and cells), ``world`` (the world, its records, tokenizer and model),
-``scoring`` (candidate scoring, baselines, probes), ``run`` (one seed, every seed), ``summary``
-(summary.json and summary.md), ``__main__`` (the command line).
+Modules: ``config`` (options, trainings and cells), ``world`` (the world, its records, tokenizer and
+model), ``scoring`` (candidate scoring, baselines, answer probes), ``probes`` (entity probes),
+``run`` (one seed, every seed), ``summary`` (summary.json and summary.md), ``compare`` (paired
+margins between any two cells of a finished run), ``__main__`` (the command line).
 """

@@ -9,7 +9,25 @@ from cctuning.config import add_dataclass_arguments, build_config, coerce
 from cctuning.errors import CCError
 from cctuning.training import TrainConfig
 from cctuning.training.args import opt
-from studies.transfer.world import RELATIONS
+from studies.transfer.world import CONTEXT_RELATIONS, RELATIONS, WORLDS
+
+
+@dataclass(frozen=True)
+class Training:
+    """One stage-2 training: ``cctuning train --method method --augment augment``."""
+
+    method: str
+    augment: str = "none"
+    same_steps_as: str | None = None  # a training whose optimizer steps it gets (``max_steps``)
+
+
+# every stage-2 training, in the order they run (a training is run after the one it takes its steps from)
+TRAININGS = {
+    "sft": Training("sft"),
+    "cc": Training("cc"),
+    "english_prompt": Training("sft", "english-prompt", same_steps_as="sft"),
+    "bilingual_prompt": Training("sft", "bilingual-prompt"),
+}
 
 
 @dataclass(frozen=True)
@@ -17,24 +35,34 @@ class Cell:
     """One evaluation cell: a stage-2 training evaluated under one connection."""
 
     name: str  # its key in summary.json (``{name}_accuracy``) and in predictions.jsonl
-    method: str  # the stage-2 training it evaluates (``cctuning train --method``)
+    method: str  # the stage-2 training it evaluates (a key of TRAININGS)
     connection: str  # the connection at evaluation
     label: str  # its row in summary.md
+    withhold_english: bool = False  # a bilingual-prompt model prompted with the foreign question alone
 
 
-# every stage-2 training is one of the cells' methods, trained once, in this order
 CELLS = (
     Cell("sft", "sft", "none", "SFT"),
     Cell("cc_oracle", "cc", "english", "CC, English oracle"),
     Cell("cc_transform", "cc", "transform", "CC, Transform Matrix"),
     Cell("cc_none", "cc", "none", "CC, no connection"),
+    Cell("english_prompt", "english_prompt", "none", "SFT + English prompts (data level)"),
+    Cell("bilingual_prompt", "bilingual_prompt", "none", "SFT, bilingual prompts, English given"),
+    Cell(
+        "bilingual_prompt_withheld",
+        "bilingual_prompt",
+        "none",
+        "SFT, bilingual prompts, English withheld",
+        withhold_english=True,
+    ),
 )
 BASELINE = "sft"  # the cell every other cell's paired margin is taken over
 
 
 def trained_methods() -> list[str]:
-    """The stage-2 trainings the cells need, in the order of their first cell."""
-    return list(dict.fromkeys(cell.method for cell in CELLS))
+    """The stage-2 trainings the cells need (keys of TRAININGS), in the order they run."""
+    needed = {cell.method for cell in CELLS}
+    return [name for name in TRAININGS if name in needed]
 
 
 @dataclass
@@ -43,6 +71,19 @@ class TransferConfig:
     seeds: int = opt(3, "number of seeds (0..N-1) when --seed is not given")
     seed_list: list = field(default_factory=list, metadata={"cli": False})  # --seed S [S ...]
     # the world
+    world: str = opt(
+        "default",
+        "the world: default (only English knows the held-out entities) or understood "
+        "(the foreign side knows every entity through context relations)",
+        choices=WORLDS,
+    )
+    context_relations: int = opt(
+        6,
+        "context relations of the understood world (taught in both languages and code-switched, not evaluated)",
+    )
+    stage2_context: bool = opt(
+        True, "understood world: also rehearse the context relations (foreign) in stage 2"
+    )
     entities: int = opt(48, "number of entities")
     relations: int = opt(3, f"number of relations (at most {len(RELATIONS)})")
     values: int = opt(6, "answer words per relation (chance accuracy is 1/values)")
@@ -88,6 +129,12 @@ class TransferConfig:
             raise CCError(f"--seed: repeated seeds {self.seed_values()}")
         if not 1 <= self.relations <= len(RELATIONS):
             raise CCError(f"--relations must be 1..{len(RELATIONS)}, got {self.relations}")
+        if self.world not in WORLDS:
+            raise CCError(f"--world: expected one of {', '.join(WORLDS)}, got {self.world!r}")
+        if self.world == "understood" and not 1 <= self.context_relations <= len(CONTEXT_RELATIONS):
+            raise CCError(
+                f"--context-relations must be 1..{len(CONTEXT_RELATIONS)}, got {self.context_relations}"
+            )
         if not 2 <= self.values <= min(len(v) for v in RELATIONS.values()):
             raise CCError(f"--values must be 2..{min(len(v) for v in RELATIONS.values())}, got {self.values}")
         if self.entities < 4:

@@ -21,7 +21,15 @@ from cctuning.io import write_json, write_jsonl, write_text
 from cctuning.loading import load_for_inference
 from cctuning.stats import accuracy_summary, paired_bootstrap_mean
 from cctuning.training import TrainConfig, train
-from studies.transfer.config import BASELINE, CELLS, TransferConfig, check_train_options, trained_methods
+from studies.transfer.config import (
+    BASELINE,
+    CELLS,
+    TRAININGS,
+    TransferConfig,
+    check_train_options,
+    trained_methods,
+)
+from studies.transfer.probes import entity_probes
 from studies.transfer.scoring import (
     activation_diagnostics,
     correct,
@@ -38,6 +46,7 @@ from studies.transfer.world import (
     build_tokenizer,
     build_world,
     eval_items,
+    matrix_records,
     stage1_records,
     stage2_records,
 )
@@ -58,6 +67,7 @@ class SeedData:
     stage2_rows: list[dict]
     stage1_file: Path
     stage2_file: Path
+    matrix_file: Path  # the parallel sentences the Transform Matrix is fitted on
     held: list[dict]  # the held-out entities' questions: the evaluation
     train_items: list[dict]  # the training entities' questions (probes, English accuracy)
     vocabulary: int
@@ -93,7 +103,12 @@ def prepare_seed(cfg: TransferConfig, seed: int, folder: Path) -> SeedData:
     held-out items into ``folder``."""
     world = build_world(cfg, seed)
     write_json(
-        folder / WORLD_NAME, asdict(world) | {"facts": [[e, r, v] for (e, r), v in world.facts.items()]}
+        folder / WORLD_NAME,
+        asdict(world)
+        | {
+            "facts": [[e, r, v] for (e, r), v in world.facts.items()],
+            "context_facts": [[e, c, v] for (e, c), v in world.context_facts.items()],
+        },
     )
     tokenizer = build_tokenizer(world)
     base = folder / "base"
@@ -103,24 +118,35 @@ def prepare_seed(cfg: TransferConfig, seed: int, folder: Path) -> SeedData:
         world=world,
         base=base,
         stage1_rows=stage1_records(world),
-        stage2_rows=stage2_records(world, cfg.stage2_english),
+        stage2_rows=stage2_records(world, cfg.stage2_english, cfg.stage2_context),
         stage1_file=folder / "stage1.jsonl",
         stage2_file=folder / "stage2.jsonl",
+        matrix_file=folder / "matrix.jsonl",
         held=eval_items(world, world.heldout_entities),
         train_items=eval_items(world, world.train_entities),
         vocabulary=len(tokenizer),
     )
     write_jsonl(data.stage1_file, data.stage1_rows)
     write_jsonl(data.stage2_file, data.stage2_rows)
+    write_jsonl(data.matrix_file, matrix_records(world))
     write_jsonl(folder / "heldout.jsonl", data.held)
     return data
 
 
 def _train(
-    cfg: TransferConfig, seed: int, stage: int, start: Path, data: Path, output: Path, method: str
+    cfg: TransferConfig,
+    seed: int,
+    stage: int,
+    start: Path,
+    data: Path,
+    output: Path,
+    method: str,
+    augment: str = "none",
+    max_steps: int | None = None,
 ) -> dict:
     """One ``cctuning train`` run of stage 1 or 2 from the model in ``start``, with that stage's
-    budget (and, in stage 2, ``--fusion`` and the ``--train-option`` values); returns its
+    budget (``max_steps``: that many optimizer steps instead of the epochs) and ``--augment``
+    (and, in stage 2, ``--fusion`` and the ``--train-option`` values); returns its
     train_results.json."""
     epochs, lr = (cfg.stage1_epochs, cfg.stage1_lr) if stage == 1 else (cfg.stage2_epochs, cfg.stage2_lr)
     options = dict(
@@ -128,6 +154,7 @@ def _train(
         data=str(data),
         output=str(output),
         method=method,
+        augment=augment,
         epochs=epochs,
         lr=lr,
         batch_size=cfg.batch_size,
@@ -137,6 +164,8 @@ def _train(
         warmup_ratio=0.05,
         trainer={"save_strategy": "no", "disable_tqdm": True, "logging_strategy": "no"},
     )
+    if max_steps is not None:
+        options["max_steps"] = max_steps
     if stage == 2:
         options.update(check_train_options(cfg.train_options, cfg.fusion))
     train(TrainConfig(**options))
@@ -162,21 +191,23 @@ def _evaluate_stage1(cfg: TransferConfig, seed: int, data: SeedData, folder: Pat
         "foreign_accuracy_heldout": accuracy_summary(foreign),
         "train_loss": trained["train_loss"],
         "steps": trained["global_step"],
+        "entity_probe": entity_probes(model, tok, data.world),
     }
 
 
 def _fit_matrix(cfg: TransferConfig, seed: int, data: SeedData, folder: Path):
-    """Load the connected model, fit its Transform Matrix on the foreign stage-2 records (it maps
-    foreign activations to English ones), save and set it; returns the model, its tokenizer, the
-    fit and the held-out entities' activation diagnostics."""
+    """Load the connected model, fit its Transform Matrix on the matrix records (parallel sentences
+    that are no evaluation question; it maps foreign activations to English ones), save and set
+    it; returns the model, its tokenizer, the matrix, the fit and the held-out entities' activation
+    diagnostics."""
     model, tok, _ = load_for_inference(str(folder))
-    records = [r for r in load_records(data.stage2_file, require_english=True) if r.lang == FOREIGN_LANG]
+    records = [r for r in load_records(data.matrix_file, require_english=True) if r.lang == FOREIGN_LANG]
     matrix, fit = fit_transform_matrix(
         model, tok, records, samples=len(records), ridge=cfg.matrix_ridge, seed=seed, heldout_fraction=0.1
     )
     matrix.save(folder)
     model.set_transform(matrix)
-    return model, tok, fit, activation_diagnostics(model, tok, matrix, data.train_items, data.held)
+    return model, tok, matrix, fit, activation_diagnostics(model, tok, matrix, data.train_items, data.held)
 
 
 def _cell_summaries(results: dict[str, list[dict]], held: list[dict], num_layers: int) -> dict:
@@ -232,6 +263,8 @@ def _world_summary(cfg: TransferConfig, data: SeedData) -> dict:
         "stage1_records": len(data.stage1_rows),
         "stage2_records": len(data.stage2_rows),
         "stage2_foreign_records": data.foreign_records,
+        "context_relations": len(world.context_relations),
+        "matrix_records": sum(1 for _ in data.matrix_file.open(encoding="utf-8")),
         "heldout_items": len(data.held),
         "vocabulary": data.vocabulary,
         "chance": 1 / cfg.values,
@@ -239,18 +272,34 @@ def _world_summary(cfg: TransferConfig, data: SeedData) -> dict:
 
 
 def _stage2(cfg: TransferConfig, seed: int, data: SeedData, folder: Path, times: dict) -> dict[str, dict]:
-    """Every stage-2 training the cells need, from the stage-1 folder with the same data and budget."""
+    """Every stage-2 training the cells need, from the stage-1 folder with the same data and budget
+    (epochs; a training with ``same_steps_as`` gets that training's optimizer steps instead)."""
     runs = {}
-    for method in trained_methods():
-        with _timed(times, f"stage2_{method}"):
+    for name in trained_methods():
+        spec = TRAININGS[name]
+        steps = runs[spec.same_steps_as]["global_step"] if spec.same_steps_as else None
+        with _timed(times, f"stage2_{name}"):
             logger.info(
-                "seed %d: stage 2 (%s), %d records (%d foreign)",
+                "seed %d: stage 2 (%s: --method %s --augment %s%s), %d records (%d foreign)",
                 seed,
-                method,
+                name,
+                spec.method,
+                spec.augment,
+                f", {steps} steps" if steps else "",
                 len(data.stage2_rows),
                 data.foreign_records,
             )
-            runs[method] = _train(cfg, seed, 2, folder / "stage1", data.stage2_file, folder / method, method)
+            runs[name] = _train(
+                cfg,
+                seed,
+                2,
+                folder / "stage1",
+                data.stage2_file,
+                folder / name,
+                spec.method,
+                spec.augment,
+                steps,
+            )
     return runs
 
 
@@ -261,9 +310,36 @@ def _evaluate_cells(cfg: TransferConfig, data: SeedData, folder: Path, connected
         m: connected if m == CONNECTED else load_for_inference(str(folder / m))[:2] for m in trained_methods()
     }
     bs = cfg.eval_batch_size
-    results = {c.name: score_candidates(*models[c.method], data.held, c.connection, bs) for c in CELLS}
+    results = {
+        c.name: score_candidates(*models[c.method], data.held, c.connection, bs, c.withhold_english)
+        for c in CELLS
+    }
     english = {m: score_candidates(*models[m], english_items(data.held), "none", bs) for m in models}
     return results, english
+
+
+def _training_summary(name: str, trained: dict) -> dict:
+    spec = TRAININGS[name]
+    return {
+        "method": spec.method,
+        "augment": spec.augment,
+        "budget": f"max_steps of {spec.same_steps_as}" if spec.same_steps_as else "epochs",
+        "train_loss": trained["train_loss"],
+        "steps": trained["global_step"],
+        "examples": trained.get("examples"),
+    }
+
+
+def _stage2_entity_probes(data: SeedData, folder: Path, connected, matrix) -> dict:
+    """The entity probes after stage 2: the connected model (with its Transform Matrix's image of
+    the foreign activations) and the SFT model. Empty in the default world."""
+    if not data.world.context_relations:
+        return {}
+    sft = load_for_inference(str(folder / BASELINE))[:2]
+    return {
+        "cc": entity_probes(*connected, data.world, matrix),
+        "sft": entity_probes(*sft, data.world),
+    }
 
 
 def run_seed(cfg: TransferConfig, seed: int, folder: Path) -> dict:
@@ -278,9 +354,10 @@ def run_seed(cfg: TransferConfig, seed: int, folder: Path) -> dict:
         stage1 = _evaluate_stage1(cfg, seed, data, folder / "stage1", s1)
     runs = _stage2(cfg, seed, data, folder, times)
     with _timed(times, "matrix"):
-        cc, cc_tok, fit, diagnostics = _fit_matrix(cfg, seed, data, folder / CONNECTED)
+        cc, cc_tok, matrix, fit, diagnostics = _fit_matrix(cfg, seed, data, folder / CONNECTED)
     with _timed(times, "eval"):
         results, english = _evaluate_cells(cfg, data, folder, (cc, cc_tok))
+        probes = _stage2_entity_probes(data, folder, (cc, cc_tok), matrix)
     cells = _cell_summaries(results, data.held, cc.arch.num_layers)
     _write_predictions(folder / "predictions.jsonl", data.held, results)
     logger.info(
@@ -292,7 +369,8 @@ def run_seed(cfg: TransferConfig, seed: int, folder: Path) -> dict:
         "seed": seed,
         "world": _world_summary(cfg, data),
         "stage1": stage1,
-        "stage2": {m: {"train_loss": r["train_loss"], "steps": r["global_step"]} for m, r in runs.items()},
+        "stage2": {m: _training_summary(m, r) for m, r in runs.items()},
+        "entity_probe": {"stage1": stage1["entity_probe"], **probes},
         "english_accuracy_after_stage2": {m: accuracy_summary(correct(rows)) for m, rows in english.items()},
         "majority_baseline": majority_baseline(data.world, data.held),
         "cells": cells,

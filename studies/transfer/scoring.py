@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from cctuning.data.augment import inference_instruction
 from cctuning.data.collator import CCCollator
 from cctuning.data.encoding import PromptEncoder, PromptFormat
 from cctuning.eval.nll import item_nll
@@ -15,15 +16,22 @@ from studies.transfer.world import World
 
 
 # -- evaluation --------------------------------------------------------------------------------
-def score_candidates(model, tokenizer, items: list[dict], connection: str, batch_size: int) -> list[dict]:
+def score_candidates(
+    model, tokenizer, items: list[dict], connection: str, batch_size: int, withhold_english: bool = False
+) -> list[dict]:
     """For each item, the teacher-forced NLL of every candidate answer (answer + end of sequence)
     under ``connection``, through :func:`cctuning.eval.nll.item_nll`; the prediction is the
-    candidate of lowest NLL. Returns one dict per item (prediction, correct, chosen layer)."""
+    candidate of lowest NLL. The prompt is the one the package gives a model trained with its
+    saved ``augment`` (:func:`prompt_instruction`). Returns one dict per item (prediction, correct,
+    chosen layer)."""
     encoder = PromptEncoder(tokenizer, _prompt_format(model))
     english = connection == "english"
+    augment = model.cc_config.augment
     features = [
         encoder.encode_example(
-            item["instruction"], cand, item["instruction_en"] if english else None
+            prompt_instruction(item, augment, withhold_english),
+            cand,
+            item["instruction_en"] if english else None,
         ).features()
         for item in items
         for cand in item["candidates"]
@@ -44,6 +52,15 @@ def score_candidates(model, tokenizer, items: list[dict], connection: str, batch
         )
         pos += k
     return out
+
+
+def prompt_instruction(item: dict, augment: str, withhold_english: bool = False) -> str:
+    """The instruction an item is asked with, as the package builds it for a model trained with
+    ``--augment augment`` (:func:`cctuning.data.augment.inference_instruction`): a
+    ``bilingual-prompt`` model gets the English question and then the foreign one, or with
+    ``withhold_english`` the foreign one alone; any other model the item's instruction."""
+    english = None if withhold_english else item["instruction_en"]
+    return inference_instruction(item["instruction"], english, augment)
 
 
 def _sequence_nll(

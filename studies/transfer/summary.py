@@ -87,9 +87,70 @@ def _matrix(runs: list[dict]) -> dict:
     }
 
 
+def _trainings(runs: list[dict]) -> dict:
+    """Each stage-2 training's method, augment, budget and per-seed optimizer steps and examples."""
+    out = {}
+    for name, first in runs[0]["stage2"].items():
+        out[name] = {key: first.get(key) for key in ("method", "augment", "budget")} | {
+            "steps": [r["stage2"][name]["steps"] for r in runs],
+            "examples": [r["stage2"][name].get("examples") for r in runs],
+            "train_loss": [r["stage2"][name]["train_loss"] for r in runs],
+        }
+    return out
+
+
+def _entity_probes(runs: list[dict]) -> dict | None:
+    """The entity probes (understood world) per model: per layer, the mean over seeds of each
+    probe, and the best foreign layer's accuracy per seed with its mean (95% t-interval)."""
+    if not runs[0].get("entity_probe", {}).get("stage1"):
+        return None
+    out = {}
+    for model in runs[0]["entity_probe"]:
+        probes = [r["entity_probe"][model] for r in runs]
+        layers = range(len(probes[0]["per_layer"]))
+        out[model] = {
+            "classes": probes[0]["classes"],
+            "best_foreign": {
+                **mean_interval([p["best_foreign"] for p in probes], 0.0, 1.0),
+                "per_seed": [p["best_foreign"] for p in probes],
+            },
+            "per_layer": [
+                {
+                    key: layer
+                    if key == "layer"
+                    else sum(p["per_layer"][layer][key] for p in probes) / len(probes)
+                    for key in probes[0]["per_layer"][layer]
+                }
+                for layer in layers
+            ],
+        }
+    return out
+
+
+def _checks(summary: dict) -> dict | None:
+    """The understood world's preconditions (docs/transfer.md): after stage 2 a linear probe on the
+    connected model's foreign activations identifies a held-out entity at >= 80% (best layer, mean
+    over seeds) while SFT answers its held-out facts at <= 40%."""
+    probes = summary.get("entity_probe")
+    if not probes:
+        return None
+    probe = probes["cc"]["best_foreign"]["mean"]
+    sft = summary["sft_accuracy"]["mean"]
+    return {
+        "entity_probe_cc_best_foreign": probe,
+        "entity_probe_at_least_80": probe >= 0.8,
+        "sft_accuracy": sft,
+        "sft_at_most_40": sft <= 0.4,
+    }
+
+
 def summarize(cfg: TransferConfig, runs: list[dict], seconds: float) -> dict:
     """Everything in summary.json (see :func:`_aggregate` for the intervals)."""
-    summary: dict = {"date": date.today().isoformat(), "seeds": [r["seed"] for r in runs]}
+    summary: dict = {
+        "date": date.today().isoformat(),
+        "world": cfg.world,
+        "seeds": [r["seed"] for r in runs],
+    }
     summary.update(_cell_accuracies(runs))
     summary["chance_accuracy"] = 1 / cfg.values
     summary["majority_baseline_accuracy"] = _aggregate([r["majority_baseline"] for r in runs])
@@ -111,6 +172,9 @@ def summarize(cfg: TransferConfig, runs: list[dict], seconds: float) -> dict:
         "eval_transform": summary["cc_transform_accuracy"]["layer_histogram"],
     }
     summary["matrix"] = _matrix(runs)
+    summary["stage2_trainings"] = _trainings(runs)
+    summary["entity_probe"] = _entity_probes(runs)
+    summary["checks"] = _checks(summary)
     summary["seconds"] = {"total": round(seconds, 1), "per_seed": [r["seconds"] for r in runs]}
     summary["settings"] = asdict(cfg)
     summary["versions"] = versions()
@@ -164,6 +228,45 @@ def _layer_table(per_layer: list[dict]) -> list[str]:
     return lines
 
 
+def _probe_lines(summary: dict) -> list[str]:
+    """The entity probes' table (understood world; none in the default world)."""
+    probes = summary.get("entity_probe")
+    if not probes:
+        return []
+    chance = 100 / probes["stage1"]["classes"]
+    lines = [
+        f"Entity probe on the held-out entities' evaluated questions (fitted on their context-relation "
+        f"prompts; chance {chance:.1f}%), mean over seeds, per layer:",
+        "",
+        "| model | probe | "
+        + " | ".join(f"layer {row['layer']}" for row in probes["stage1"]["per_layer"])
+        + " |",
+        "|---|---|" + "---:|" * len(probes["stage1"]["per_layer"]),
+    ]
+    for model, probe in probes.items():
+        for key in probe["per_layer"][0]:
+            if key != "layer":
+                values = " | ".join(_pct(row[key]) for row in probe["per_layer"])
+                lines.append(f"| {model} | {key} | {values} |")
+    c = summary["checks"]
+    lines += [
+        "",
+        f"Checks: entity probe (CC, best foreign layer) {_pct(c['entity_probe_cc_best_foreign'])}% "
+        f"(>= 80: {c['entity_probe_at_least_80']}); SFT {_pct(c['sft_accuracy'])}% (<= 40: {c['sft_at_most_40']}).",
+        "",
+    ]
+    return lines
+
+
+def _training_line(summary: dict) -> str:
+    parts = [
+        f"{name} (--method {t['method']} --augment {t['augment']}, {t['budget']}): steps "
+        f"{', '.join(map(str, t['steps']))}"
+        for name, t in summary["stage2_trainings"].items()
+    ]
+    return "Stage-2 trainings, optimizer steps per seed: " + "; ".join(parts) + "."
+
+
 def summary_markdown(summary: dict) -> str:
     """The table of summary.md (and of the command): accuracy in % on the held-out foreign questions."""
     s1 = summary["stage1_english_accuracy"]
@@ -171,7 +274,7 @@ def summary_markdown(summary: dict) -> str:
     m = summary["matrix"]
     lc = summary["layer_choice"]
     lines = [
-        "Held-out facts asked in the foreign language, accuracy in % (chance "
+        f"World `{summary['world']}`. Held-out facts asked in the foreign language, accuracy in % (chance "
         f"{_pct(summary['chance_accuracy'])}, majority answer {_pct(summary['majority_baseline_accuracy']['mean'])}); "
         f"seeds {', '.join(map(str, summary['seeds']))}; {summary['date']}",
         "",
@@ -179,7 +282,8 @@ def summary_markdown(summary: dict) -> str:
         "",
         f"Stage-1 English accuracy on the held-out entities' facts: {_pct(s1['mean'])} {_interval(s1)} "
         f"(training entities {_pct(summary['stage1_english_accuracy_train_entities']['mean'])}); "
-        f"after stage 2: SFT {_pct(after['sft']['mean'])}, CC {_pct(after['cc']['mean'])}.",
+        "after stage 2: " + ", ".join(f"{m} {_pct(a['mean'])}" for m, a in after.items()) + ".",
+        _training_line(summary),
         f"Decision Maker layer choices: training {lc['training']}, evaluation oracle {lc['eval_oracle']}, "
         f"transform {lc['eval_transform']}.",
         f"Transform Matrix cosine to the English activations on held-out entities: "
@@ -188,6 +292,7 @@ def summary_markdown(summary: dict) -> str:
         "",
         *_layer_table(m["per_layer"]),
         "",
+        *_probe_lines(summary),
         f"Wall-clock: {summary['seconds']['total']:.0f} s.",
     ]
     return "\n".join(lines) + "\n"

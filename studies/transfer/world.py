@@ -5,7 +5,7 @@ evaluation items drawn from it; the word-level tokenizer over its vocabulary and
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # config.py imports this module's RELATIONS
     from studies.transfer.config import TransferConfig
 
 FOREIGN_LANG = "xx"  # the synthetic foreign language's code in the records
+WORLDS = ("default", "understood")  # --world: see docs/transfer.md
 # answer words per relation (shared by both languages); a world uses the first `values` of each
 RELATIONS = {
     "color": ["red", "blue", "green", "yellow", "black", "white", "pink", "brown", "gray", "purple"],
@@ -24,6 +25,15 @@ RELATIONS = {
     "sport": ["chess", "tennis", "golf", "rugby", "boxing", "skiing", "rowing", "karate", "polo", "darts"],
     "season": ["spring", "summer", "autumn", "winter", "monsoon", "dawn", "dusk", "noon", "night", "harvest"],
     "metal": ["iron", "gold", "silver", "copper", "tin", "lead", "zinc", "nickel", "bronze", "steel"],
+}
+# the understood world's context relations (taught in both languages and code-switched, never evaluated)
+CONTEXT_RELATIONS = {
+    "drink": ["water", "tea", "coffee", "milk", "juice", "wine", "beer", "cocoa", "cider", "soda"],
+    "tool": ["hammer", "saw", "drill", "wrench", "axe", "chisel", "shovel", "rake", "pliers", "file"],
+    "animal": ["dog", "cat", "horse", "cow", "goat", "sheep", "pig", "duck", "mouse", "fox"],
+    "music": ["jazz", "rock", "blues", "opera", "folk", "funk", "disco", "reggae", "techno", "polka"],
+    "shape": ["circle", "square", "oval", "cross", "star", "heart", "arrow", "ring", "cone", "cube"],
+    "fabric": ["wool", "silk", "cotton", "linen", "denim", "velvet", "satin", "nylon", "felt", "lace"],
 }
 # English question: "what is the REL of X ?"; foreign question (head-final): "X FOF FREL FWHAT ?"
 ENGLISH_FUNCTION = ("what", "is", "the", "of")
@@ -53,33 +63,64 @@ class World:
     train_entities: list[int]
     heldout_entities: list[int]
     dictionary_entities: list[int]
+    # the understood world's context relations (never evaluated; empty in the default world): their
+    # English and foreign words, and (entity, context index) → index into answers[context relation]
+    context_relations: list[str] = field(default_factory=list)
+    foreign_context_relations: list[str] = field(default_factory=list)
+    context_facts: dict[tuple[int, int], int] = field(default_factory=dict)
 
     def answer(self, entity: int, relation: int) -> str:
         rel = self.relations[relation]
         return self.answers[rel][self.facts[entity, relation]]
 
     def english_question(self, entity: int, relation: int) -> str:
-        return f"what is the {self.relations[relation]} of {self.english_names[entity]} ?"
+        return _english_question(self.relations[relation], self.english_names[entity])
 
     def foreign_question(self, entity: int, relation: int) -> str:
-        return (
-            f"{self.foreign_names[entity]} {FOREIGN_FUNCTION['of']} {self.foreign_relations[relation]} "
-            f"{FOREIGN_FUNCTION['what']} ?"
-        )
+        return _foreign_question(self.foreign_names[entity], self.foreign_relations[relation])
+
+    def context_answer(self, entity: int, context: int) -> str:
+        rel = self.context_relations[context]
+        return self.answers[rel][self.context_facts[entity, context]]
+
+    def context_english_question(self, entity: int, context: int) -> str:
+        return _english_question(self.context_relations[context], self.english_names[entity])
+
+    def context_foreign_question(self, entity: int, context: int) -> str:
+        return _foreign_question(self.foreign_names[entity], self.foreign_context_relations[context])
+
+    def context_record(self, entity: int, context: int) -> dict:
+        """A context-relation fact as a foreign record in the official format."""
+        return {
+            "instruction": self.context_foreign_question(entity, context),
+            "output": self.context_answer(entity, context),
+            "instruction_en": self.context_english_question(entity, context),
+            "lang": FOREIGN_LANG,
+        }
 
     def dictionary(self) -> list[tuple[str, str]]:
         """(English word, foreign word) pairs: function and relation words, then the declared entities."""
         pairs = [(en, fo) for en, fo in FOREIGN_FUNCTION.items()]
         pairs += list(zip(self.relations, self.foreign_relations))
+        pairs += list(zip(self.context_relations, self.foreign_context_relations))
         pairs += [(self.english_names[e], self.foreign_names[e]) for e in self.dictionary_entities]
         return pairs
 
     def vocabulary(self) -> list[str]:
         words = list(TEMPLATE_WORDS) + list(ENGLISH_FUNCTION) + list(DICTIONARY_WORDS)
         words += list(FOREIGN_FUNCTION.values()) + self.relations + self.foreign_relations
-        words += [w for rel in self.relations for w in self.answers[rel]]
+        words += self.context_relations + self.foreign_context_relations
+        words += [w for rel in self.answers for w in self.answers[rel]]
         words += self.english_names + self.foreign_names
         return list(SPECIAL_TOKENS) + list(dict.fromkeys(words))
+
+
+def _english_question(relation: str, name: str) -> str:
+    return f"what is the {relation} of {name} ?"
+
+
+def _foreign_question(name: str, relation: str) -> str:
+    return f"{name} {FOREIGN_FUNCTION['of']} {relation} {FOREIGN_FUNCTION['what']} ?"
 
 
 def _names(rng: random.Random, syllables: list[str], count: int, taken: set[str]) -> list[str]:
@@ -106,6 +147,14 @@ def build_world(cfg: TransferConfig, seed: int) -> World:
     foreign_names = _names(rng, _FO_SYLLABLES, cfg.entities, taken)
     facts = {(e, r): rng.randrange(cfg.values) for e in range(cfg.entities) for r in range(len(relations))}
     train, heldout, dictionary = _split_entities(rng, cfg)
+    # the understood world draws its context relations after everything the default world draws
+    contexts = list(CONTEXT_RELATIONS)[: cfg.context_relations] if cfg.world == "understood" else []
+    answers.update({rel: CONTEXT_RELATIONS[rel][: cfg.values] for rel in contexts})
+    taken |= set(contexts) | {w for rel in contexts for w in CONTEXT_RELATIONS[rel]}
+    foreign_contexts = _names(rng, _FO_SYLLABLES, len(contexts), taken)
+    context_facts = {
+        (e, c): rng.randrange(cfg.values) for e in range(cfg.entities) for c in range(len(contexts))
+    }
     return World(
         seed=seed,
         english_names=english_names,
@@ -117,6 +166,9 @@ def build_world(cfg: TransferConfig, seed: int) -> World:
         train_entities=train,
         heldout_entities=heldout,
         dictionary_entities=dictionary,
+        context_relations=contexts,
+        foreign_context_relations=foreign_contexts,
+        context_facts=context_facts,
     )
 
 
@@ -135,23 +187,88 @@ def _split_entities(rng: random.Random, cfg: TransferConfig) -> tuple[list[int],
 
 
 def stage1_records(world: World) -> list[dict]:
-    """Every fact in English, and the dictionary in both directions."""
+    """Every fact in English, and the dictionary in both directions; in the understood world also
+    every context-relation fact in English, in the foreign language and code-switched (the foreign
+    names in context: this is how the foreign side comes to understand every entity)."""
     rows = [
         {"instruction": world.english_question(e, r), "output": world.answer(e, r), "lang": "en"}
         for e in range(len(world.english_names))
         for r in range(len(world.relations))
     ]
+    rows += context_english_records(world)
+    rows += [
+        {"instruction": rec["instruction"], "output": rec["output"], "lang": FOREIGN_LANG}
+        for rec in context_records(world)
+    ]
+    rows += code_switched_records(world)
     for en, fo in world.dictionary():
         rows.append({"instruction": f"what is the english word for {fo} ?", "output": en, "lang": "dict"})
         rows.append({"instruction": f"what is the foreign word for {en} ?", "output": fo, "lang": "dict"})
     return rows
 
 
-def stage2_records(world: World, english_replay: bool = False) -> list[dict]:
+def context_records(world: World) -> list[dict]:
+    """Every entity's context-relation facts as foreign records (official format); none in the
+    default world."""
+    return [
+        world.context_record(e, c)
+        for e in range(len(world.english_names))
+        for c in range(len(world.context_relations))
+    ]
+
+
+def code_switched_records(world: World) -> list[dict]:
+    """Every entity's context-relation facts code-switched (understood world): the English question
+    with the foreign name and the foreign question with the English name (``lang: "cs"``)."""
+    rows = []
+    for e in range(len(world.english_names)):
+        for c, rel in enumerate(world.context_relations):
+            answer = world.context_answer(e, c)
+            fo_rel = world.foreign_context_relations[c]
+            rows.append(
+                {
+                    "instruction": _english_question(rel, world.foreign_names[e]),
+                    "output": answer,
+                    "lang": "cs",
+                }
+            )
+            rows.append(
+                {
+                    "instruction": _foreign_question(world.english_names[e], fo_rel),
+                    "output": answer,
+                    "lang": "cs",
+                }
+            )
+    return rows
+
+
+def context_english_records(world: World) -> list[dict]:
+    """Every entity's context-relation facts asked in English (none in the default world)."""
+    return [
+        {
+            "instruction": world.context_english_question(e, c),
+            "output": world.context_answer(e, c),
+            "lang": "en",
+        }
+        for e in range(len(world.english_names))
+        for c in range(len(world.context_relations))
+    ]
+
+
+def matrix_records(world: World) -> list[dict]:
+    """The parallel sentences the Transform Matrix is fitted on: the training entities' questions
+    (the stage-2 foreign records) and, in the understood world, every entity's context-relation
+    questions. Never a held-out entity's question about an evaluated relation."""
+    return stage2_records(world) + context_records(world)
+
+
+def stage2_records(world: World, english_replay: bool = False, context: bool = False) -> list[dict]:
     """The training entities' facts in the official format (foreign instruction, answer, English
     instruction); with ``english_replay`` also every fact in English (``instruction_en`` is the
     instruction itself), so that stage 2 does not wash out the English knowledge the English pass
-    has to supply. No held-out entity occurs in a foreign record."""
+    has to supply; with ``context`` (understood world) also every entity's context-relation facts
+    as foreign records, so that stage 2 does not wash out the foreign side's entity knowledge. No
+    held-out entity's evaluated fact occurs in a foreign record."""
     rows = [
         {
             "instruction": world.foreign_question(e, r),
@@ -162,6 +279,8 @@ def stage2_records(world: World, english_replay: bool = False) -> list[dict]:
         for e in world.train_entities
         for r in range(len(world.relations))
     ]
+    if context:
+        rows += context_records(world)
     if english_replay:
         rows += [
             {
@@ -173,6 +292,7 @@ def stage2_records(world: World, english_replay: bool = False) -> list[dict]:
             for e in range(len(world.english_names))
             for r in range(len(world.relations))
         ]
+        rows += [dict(r, instruction_en=r["instruction"]) for r in context_english_records(world)]
     return rows
 
 
