@@ -171,6 +171,10 @@ stage() {
         fi
         tar xf "$here/package.tar" -C "$WORK/site"
         rm -f "$WORK"/stage/piece*
+        "$PYTHON" -c "import sys, torch, transformers, gguf; print('python', sys.version.split()[0], 'torch',
+torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" ||
+            die "torch, transformers or gguf does not import with $WORK/site first on the path" 6
+        df -h "$WORK" | tail -1
         touch "$WORK/site/.call1-done"
     fi
     [ -f "$WORK/site/.call1-done" ] || die "call 1 did not run on this machine (a fresh one?): start at call 1" 5
