@@ -135,7 +135,12 @@ def test_prepare_fills_one_folder_a_call_under_the_limit(prepared):
 def test_the_gpu_config_differs_only_in_the_documented_keys(prepared):
     root, _, _, stdout = prepared
     last = calls(stdout)[-1][0]
-    gpu = yaml.safe_load((root / ".gpu-exp" / f"call{last}" / "experiment.yaml").read_text())
+    path = root / ".gpu-exp" / f"call{last}" / "experiment.yaml"
+    from cctuning.lab import experiment
+
+    loaded = experiment.load_config(str(path))  # the runner reads it
+    assert loaded.train["save_steps"] == 100000 and loaded.train["bf16"] is True
+    gpu = yaml.safe_load(path.read_text())
     source = yaml.safe_load(CONFIG.read_text())
     assert gpu["train"].pop("save_steps") == 100000 and gpu["train"].pop("bf16") is True
     source["train"].pop("save_steps")
