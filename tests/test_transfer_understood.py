@@ -9,11 +9,14 @@ import pytest
 import torch
 
 from cctuning.data.augment import augment_records, bilingual_instruction, inference_records
+from cctuning.data.encoding import PromptEncoder
 from cctuning.data.records import load_records
+from cctuning.loading import load_for_inference
 from cctuning.model.ccmodel import CCConfig, CCModel
 from studies.transfer.config import CELLS, TRAININGS, TransferConfig
+from studies.transfer.probes import prompt_hidden_states
 from studies.transfer.run import run_transfer_task
-from studies.transfer.scoring import prompt_instruction, score_candidates
+from studies.transfer.scoring import _prompt_format, prompt_instruction, score_candidates
 from studies.transfer.world import (
     CONTEXT_RELATIONS,
     FOREIGN_FUNCTION,
@@ -180,12 +183,15 @@ def test_understood_summary_structure(understood_run):
             assert summary["margins_over_sft"][cell.name]["per_seed"][0]["n"] == ENTITIES // 2 * 3
     probes = summary["entity_probe"]
     assert set(probes) == {"stage1", "cc", "sft"} and probes["stage1"]["classes"] == ENTITIES // 2
+    hidden = {"foreign_hidden", "english_hidden"}
     for model, keys in (("stage1", {"foreign", "english"}), ("cc", {"foreign", "english", "transformed"})):
         rows = probes[model]["per_layer"]
-        assert len(rows) == 4 and all(set(r) == keys | {"layer"} for r in rows)
+        assert len(rows) == 4 and all(set(r) == keys | hidden | {"layer"} for r in rows)
         assert probes[model]["best_foreign"]["mean"] == max(r["foreign"] for r in rows)
+        assert probes[model]["best_foreign_hidden"]["mean"] == max(r["foreign_hidden"] for r in rows)
     checks = summary["checks"]
     assert checks["entity_probe_at_least_80"] == (checks["entity_probe_cc_best_foreign"] >= 0.8)
+    assert checks["entity_probe_hidden_at_least_80"] == (checks["entity_probe_cc_best_foreign_hidden"] >= 0.8)
     assert checks["sft_at_most_40"] == (summary["sft_accuracy"]["mean"] <= 0.4)
     assert "Entity probe" in (out / "summary.md").read_text()
 
@@ -235,3 +241,21 @@ def test_compare_reproduces_the_margins_over_sft(understood_run):
     assert result["over"]["bilingual_prompt"]["mean"] == pytest.approx(
         oracle - summary["bilingual_prompt_accuracy"]["mean"]
     )
+
+
+def test_hidden_state_probe_reads_the_unpadded_hidden_states(understood_run):
+    """The batched, left-padded hidden states at p equal each prompt's own forward, unpadded."""
+    out, _ = understood_run
+    model, tok, _ = load_for_inference(str(out / "seed-0" / "cc"))
+    texts = [r.instruction for r in load_records(out / "seed-0" / "stage2.jsonl")[:5]]
+    texts.append(texts[0] + " " + texts[1])  # a longer prompt, so the batch is padded
+    encoder = PromptEncoder(tok, _prompt_format(model))
+    with torch.no_grad():
+        batched = prompt_hidden_states(model, encoder, texts, 4, tok.pad_token_id)
+        for i, text in enumerate(texts):
+            enc = encoder.encode_prompt(text)
+            states = model.arch.decoder(
+                input_ids=torch.tensor([enc.ids]), output_hidden_states=True, use_cache=False
+            ).hidden_states
+            expected = torch.stack([h[0, enc.position] for h in states[1:]])
+            torch.testing.assert_close(batched[i], expected, atol=1e-5, rtol=1e-4)

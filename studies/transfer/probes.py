@@ -2,14 +2,18 @@
 (the understood world, docs/transfer.md): fitted on the held-out entities' context-relation
 prompts and tested on their evaluated questions (other prompts of the same entities, so a hit is
 identification, not memorisation), on the foreign activations, the English ones and the
-Transform Matrix's image of the foreign ones."""
+Transform Matrix's image of the foreign ones. Two kinds of activation: the MLP outputs ``f_l[p]``
+(what the Decision Maker and the Transform Matrix see) and the hidden state at p after each decoder
+layer (the residual stream, what interpretability probes usually read)."""
 
 from __future__ import annotations
 
 import torch
 
+from cctuning.data.collator import pad_rows
 from cctuning.data.encoding import PromptEncoder
-from cctuning.inference.matrix import prompt_activations
+from cctuning.inference.matrix import length_batches, prompt_activations
+from cctuning.model.ccmodel import positions_from_mask
 from studies.transfer.scoring import _prompt_format, ridge_probe
 from studies.transfer.world import World
 
@@ -21,6 +25,27 @@ def entity_accuracy(
     classes = max(train_y + test_y) + 1
     scores = ridge_probe(train_x, train_y, test_x, classes)
     return float((scores.argmax(dim=1) == torch.tensor(test_y)).double().mean())
+
+
+def prompt_hidden_states(
+    model, encoder, texts: list[str], batch_size: int, pad_token_id: int
+) -> torch.Tensor:
+    """The hidden state at p after each decoder layer, (len(texts), L, d) float32, in input order."""
+    encoded = [encoder.encode_prompt(t) for t in texts]
+    out = torch.empty(len(texts), model.arch.num_layers, model.arch.hidden_size)
+    for idx in length_batches([len(e.ids) for e in encoded], batch_size):
+        ids, mask, shift = pad_rows([encoded[i].ids for i in idx], pad_token_id, "left")
+        rows = torch.arange(len(idx))
+        positions = torch.tensor([encoded[i].position for i in idx], dtype=torch.long) + shift
+        hidden = model.arch.decoder(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions_from_mask(mask),
+            output_hidden_states=True,
+            use_cache=False,
+        ).hidden_states[1:]
+        out[torch.tensor(idx)] = torch.stack([h[rows, positions] for h in hidden], dim=1).float()
+    return out
 
 
 def _prompts(world: World) -> dict[str, list]:
@@ -41,9 +66,10 @@ def _prompts(world: World) -> dict[str, list]:
 
 def entity_probes(model, tokenizer, world: World, matrix=None) -> dict | None:
     """Per layer, the entity probe's accuracy on the held-out entities' evaluated questions:
-    ``foreign`` (fitted and tested on foreign activations), ``english`` (the same in English) and,
-    with ``matrix``, ``transformed`` (the English-fitted probe read on the matrix's image of the
-    foreign activations). None in a world without context relations."""
+    ``foreign`` (fitted and tested on foreign activations ``f_l[p]``), ``english`` (the same in
+    English), with ``matrix``, ``transformed`` (the English-fitted probe read on the matrix's image of
+    the foreign activations), and ``foreign_hidden`` / ``english_hidden``: the same probes on the
+    hidden state at p after the layer. None in a world without context relations."""
     if not world.context_relations:
         return None
     texts = _prompts(world)
@@ -51,6 +77,10 @@ def entity_probes(model, tokenizer, world: World, matrix=None) -> dict | None:
     with torch.no_grad():
         acts = {
             key: prompt_activations(model, encoder, texts[key], 64, tokenizer.pad_token_id)
+            for key in ("fit_en", "fit_fo", "test_en", "test_fo")
+        }
+        hidden = {
+            key: prompt_hidden_states(model, encoder, texts[key], 64, tokenizer.pad_token_id)
             for key in ("fit_en", "fit_fo", "test_en", "test_fo")
         }
     mapped = matrix.apply(acts["test_fo"]) if matrix is not None else None
@@ -62,11 +92,16 @@ def entity_probes(model, tokenizer, world: World, matrix=None) -> dict | None:
             "foreign": entity_accuracy(acts["fit_fo"][:, layer], fit_y, acts["test_fo"][:, layer], test_y),
             "english": entity_accuracy(acts["fit_en"][:, layer], fit_y, acts["test_en"][:, layer], test_y),
         }
+        for side, fit, test in (("foreign", "fit_fo", "test_fo"), ("english", "fit_en", "test_en")):
+            row[f"{side}_hidden"] = entity_accuracy(
+                hidden[fit][:, layer], fit_y, hidden[test][:, layer], test_y
+            )
         if mapped is not None:
             row["transformed"] = entity_accuracy(acts["fit_en"][:, layer], fit_y, mapped[:, layer], test_y)
         per_layer.append(row)
     return {
         "classes": len(world.heldout_entities),
         "best_foreign": max(row["foreign"] for row in per_layer),
+        "best_foreign_hidden": max(row["foreign_hidden"] for row in per_layer),
         "per_layer": per_layer,
     }

@@ -114,6 +114,16 @@ def _entity_probes(runs: list[dict]) -> dict | None:
                 **mean_interval([p["best_foreign"] for p in probes], 0.0, 1.0),
                 "per_seed": [p["best_foreign"] for p in probes],
             },
+            **(
+                {
+                    "best_foreign_hidden": {
+                        **mean_interval([p["best_foreign_hidden"] for p in probes], 0.0, 1.0),
+                        "per_seed": [p["best_foreign_hidden"] for p in probes],
+                    }
+                }
+                if all("best_foreign_hidden" in p for p in probes)
+                else {}
+            ),
             "per_layer": [
                 {
                     key: layer
@@ -130,18 +140,24 @@ def _entity_probes(runs: list[dict]) -> dict | None:
 def _checks(summary: dict) -> dict | None:
     """The understood world's preconditions (docs/transfer.md): after stage 2 a linear probe on the
     connected model's foreign activations identifies a held-out entity at >= 80% (best layer, mean
-    over seeds) while SFT answers its held-out facts at <= 40%."""
+    over seeds) while SFT answers its held-out facts at <= 40%. Checked on the MLP outputs (what the
+    Transform Matrix maps) and, where measured, on the hidden states at p."""
     probes = summary.get("entity_probe")
     if not probes:
         return None
     probe = probes["cc"]["best_foreign"]["mean"]
     sft = summary["sft_accuracy"]["mean"]
-    return {
+    checks = {
         "entity_probe_cc_best_foreign": probe,
         "entity_probe_at_least_80": probe >= 0.8,
         "sft_accuracy": sft,
         "sft_at_most_40": sft <= 0.4,
     }
+    if "best_foreign_hidden" in probes["cc"]:
+        hidden = probes["cc"]["best_foreign_hidden"]["mean"]
+        checks["entity_probe_cc_best_foreign_hidden"] = hidden
+        checks["entity_probe_hidden_at_least_80"] = hidden >= 0.8
+    return checks
 
 
 def summarize(cfg: TransferConfig, runs: list[dict], seconds: float) -> dict:
@@ -255,6 +271,11 @@ def _probe_lines(summary: dict) -> list[str]:
         f"(>= 80: {c['entity_probe_at_least_80']}); SFT {_pct(c['sft_accuracy'])}% (<= 40: {c['sft_at_most_40']}).",
         "",
     ]
+    if "entity_probe_cc_best_foreign_hidden" in c:
+        lines[-1:-1] = [
+            f"On the hidden states at p (after each layer): {_pct(c['entity_probe_cc_best_foreign_hidden'])}% "
+            f"(>= 80: {c['entity_probe_hidden_at_least_80']})."
+        ]
     return lines
 
 

@@ -1,0 +1,69 @@
+"""``python -m studies.transfer.reprobe DIR [DIR ...] --out FILE``: the entity probes of finished
+understood-world runs, recomputed from their saved model folders (``DIR/seed-S/{stage1,sft,cc}``,
+with the CC model's Transform Matrix), so runs made before a probe was added can be read with it.
+Writes FILE (JSON: per run, seed and model, :func:`~studies.transfer.probes.entity_probes`'s output,
+and the mean over every seed given of each model's best foreign layer, MLP outputs and hidden
+states) and prints a table. FILE must not exist: nothing is written over."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from cctuning.io import write_json
+from cctuning.loading import load_for_inference
+from cctuning.model.transform import TransformMatrix
+from studies.transfer.probes import entity_probes
+from studies.transfer.world import World
+
+MODELS = ("stage1", "sft", "cc")
+
+
+def seed_probes(folder: Path) -> dict:
+    """``{model: entity_probes(...)}`` for one seed's folder of a finished run."""
+    world = World(**json.loads((folder / "world.json").read_text(encoding="utf-8")))
+    out = {}
+    for name in MODELS:
+        model, tokenizer, _ = load_for_inference(str(folder / name), device="cpu")
+        matrix = TransformMatrix.load(folder / name) if name == "cc" else None
+        out[name] = entity_probes(model, tokenizer, world, matrix)
+    return out
+
+
+def reprobe(roots: list[Path]) -> dict:
+    runs = []
+    for root in roots:
+        seeds = sorted(int(p.name.split("-", 1)[1]) for p in root.glob("seed-*") if (p / "cc").is_dir())
+        runs.append({"run": str(root), "seeds": {s: seed_probes(root / f"seed-{s}") for s in seeds}})
+    best = {}
+    for name in MODELS:
+        for key in ("best_foreign", "best_foreign_hidden"):
+            values = [r["seeds"][s][name][key] for r in runs for s in r["seeds"]]
+            best[f"{name}_{key}"] = {"mean": sum(values) / len(values), "per_seed": values}
+    return {"runs": runs, "best": best}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m studies.transfer.reprobe", description=__doc__)
+    parser.add_argument("runs", nargs="+", help="output folders of finished --world understood runs")
+    parser.add_argument("--out", required=True, help="the JSON file to write (must not exist)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    args = parser.parse_args(argv)
+    if Path(args.out).exists():
+        parser.exit(2, f"{parser.prog}: error: {args.out} exists; give a new file\n")
+    torch.set_num_threads(args.threads)
+    result = reprobe([Path(r) for r in args.runs])
+    write_json(args.out, result)
+    print("| model | best layer, MLP outputs f_l[p] | best layer, hidden states at p |\n|---|---:|---:|")
+    for name in MODELS:
+        mlp, hidden = result["best"][f"{name}_best_foreign"], result["best"][f"{name}_best_foreign_hidden"]
+        print(f"| {name} | {100 * mlp['mean']:.1f} | {100 * hidden['mean']:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
