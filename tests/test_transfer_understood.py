@@ -14,6 +14,8 @@ from cctuning.data.records import load_records
 from cctuning.loading import load_for_inference
 from cctuning.model.ccmodel import CCConfig, CCModel
 from studies.transfer.config import CELLS, TRAININGS, TransferConfig
+from studies.transfer.matrix_check import seed_check
+from studies.transfer.merge import merge
 from studies.transfer.probes import prompt_hidden_states
 from studies.transfer.run import run_transfer_task
 from studies.transfer.scoring import _prompt_format, prompt_instruction, score_candidates
@@ -259,3 +261,37 @@ def test_hidden_state_probe_reads_the_unpadded_hidden_states(understood_run):
             ).hidden_states
             expected = torch.stack([h[0, enc.position] for h in states[1:]])
             torch.testing.assert_close(batched[i], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_merge_pools_one_seed_runs_and_refuses_mixed_settings(understood_run, tmp_path):
+    """studies.transfer.merge: two one-seed runs give the summary of both seeds (pooled counts add,
+    the mean over seeds is the mean of the two); different settings or a repeated seed are refused."""
+    out, summary = understood_run
+    second = json.loads((out / "summary.json").read_text())
+    for run in second["per_seed"]:
+        run["seed"] = 7
+    other = tmp_path / "seed7"
+    other.mkdir()
+    (other / "summary.json").write_text(json.dumps(second))
+    merged = merge([out, other], tmp_path / "merged")
+    assert merged["seeds"] == [0, 7]
+    one = summary["sft_accuracy"]
+    assert merged["sft_accuracy"]["pooled"]["n"] == 2 * one["pooled"]["n"]
+    assert merged["sft_accuracy"]["mean"] == pytest.approx(one["mean"])
+    with pytest.raises(ValueError, match="repeated seeds"):
+        merge([out, out], tmp_path / "again")
+    second["settings"]["hidden_size"] = 256
+    (other / "summary.json").write_text(json.dumps(second))
+    with pytest.raises(ValueError, match="hidden_size"):
+        merge([out, other], tmp_path / "mixed")
+
+
+def test_matrix_check_reproduces_the_runs_transform_cell(understood_run):
+    """studies.transfer.matrix_check's ``as_run`` refit gives the run's own cc_transform accuracy;
+    the in-sample fit adds exactly the held-out evaluation pairs."""
+    out, summary = understood_run
+    check = seed_check(out / "seed-0", 0)
+    assert check["as_run"]["accuracy"] == pytest.approx(summary["cc_transform_accuracy"]["mean"])
+    held = sum(1 for _ in (out / "seed-0" / "heldout.jsonl").open())
+    assert check["with_heldout_pairs"]["pairs"] == check["as_run"]["pairs"] + held
+    assert check["per_layer"]["fit"]["per_layer"] and not check["as_run"]["fit"]["per_layer"]
