@@ -210,12 +210,8 @@ assemble_convert() {
     ${GPU_EXP_CONVERT:-$PYTHON -m cctuning.presets $MODEL} || die "conversion failed" 4
 }
 
-pack() {
-    local list=$WORK/files.txt
-    (cd "$WORK" && find grid -type f \( -name '*.json' -o -name '*.jsonl' -o -name '*.md' -o -name '*.log' \
-        -o -name '*.csv' \) ! -name 'tokenizer*.json' ! -name 'vocab.json' ! -path '*/checkpoint-*' \
-        ! -path '*/data/*' >"$list" 2>/dev/null) || true
-    tar czf "$OUT/results.tgz.part" -C "$WORK" -T "$list" 2>/dev/null && mv "$OUT/results.tgz.part" "$OUT/results.tgz"
+pack() {  # (a file the grid removes meanwhile fails one pack; the next minute's repeats it)
+    [ -d "$WORK/grid" ] && bash scripts/pack_results.sh -C "$WORK" grid "$OUT/results.tgz" >/dev/null 2>&1 || true
 }
 
 run_grid() {

@@ -3,6 +3,8 @@
 import json
 import math
 import shutil
+import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -229,6 +231,28 @@ answer_nll: {{names: xquad, langs: "de,en", limit: 2}}
     again = run_experiment(load_config(path), progress=False)
     assert again["cells"] == report["cells"]
     assert again["stage_seconds"] == stages  # nothing ran again, so no stage was re-timed
+    # its small results alone (scripts/pack_results.sh: no weights, no samples) finish it elsewhere
+    packed, elsewhere = tmp_path / "small.tgz", tmp_path / "elsewhere"
+    script = Path(__file__).resolve().parents[1] / "scripts" / "pack_results.sh"
+    subprocess.run(["bash", str(script), "-C", str(tmp_path), "--matrices", "exp", str(packed)], check=True)
+    with tarfile.open(packed) as tar:
+        tar.extractall(elsewhere, filter="data")
+    assert list(elsewhere.rglob("transform_matrix.safetensors")) and not list(
+        elsewhere.rglob("model.safetensors")
+    )
+    moved = tmp_path / "moved.yaml"
+    moved.write_text(path.read_text().replace(f"output: {root}", f"output: {elsewhere / 'exp'}"))
+    import cctuning.lab.experiment.stages
+
+    monkeypatch.setattr(
+        cctuning.lab.experiment.stages, "load_for_inference", lambda *a, **k: pytest.fail("evaluated again")
+    )
+    restored = run_experiment(load_config(moved), progress=False)
+    for cell, numbers in report["cells"].items():
+        for key in ("nll", "nll_diff_to_baseline", "answer_nll", "benchmarks"):
+            assert restored["cells"][cell].get(key) == numbers.get(key), (cell, key)
+    monkeypatch.undo()
+    monkeypatch.setattr(cctuning.training.run, "train", lambda *a, **k: pytest.fail("trained again"))
 
     # a result made with other settings is refused in one line naming it and the setting, before
     # anything runs or is written: the old numbers are never reported under a changed config
