@@ -14,9 +14,11 @@ from cctuning.data.records import load_records
 from cctuning.loading import load_for_inference
 from cctuning.model.ccmodel import CCConfig, CCModel
 from studies.transfer.config import CELLS, TRAININGS, TransferConfig
+from studies.transfer.matrix_check import main as matrix_check_main
 from studies.transfer.matrix_check import seed_check
 from studies.transfer.merge import merge
 from studies.transfer.probes import prompt_hidden_states
+from studies.transfer.reprobe import main as reprobe_main
 from studies.transfer.run import run_transfer_task
 from studies.transfer.scoring import _prompt_format, prompt_instruction, score_candidates
 from studies.transfer.world import (
@@ -295,3 +297,18 @@ def test_matrix_check_reproduces_the_runs_transform_cell(understood_run):
     held = sum(1 for _ in (out / "seed-0" / "heldout.jsonl").open())
     assert check["with_heldout_pairs"]["pairs"] == check["as_run"]["pairs"] + held
     assert check["per_layer"]["fit"]["per_layer"] and not check["as_run"]["fit"]["per_layer"]
+
+
+@pytest.mark.parametrize("module", [reprobe_main, matrix_check_main])
+def test_diagnostics_refuse_bad_folders_and_existing_outputs_in_one_line(module, tmp_path, capsys):
+    existing = tmp_path / "taken.json"
+    existing.write_text("{}")
+    for argv, said in (
+        ([str(tmp_path / "missing"), "--out", str(tmp_path / "new.json")], "not a finished run"),
+        ([str(tmp_path), "--out", str(existing)], "exists; give a new file"),
+    ):
+        with pytest.raises(SystemExit) as exit_info:
+            module(argv)
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and said in err and len(err.strip().splitlines()) == 1
+    assert existing.read_text() == "{}" and not (tmp_path / "new.json").exists()

@@ -38,5 +38,7 @@ accuracy, the Decision Maker's layer choices and the matrix's fit quality.
 Modules: ``config`` (options, trainings and cells), ``world`` (the world, its records, tokenizer and
 model), ``scoring`` (candidate scoring, baselines, answer probes), ``probes`` (entity probes),
 ``run`` (one seed, every seed), ``summary`` (summary.json and summary.md), ``compare`` (paired
-margins between any two cells of a finished run), ``__main__`` (the command line).
+margins between any two cells of a finished run), ``merge`` (one summary from one-seed runs),
+``reprobe`` and ``matrix_check`` (diagnostics of finished runs' saved models), ``__main__`` (the
+command line).
 """

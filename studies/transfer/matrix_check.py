@@ -16,18 +16,16 @@ Writes FILE (JSON; must not exist) and prints a table (mean over every seed give
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
 from pathlib import Path
 
-import torch
-
 from cctuning.data.records import load_records
 from cctuning.inference.matrix import fit_transform_matrix
 from cctuning.io import write_json, write_jsonl
 from cctuning.loading import load_for_inference
+from studies.transfer.diagnostic_cli import parse_diagnostic_args
 from studies.transfer.scoring import correct, score_candidates
 
 FOREIGN_LANG = "xx"
@@ -79,14 +77,12 @@ def seed_check(folder: Path, seed: int, ridge: float = 0.0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.transfer.matrix_check", description=__doc__)
-    parser.add_argument("runs", nargs="+", help="output folders of finished runs (model folders kept)")
-    parser.add_argument("--out", required=True, help="the JSON file to write (must not exist)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    args = parser.parse_args(argv)
-    if Path(args.out).exists():
-        parser.exit(2, f"{parser.prog}: error: {args.out} exists; give a new file\n")
-    torch.set_num_threads(args.threads)
+    args = parse_diagnostic_args(
+        "python -m studies.transfer.matrix_check",
+        __doc__,
+        "output folders of finished runs (model folders kept)",
+        argv,
+    )
     result: dict = {"runs": []}
     for root in map(Path, args.runs):
         summary = json.loads((root / "summary.json").read_text(encoding="utf-8"))

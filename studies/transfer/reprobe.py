@@ -7,16 +7,14 @@ states) and prints a table. FILE must not exist: nothing is written over."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
-import torch
-
 from cctuning.io import write_json
 from cctuning.loading import load_for_inference
 from cctuning.model.transform import TransformMatrix
+from studies.transfer.diagnostic_cli import parse_diagnostic_args
 from studies.transfer.probes import entity_probes
 from studies.transfer.world import World
 
@@ -48,14 +46,12 @@ def reprobe(roots: list[Path]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m studies.transfer.reprobe", description=__doc__)
-    parser.add_argument("runs", nargs="+", help="output folders of finished --world understood runs")
-    parser.add_argument("--out", required=True, help="the JSON file to write (must not exist)")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
-    args = parser.parse_args(argv)
-    if Path(args.out).exists():
-        parser.exit(2, f"{parser.prog}: error: {args.out} exists; give a new file\n")
-    torch.set_num_threads(args.threads)
+    args = parse_diagnostic_args(
+        "python -m studies.transfer.reprobe",
+        __doc__,
+        "output folders of finished --world understood runs",
+        argv,
+    )
     result = reprobe([Path(r) for r in args.runs])
     write_json(args.out, result)
     print("| model | best layer, MLP outputs f_l[p] | best layer, hidden states at p |\n|---|---:|---:|")
