@@ -170,15 +170,31 @@ def prompt_activations(
 ) -> torch.Tensor:
     """``f_l[p]`` of every prompt as (len(texts), L, d) float32 on the CPU, in input order. Prompts are
     batched by length (:func:`length_batches`), so little compute is spent on padding."""
-    encoded = [encoder.encode_prompt(t, max_length) for t in texts]
     device = model.arch.embeddings.weight.device
     out = torch.empty(len(texts), model.arch.num_layers, model.arch.hidden_size)
+    for idx, ids, mask, positions in prompt_batches(
+        encoder, texts, batch_size, pad_token_id, max_length, max_batch_tokens
+    ):
+        acts = model.collect_activations(ids.to(device), mask.to(device), positions.to(device))
+        out[idx] = acts.float().cpu()
+    return out
+
+
+def prompt_batches(
+    encoder,
+    texts: list[str],
+    batch_size: int,
+    pad_token_id: int,
+    max_length: int | None = None,
+    max_batch_tokens: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """``(indices into texts, ids, attention mask, p per row)``: the prompts encoded, batched by length
+    (:func:`length_batches`) and padded on the left, p shifted by the padding."""
+    encoded = [encoder.encode_prompt(t, max_length) for t in texts]
     for idx in length_batches([len(e.ids) for e in encoded], batch_size, max_batch_tokens):
         ids, mask, shift = pad_rows([encoded[i].ids for i in idx], pad_token_id, "left")
         positions = torch.tensor([encoded[i].position for i in idx], dtype=torch.long) + shift
-        acts = model.collect_activations(ids.to(device), mask.to(device), positions.to(device))
-        out[torch.tensor(idx)] = acts.float().cpu()
-    return out
+        yield torch.tensor(idx), ids, mask, positions
 
 
 def split_pairs(count: int, samples: int, heldout_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -27,8 +27,8 @@ from cctuning.io import write_json, write_jsonl
 from cctuning.loading import load_for_inference
 from studies.transfer.diagnostic_cli import parse_diagnostic_args
 from studies.transfer.scoring import correct, score_candidates
+from studies.transfer.world import FOREIGN_LANG
 
-FOREIGN_LANG = "xx"
 FITS = {  # name: (include the held-out pairs, fit options)
     "as_run": (False, {"heldout_fraction": 0.1}),
     "per_layer": (False, {"heldout_fraction": 0.1, "per_layer": True}),
@@ -37,42 +37,36 @@ FITS = {  # name: (include the held-out pairs, fit options)
 }
 
 
-def _pairs(folder: Path, held: list[dict], with_held: bool, tmp: Path):
+def _pair_records(folder: Path, held: list[dict]) -> dict[bool, list]:
+    """The matrix's foreign pairs, read once: ``{False: the run's matrix.jsonl, True: the same plus the
+    held-out evaluation questions}`` (through :func:`load_records`, as the run read them)."""
     rows = [json.loads(line) for line in (folder / "matrix.jsonl").open(encoding="utf-8")]
-    if with_held:
-        rows += [
-            {
-                "instruction": it["instruction"],
-                "output": it["answer"],
-                "instruction_en": it["instruction_en"],
-                "lang": FOREIGN_LANG,
-            }
-            for it in held
-        ]
-    path = tmp / "pairs.jsonl"
-    write_jsonl(path, rows)
-    return [r for r in load_records(path, require_english=True) if r.lang == FOREIGN_LANG]
+    rows += [
+        {"instruction": it["instruction"], "output": it["answer"], "instruction_en": it["instruction_en"],
+         "lang": FOREIGN_LANG}
+        for it in held
+    ]  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "pairs.jsonl"
+        write_jsonl(path, rows)
+        records = [r for r in load_records(path, require_english=True) if r.lang == FOREIGN_LANG]
+    return {True: records, False: records[: len(records) - len(held)]}
 
 
 def seed_check(folder: Path, seed: int, ridge: float = 0.0) -> dict:
-    """``{fit: {accuracy, fit cosine on held-out pairs}}`` for one seed's folder."""
+    """``{fit: {accuracy, pairs, the fit's report}}`` for one seed's folder."""
     held = [json.loads(line) for line in (folder / "heldout.jsonl").open(encoding="utf-8")]
     model, tok, _ = load_for_inference(str(folder / "cc"), load_transform=False, device="cpu")
+    pairs = _pair_records(folder, held)
     out = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, (with_held, options) in FITS.items():
-            records = _pairs(folder, held, with_held, Path(tmp))
-            options = {"ridge": ridge, **options}
-            matrix, fit = fit_transform_matrix(
-                model, tok, records, samples=len(records), seed=seed, **options
-            )
-            model.set_transform(matrix)
-            rows = score_candidates(model, tok, held, "transform", 64)
-            out[name] = {
-                "accuracy": sum(correct(rows)) / len(rows),
-                "pairs": len(records),
-                "fit": fit.to_dict(),
-            }
+    for name, (with_held, options) in FITS.items():
+        records = pairs[with_held]
+        matrix, fit = fit_transform_matrix(
+            model, tok, records, samples=len(records), seed=seed, **{"ridge": ridge, **options}
+        )
+        model.set_transform(matrix)
+        rows = score_candidates(model, tok, held, "transform", 64)
+        out[name] = {"accuracy": sum(correct(rows)) / len(rows), "pairs": len(records), "fit": fit.to_dict()}
     return out
 
 

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import torch
 
-from cctuning.data.collator import pad_rows
 from cctuning.data.encoding import PromptEncoder
-from cctuning.inference.matrix import length_batches, prompt_activations
+from cctuning.inference.matrix import prompt_activations, prompt_batches
 from cctuning.model.ccmodel import positions_from_mask
 from studies.transfer.scoring import _prompt_format, ridge_probe
 from studies.transfer.world import World
@@ -31,12 +30,8 @@ def prompt_hidden_states(
     model, encoder, texts: list[str], batch_size: int, pad_token_id: int
 ) -> torch.Tensor:
     """The hidden state at p after each decoder layer, (len(texts), L, d) float32, in input order."""
-    encoded = [encoder.encode_prompt(t) for t in texts]
     out = torch.empty(len(texts), model.arch.num_layers, model.arch.hidden_size)
-    for idx in length_batches([len(e.ids) for e in encoded], batch_size):
-        ids, mask, shift = pad_rows([encoded[i].ids for i in idx], pad_token_id, "left")
-        rows = torch.arange(len(idx))
-        positions = torch.tensor([encoded[i].position for i in idx], dtype=torch.long) + shift
+    for idx, ids, mask, positions in prompt_batches(encoder, texts, batch_size, pad_token_id):
         hidden = model.arch.decoder(
             input_ids=ids,
             attention_mask=mask,
@@ -44,7 +39,8 @@ def prompt_hidden_states(
             output_hidden_states=True,
             use_cache=False,
         ).hidden_states[1:]
-        out[torch.tensor(idx)] = torch.stack([h[rows, positions] for h in hidden], dim=1).float()
+        rows = torch.arange(len(idx))
+        out[idx] = torch.stack([h[rows, positions] for h in hidden], dim=1).float()
     return out
 
 
@@ -75,14 +71,9 @@ def entity_probes(model, tokenizer, world: World, matrix=None) -> dict | None:
     texts = _prompts(world)
     encoder = PromptEncoder(tokenizer, _prompt_format(model))
     with torch.no_grad():
-        acts = {
-            key: prompt_activations(model, encoder, texts[key], 64, tokenizer.pad_token_id)
-            for key in ("fit_en", "fit_fo", "test_en", "test_fo")
-        }
-        hidden = {
-            key: prompt_hidden_states(model, encoder, texts[key], 64, tokenizer.pad_token_id)
-            for key in ("fit_en", "fit_fo", "test_en", "test_fo")
-        }
+        keys = ("fit_en", "fit_fo", "test_en", "test_fo")
+        acts = {k: prompt_activations(model, encoder, texts[k], 64, tokenizer.pad_token_id) for k in keys}
+        hidden = {k: prompt_hidden_states(model, encoder, texts[k], 64, tokenizer.pad_token_id) for k in keys}
     mapped = matrix.apply(acts["test_fo"]) if matrix is not None else None
     fit_y, test_y = texts["fit_y"], texts["test_y"]
     per_layer = []

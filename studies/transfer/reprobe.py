@@ -13,7 +13,6 @@ from pathlib import Path
 
 from cctuning.io import write_json
 from cctuning.loading import load_for_inference
-from cctuning.model.transform import TransformMatrix
 from studies.transfer.diagnostic_cli import parse_diagnostic_args
 from studies.transfer.probes import entity_probes
 from studies.transfer.world import World
@@ -26,16 +25,15 @@ def seed_probes(folder: Path) -> dict:
     world = World(**json.loads((folder / "world.json").read_text(encoding="utf-8")))
     out = {}
     for name in MODELS:
-        model, tokenizer, _ = load_for_inference(str(folder / name), device="cpu")
-        matrix = TransformMatrix.load(folder / name) if name == "cc" else None
-        out[name] = entity_probes(model, tokenizer, world, matrix)
+        model, tokenizer, _ = load_for_inference(str(folder / name), device="cpu")  # with its matrix
+        out[name] = entity_probes(model, tokenizer, world, model.transform if name == "cc" else None)
     return out
 
 
 def reprobe(roots: list[Path]) -> dict:
     runs = []
     for root in roots:
-        seeds = sorted(int(p.name.split("-", 1)[1]) for p in root.glob("seed-*") if (p / "cc").is_dir())
+        seeds = json.loads((root / "summary.json").read_text(encoding="utf-8"))["seeds"]
         runs.append({"run": str(root), "seeds": {s: seed_probes(root / f"seed-{s}") for s in seeds}})
     best = {}
     for name in MODELS:

@@ -110,20 +110,14 @@ def _entity_probes(runs: list[dict]) -> dict | None:
         layers = range(len(probes[0]["per_layer"]))
         out[model] = {
             "classes": probes[0]["classes"],
-            "best_foreign": {
-                **mean_interval([p["best_foreign"] for p in probes], 0.0, 1.0),
-                "per_seed": [p["best_foreign"] for p in probes],
-            },
-            **(
-                {
-                    "best_foreign_hidden": {
-                        **mean_interval([p["best_foreign_hidden"] for p in probes], 0.0, 1.0),
-                        "per_seed": [p["best_foreign_hidden"] for p in probes],
-                    }
+            **{  # the hidden states' only in runs that measured them
+                key: {
+                    **mean_interval([p[key] for p in probes], 0.0, 1.0),
+                    "per_seed": [p[key] for p in probes],
                 }
-                if all("best_foreign_hidden" in p for p in probes)
-                else {}
-            ),
+                for key in ("best_foreign", "best_foreign_hidden")
+                if all(key in p for p in probes)
+            },
             "per_layer": [
                 {
                     key: layer
