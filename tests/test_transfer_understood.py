@@ -11,6 +11,7 @@ import torch
 from cctuning.data.augment import augment_records, bilingual_instruction, inference_records
 from cctuning.data.encoding import PromptEncoder
 from cctuning.data.records import load_records
+from cctuning.errors import CCError
 from cctuning.loading import load_for_inference
 from cctuning.model.ccmodel import CCConfig, CCModel
 from studies.transfer.config import CELLS, TRAININGS, TransferConfig
@@ -63,7 +64,7 @@ def test_heldout_evaluated_facts_never_in_foreign_form(world):
     evaluated = set(world.relations) | set(world.foreign_relations)
     foreign = set(world.foreign_names) | set(world.foreign_relations) | set(world.foreign_context_relations)
     foreign |= set(FOREIGN_FUNCTION.values())
-    assert world.context_relations == list(CONTEXT_RELATIONS)
+    assert world.context_relations == list(CONTEXT_RELATIONS)[:6]  # the default --context-relations
     langs = set()
     for name, rows in _all_records(world).items():
         for row in rows:
@@ -115,6 +116,29 @@ def test_default_world_is_unchanged_by_the_understood_options():
     for row in stage1_records(understood) + stage2_records(understood, True, True):
         ids = tok(row["instruction"], add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id not in ids and len(ids) == len(row["instruction"].split())
+
+
+def test_more_context_relations_only_add_to_the_world():
+    """--context-relations 12 draws the six-relation world's names, evaluated facts and splits
+    unchanged, then twelve context relations (the first six the same words; their facts are drawn
+    entity by entity, so they differ); every record still tokenises word for word, and no name is a
+    context word."""
+    six = build_world(TransferConfig(entities=40, world="understood"), 5)
+    twelve = build_world(TransferConfig(entities=40, world="understood", context_relations=12), 5)
+    for key in ("english_names", "foreign_names", "facts", "train_entities", "heldout_entities"):
+        assert getattr(six, key) == getattr(twelve, key), key
+    assert twelve.context_relations[:6] == six.context_relations and len(twelve.context_relations) == 12
+    assert twelve.foreign_context_relations[:6] == six.foreign_context_relations
+    assert set(twelve.context_facts) == {(e, c) for e in range(40) for c in range(12)}
+    words = {w for rel in twelve.context_relations for w in [rel, *twelve.answers[rel]]}
+    assert not words & (set(twelve.english_names) | set(twelve.foreign_names))
+    assert len(twelve.vocabulary()) == len(set(twelve.vocabulary()))
+    tok = build_tokenizer(twelve)
+    for row in stage1_records(twelve):
+        ids = tok(row["instruction"], add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and len(ids) == len(row["instruction"].split())
+    with pytest.raises(CCError, match="context-relations must be 1..12"):
+        TransferConfig(world="understood", context_relations=13, output="x").check()
 
 
 # -- the data-level cells ----------------------------------------------------------------------------

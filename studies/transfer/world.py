@@ -34,6 +34,14 @@ CONTEXT_RELATIONS = {
     "music": ["jazz", "rock", "blues", "opera", "folk", "funk", "disco", "reggae", "techno", "polka"],
     "shape": ["circle", "square", "oval", "cross", "star", "heart", "arrow", "ring", "cone", "cube"],
     "fabric": ["wool", "silk", "cotton", "linen", "denim", "velvet", "satin", "nylon", "felt", "lace"],
+    # beyond the default six (--context-relations up to 12); none is spelled with the English names'
+    # syllables, so no name can be one of these words
+    "tree": ["oak", "pine", "elm", "ash", "birch", "maple", "willow", "cedar", "palm", "fir"],
+    "flower": ["peony", "tulip", "lily", "daisy", "orchid", "iris", "poppy", "lotus", "violet", "aster"],
+    "bird": ["crow", "owl", "hawk", "swan", "robin", "eagle", "parrot", "finch", "heron", "dove"],
+    "vehicle": ["car", "bus", "truck", "train", "boat", "bike", "tram", "van", "ship", "plane"],
+    "gem": ["ruby", "pearl", "opal", "jade", "amber", "topaz", "onyx", "agate", "garnet", "quartz"],
+    "spice": ["salt", "pepper", "ginger", "cumin", "basil", "mint", "thyme", "sage", "dill", "clove"],
 }
 # English question: "what is the REL of X ?"; foreign question (head-final): "X FOF FREL FWHAT ?"
 ENGLISH_FUNCTION = ("what", "is", "the", "of")
