@@ -107,15 +107,20 @@ def test_context_sentences_name_every_heldout_entity_in_foreign(world):
     assert not {w for r in rows for w in _words(r)} & held_foreign
 
 
+def _assert_word_for_word(world, rows: list[dict]) -> None:
+    """Every instruction tokenises to one known token a word under the world's tokenizer."""
+    tok = build_tokenizer(world)
+    for row in rows:
+        ids = tok(row["instruction"], add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids and len(ids) == len(row["instruction"].split()), row
+
+
 def test_default_world_is_unchanged_by_the_understood_options():
     default = build_world(TransferConfig(entities=30), 3)
     assert default.context_relations == [] and default.context_facts == {}
     understood = build_world(TransferConfig(entities=30, world="understood"), 3)
     assert len(understood.context_relations) == 6 and len(understood.context_facts) == 30 * 6
-    tok = build_tokenizer(understood)
-    for row in stage1_records(understood) + stage2_records(understood, True, True):
-        ids = tok(row["instruction"], add_special_tokens=False)["input_ids"]
-        assert tok.unk_token_id not in ids and len(ids) == len(row["instruction"].split())
+    _assert_word_for_word(understood, stage1_records(understood) + stage2_records(understood, True, True))
 
 
 def test_more_context_relations_only_add_to_the_world():
@@ -133,10 +138,7 @@ def test_more_context_relations_only_add_to_the_world():
     words = {w for rel in twelve.context_relations for w in [rel, *twelve.answers[rel]]}
     assert not words & (set(twelve.english_names) | set(twelve.foreign_names))
     assert len(twelve.vocabulary()) == len(set(twelve.vocabulary()))
-    tok = build_tokenizer(twelve)
-    for row in stage1_records(twelve):
-        ids = tok(row["instruction"], add_special_tokens=False)["input_ids"]
-        assert tok.unk_token_id not in ids and len(ids) == len(row["instruction"].split())
+    _assert_word_for_word(twelve, stage1_records(twelve))
     with pytest.raises(CCError, match="context-relations must be 1..12"):
         TransferConfig(world="understood", context_relations=13, output="x").check()
 
