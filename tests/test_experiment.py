@@ -442,6 +442,21 @@ def test_parallel_jobs_match_the_sequential_run(base_dir, tmp_path, capsys):
     (par / "report.json").unlink()
     assert main(["experiment", "--config", str(par_cfg), "--report-only"]) == 0
     assert json.loads((par / "report.json").read_text())["cells"] == parallel["cells"]
+    # --baseline: the paired differences against another cell; sft − cc-none is minus cc-none − sft
+    assert main(["experiment", "--config", str(par_cfg), "--report-only", "--baseline", "cc-none"]) == 0
+    swapped = json.loads((par / "report.json").read_text())
+    assert (
+        swapped["baseline"] == "cc-none"
+        and "Paired NLL difference to `cc-none`" in (par / "report.md").read_text()
+    )
+    for key in ("nll_diff_to_baseline", "nll_diff_pooled"):
+        assert math.isclose(
+            swapped["cells"]["sft"][key]["all"]["mean"], -parallel["cells"]["cc-none"][key]["all"]["mean"],
+            rel_tol=1e-9, abs_tol=1e-12,
+        )  # fmt: skip
+    capsys.readouterr()
+    assert main(["experiment", "--config", str(par_cfg), "--report-only", "--baseline", "cc"]) == 2
+    assert "--baseline: 'cc' is not a cell of this run (cells: sft, cc-none)" in capsys.readouterr().err
     # a job's finished evaluation made with other settings stops a parallel run before any job starts
     par_cfg.write_text(par_cfg.read_text().replace("langs: en, limit: 2", "langs: en, limit: 3"))
     capsys.readouterr()

@@ -54,6 +54,10 @@ def _add_experiment(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", help="comma-separated: run these seeds instead of the config's")
     p.add_argument("--cells", help="comma-separated: run only these cells")
     p.add_argument(
+        "--baseline",
+        help="take the report's paired differences against this cell instead of the config's baseline",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         default=0,
@@ -83,6 +87,8 @@ def experiment(args: argparse.Namespace) -> int:
         cfg.seeds = [coerce(v, int, "--seeds") for v in split_list(args.seeds)]
     if args.cells:
         lab.select_cells(cfg, split_list(args.cells))
+    if args.baseline:
+        lab.select_baseline(cfg, args.baseline)
     if args.jobs < 0:
         raise CCError(f"--jobs: expected a number ≥ 0, got {args.jobs}")
     report = lab.run_experiment(

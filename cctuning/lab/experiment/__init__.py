@@ -27,6 +27,7 @@ from cctuning.lab.experiment.config import (
     eval_dir,
     load_config,
     resolve_cells,
+    select_baseline,
     select_cells,
     stage_key,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "record_settings",
     "resolve_cells",
     "run_experiment",
+    "select_baseline",
     "select_cells",
     "stage_key",
     "summarize_experiment",

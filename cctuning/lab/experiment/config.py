@@ -234,6 +234,16 @@ def select_cells(cfg: ExperimentConfig, names: list[str]) -> None:
         cfg.baseline = None
 
 
+def select_baseline(cfg: ExperimentConfig, name: str) -> None:
+    """Take the report's paired differences against cell ``name`` instead of the config's baseline
+    (for example the data-level twin of a CC-Tuning cell); a name that is not a cell of the run is a
+    one-line error."""
+    known = [c["name"] for c in cfg.cells]
+    if name not in known:
+        raise CCError(f"--baseline: '{name}' is not a cell of this run (cells: {', '.join(known)})")
+    cfg.baseline = name
+
+
 # cell keys that say how a cell is evaluated, not how it is trained; withhold_english: a model trained
 # with augment bilingual-prompt is prompted without the English instruction (docs/experiments.md)
 EVAL_KEYS = ("name", "connection", "sample_layer", "withhold_english")
