@@ -342,6 +342,25 @@ cells:
     return path
 
 
+def test_a_stopped_stage_adds_its_time_to_the_invocation_that_finishes_it(tmp_path, monkeypatch):
+    from cctuning.lab.experiment import stages
+
+    now = iter([100.0, 105.5, 200.0, 203.25, 300.0, 301.0])  # perf_counter at each start and end
+    monkeypatch.setattr(stages.time, "perf_counter", lambda: next(now))
+    path = tmp_path / "stages.json"
+    with pytest.raises(KeyboardInterrupt), stages.StageClock(path)("train/sft-x/seed1"):
+        raise KeyboardInterrupt  # Ctrl-C in the first invocation, 5.5 s in
+    assert not path.exists()
+    assert json.loads((tmp_path / "stages_unfinished.json").read_text()) == {"train/sft-x/seed1": 5.5}
+    clock = stages.StageClock(path)  # the next invocation resumes and finishes it in 3.25 s
+    with clock("train/sft-x/seed1"):
+        pass
+    with clock("nll/sft/seed1"):
+        pass
+    assert json.loads(path.read_text()) == {"train/sft-x/seed1": 8.8, "nll/sft/seed1": 1.0}  # 5.5 + 3.25
+    assert json.loads((tmp_path / "stages_unfinished.json").read_text()) == {}
+
+
 def test_plan_jobs_groups_the_cells_of_one_training(tmp_path):
     from cctuning.lab.experiment import plan_jobs
 
@@ -457,6 +476,8 @@ def test_parallel_jobs_match_the_sequential_run(base_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["experiment", "--config", str(par_cfg), "--report-only", "--baseline", "cc"]) == 2
     assert "--baseline: 'cc' is not a cell of this run (cells: sft, cc-none)" in capsys.readouterr().err
+    assert main(["experiment", "--config", str(par_cfg), "--report-only", "--cells", "sft,cc,xx"]) == 2
+    assert "unknown cell cc, xx (cells: sft, cc-none)" in capsys.readouterr().err
     # a job's finished evaluation made with other settings stops a parallel run before any job starts
     par_cfg.write_text(par_cfg.read_text().replace("langs: en, limit: 2", "langs: en, limit: 3"))
     capsys.readouterr()

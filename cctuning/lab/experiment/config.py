@@ -223,12 +223,18 @@ def data_options(cfg: ExperimentConfig, heldout: bool) -> DataOptions | None:
     return DataOptions.of(cfg.data_format, cfg.columns, cfg.heldout_split if heldout else cfg.split)
 
 
-def select_cells(cfg: ExperimentConfig, names: list[str]) -> None:
-    """Keep only the cells named (in the config's order); an unknown name is a one-line error."""
+def _check_known(cfg: ExperimentConfig, names: list[str], message: str) -> None:
+    """One-line error ``message`` (``{}``: the unknown names) listing the run's cells, when a name
+    given on the command line is not a cell of the config."""
     known = [c["name"] for c in cfg.cells]
     unknown = [n for n in names if n not in known]
     if unknown:
-        raise CCError(f"unknown cell {', '.join(unknown)} (cells: {', '.join(known)})")
+        raise CCError(f"{message.format(', '.join(unknown))} (cells: {', '.join(known)})")
+
+
+def select_cells(cfg: ExperimentConfig, names: list[str]) -> None:
+    """Keep only the cells named (in the config's order); an unknown name is a one-line error."""
+    _check_known(cfg, names, "unknown cell {}")
     cfg.cells = [c for c in cfg.cells if c["name"] in names]
     if cfg.baseline not in names:
         cfg.baseline = None
@@ -238,9 +244,7 @@ def select_baseline(cfg: ExperimentConfig, name: str) -> None:
     """Take the report's paired differences against cell ``name`` instead of the config's baseline
     (for example the data-level twin of a CC-Tuning cell); a name that is not a cell of the run is a
     one-line error."""
-    known = [c["name"] for c in cfg.cells]
-    if name not in known:
-        raise CCError(f"--baseline: '{name}' is not a cell of this run (cells: {', '.join(known)})")
+    _check_known(cfg, [name], "--baseline: '{}' is not a cell of this run")
     cfg.baseline = name
 
 

@@ -58,21 +58,39 @@ logger = logging.getLogger(__name__)
 
 
 class StageClock:
-    """Wall-clock seconds of every finished stage, in ``stages.json``, kept across resumed invocations."""
+    """Wall-clock seconds of every finished stage, in ``stages.json``, kept across resumed invocations.
+
+    A stage that an invocation does not finish (stopped with Ctrl-C, or failing) keeps its seconds so
+    far in ``stages_unfinished.json``; the invocation that finishes it adds them, so that a training
+    resumed from a checkpoint counts every invocation's time (including the steps the stop lost after
+    the last checkpoint). A process killed outright (SIGKILL, power loss) records nothing."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.seconds: dict[str, float] = (
-            json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-        )
+        self.unfinished_path = path.with_name(f"{path.stem}_unfinished{path.suffix}")
+        self.seconds: dict[str, float] = self._read(path)
+        self.unfinished: dict[str, float] = self._read(self.unfinished_path)
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, float]:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
 
     @contextlib.contextmanager
     def __call__(self, name: str):
-        """Record the seconds of stage ``name`` once it finishes (a stage that fails records nothing)."""
+        """Record the seconds of stage ``name`` once it finishes, with those of the invocations before
+        that stopped it; a stage that stops is kept as unfinished."""
         t0 = time.perf_counter()
-        yield
-        self.seconds[name] = round(time.perf_counter() - t0, 1)
+        try:
+            yield
+        except BaseException:
+            self.unfinished[name] = round(self.unfinished.get(name, 0.0) + time.perf_counter() - t0, 1)
+            write_json(self.unfinished_path, self.unfinished)
+            raise
+        before = self.unfinished.pop(name, None)
+        self.seconds[name] = round((before or 0.0) + time.perf_counter() - t0, 1)
         write_json(self.path, self.seconds)
+        if before is not None:
+            write_json(self.unfinished_path, self.unfinished)
 
 
 @dataclass
